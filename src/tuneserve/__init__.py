@@ -1,0 +1,1 @@
+"""tuneserve: serve a base model with LoRA adapters."""

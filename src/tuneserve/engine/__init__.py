@@ -1,0 +1,1 @@
+"""HOW tokens are made. Knows nothing of HTTP; imports only tuneserve.models."""

@@ -1,0 +1,64 @@
+"""Plain data that crosses the engine boundary: what to generate and what comes back.
+
+The engine speaks token ids in and text deltas out; it never sees HTTP or pydantic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens for one request (one choice).
+
+    temperature 0 means greedy (argmax). top_k 0 and top_p 1.0 mean "off".
+    `stop` strings are matched on decoded text and never appear in the output.
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One sequence to generate. `adapter` None means the bare base model."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    adapter: str | None = None
+
+
+@dataclass(slots=True)
+class StreamDelta:
+    """What one request produced since its previous delta.
+
+    `text` is the newly decoded text (stop strings already cut out; may be "" while
+    a partial stop match or an incomplete UTF-8 sequence is held back).
+    `completion_tokens` is cumulative, counted exactly (tokens actually generated,
+    including a token that completed a stop string). The last delta of a request has
+    `finish_reason` set; no delta follows it.
+    """
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int

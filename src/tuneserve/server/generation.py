@@ -1,0 +1,145 @@
+"""The one path from a request (model name, messages or prompt, sampling) to engine deltas.
+
+Both the OpenAI routes and the Gradio UI call this in-process, so they validate and count
+the same way.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+from tuneserve.engine.base import Engine
+from tuneserve.engine.types import GenerationRequest, SamplingParams, StreamDelta
+from tuneserve.models.types import ServedModel
+from tuneserve.server.errors import InvalidRequestError, ModelNotFoundError
+
+
+class GenerationObserver(Protocol):
+    """Hooks for metrics; server/metrics.py implements them."""
+
+    def request_started(self, model: str) -> None: ...
+
+    def first_token(self, model: str, seconds: float) -> None: ...
+
+    def request_finished(
+        self,
+        model: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        seconds: float,
+        finish_reason: str,
+    ) -> None: ...
+
+
+class GenerationService:
+    def __init__(
+        self, engine: Engine, served: ServedModel, observer: GenerationObserver | None = None
+    ) -> None:
+        self.engine = engine
+        self.served = served
+        self.observer = observer
+
+    # -- names ---------------------------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        """The base model first, then every served adapter."""
+        return [self.served.base_name, *self.engine.adapter_names]
+
+    def resolve_adapter(self, model: str) -> str | None:
+        """Map a request's `model` to an adapter name (None = the base) or raise 404."""
+        if model == self.served.base_name:
+            return None
+        if model in self.engine.adapter_names:
+            return model
+        raise ModelNotFoundError(model, self.model_ids())
+
+    # -- prompts -------------------------------------------------------------------------
+    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of the whole conversation through the tokenizer's chat template."""
+        if not messages:
+            raise InvalidRequestError("'messages' must hold at least one message.", param="messages")
+        text = self.served.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        # The template already wrote any BOS; encoding must not add a second one.
+        return list(self.served.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.served.tokenizer.encode(prompt))
+        return list(prompt)
+
+    def check_length(self, prompt_ids: Sequence[int], max_tokens: int | None, *, param: str) -> int:
+        """Validate the prompt against the context; return the max_tokens to use."""
+        limit = self.served.max_model_len
+        n = len(prompt_ids)
+        if n == 0:
+            raise InvalidRequestError("The prompt is empty.", param=param)
+        if n >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has "
+                f"{n} tokens. Shorten the {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return limit - n
+        if n + max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). "
+                f"Reduce max_tokens to at most {limit - n}.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    # -- generation ----------------------------------------------------------------------
+    async def stream(
+        self, model: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[StreamDelta]:
+        """Deltas of one choice. Closing the iterator early cancels the generation."""
+        adapter = self.resolve_adapter(model)
+        request = GenerationRequest(
+            request_id=uuid.uuid4().hex, prompt_ids=tuple(prompt_ids), params=params, adapter=adapter
+        )
+        started = time.perf_counter()
+        if self.observer:
+            self.observer.request_started(model)
+        engine_stream = self.engine.submit(request)
+        first = True
+        last: StreamDelta | None = None
+        try:
+            async for delta in engine_stream:
+                if first and delta.token_ids and self.observer:
+                    self.observer.first_token(model, time.perf_counter() - started)
+                    first = False
+                last = delta
+                yield delta
+        finally:
+            engine_stream.cancel()
+            if self.observer:
+                self.observer.request_finished(
+                    model,
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=last.completion_tokens if last else 0,
+                    seconds=time.perf_counter() - started,
+                    finish_reason=(last.finish_reason if last and last.finish_reason else "cancelled"),
+                )
+
+    async def chat_stream(
+        self, model: str, messages: Sequence[dict[str, Any]], params: SamplingParams
+    ) -> AsyncIterator[StreamDelta]:
+        """Convenience for the UI: render, check length, stream one choice."""
+        self.resolve_adapter(model)
+        prompt_ids = self.render_chat(messages)
+        max_tokens = self.check_length(prompt_ids, params.max_tokens, param="messages")
+        if max_tokens != params.max_tokens:
+            params = replace(params, max_tokens=max_tokens)
+        async for delta in self.stream(model, prompt_ids, params):
+            yield delta
+

@@ -1,0 +1,54 @@
+"""One settings object for `tuneserve serve`: CLI flags override TUNESERVE_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def default_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("tuneserve"))
+
+
+class ServeSettings(BaseSettings):
+    """What `tuneserve serve` serves and how. Every field reads TUNESERVE_<NAME> too."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNESERVE_", extra="ignore")
+
+    base: str | None = Field(None, description="Base model: a local folder or a hub id.")
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="Adapters as NAME=PATH (env: TUNESERVE_ADAPTERS as a JSON list).",
+    )
+    workspace: Path | None = Field(None, description="An AI Toolkit workspace folder.")
+    served_model_name: str | None = Field(None, description="The base model's id in the API.")
+    dtype: Dtype = "auto"
+    device: Device = "auto"
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=0, le=65535)
+    api_key: str | None = Field(None, description="Bearer key required by /v1/* and the UI.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
+    max_batch_size: int = Field(16, ge=1, description="Most sequences decoded together.")
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    ui: bool = Field(True, description="Mount the Gradio chat UI at /.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("adapters")
+    @classmethod
+    def _name_equals_path(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"adapter {item!r} must be NAME=PATH, e.g. pirate=./adapters/pirate")
+        return value
+
+    def adapter_paths(self) -> dict[str, Path]:
+        pairs = (item.partition("=") for item in self.adapters)
+        return {name.strip(): Path(path.strip()).expanduser() for name, _, path in pairs}

@@ -1,0 +1,113 @@
+"""Shared fixtures: the demo model (built once per test session) and live uvicorn servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the demo is built. TUNESERVE_TEST_CACHE reuses a build across local runs."""
+    configured = os.environ.get("TUNESERVE_TEST_CACHE")
+    return Path(configured) if configured else tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def demo_paths(demo_cache: Path) -> Any:
+    from tuneserve.models.demo import ensure_demo
+
+    return ensure_demo(demo_cache)
+
+
+@pytest.fixture
+def load_demo(demo_paths: Any) -> Callable[..., Any]:
+    """A fresh ServedModel of the demo each call (engines wrap the model, so never share one)."""
+    from tuneserve.models.loader import load_served_model
+
+    def load(**kwargs: Any) -> Any:
+        kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("device", "cpu")
+        return load_served_model(str(demo_paths.base), dict(demo_paths.adapters), **kwargs)
+
+    return load
+
+
+@dataclass
+class LiveServer:
+    url: str  # http://127.0.0.1:PORT
+    app: Any
+    server: Any
+    thread: threading.Thread
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_live_server(app: Any) -> LiveServer:
+    """Run `app` under a real uvicorn server on a free loopback port, in a thread."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    return LiveServer(url=f"http://127.0.0.1:{port}", app=app, server=server, thread=thread)
+
+
+@pytest.fixture(scope="session")
+def demo_server_factory(demo_paths: Any) -> Iterator[Callable[..., LiveServer]]:
+    """Start a live demo server: factory(api_key=None, ui=True, max_model_len=None, ...)."""
+    from tuneserve.engine.simple import PeftBatchEngine
+    from tuneserve.models.loader import load_served_model
+    from tuneserve.server.app import create_app
+
+    started: list[LiveServer] = []
+
+    def factory(*, api_key: str | None = None, ui: bool = True, **load_kwargs: Any) -> LiveServer:
+        load_kwargs.setdefault("dtype", "float32")
+        load_kwargs.setdefault("device", "cpu")
+        served = load_served_model(str(demo_paths.base), dict(demo_paths.adapters), **load_kwargs)
+        engine = PeftBatchEngine(served, max_batch_size=8)
+        live = start_live_server(create_app(served, engine, api_key=api_key, ui=ui))
+        started.append(live)
+        return live
+
+    yield factory
+    for live in started:
+        live.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_server_factory: Callable[..., LiveServer]) -> LiveServer:
+    """One shared live demo server (no API key, UI mounted) for the API tests."""
+    return demo_server_factory()
