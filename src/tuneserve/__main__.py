@@ -1,0 +1,3 @@
+from tuneserve.cli import main
+
+main()

@@ -1,0 +1,44 @@
+"""The `tuneserve` command: this file only wires the command modules together."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from tuneserve.errors import TuneserveError
+
+app = typer.Typer(
+    name="tuneserve",
+    help="Serve a base model with LoRA adapters: an OpenAI-compatible API and a chat UI on one port.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    from tuneserve.cli import serve
+
+    serve.register(app)
+    try:
+        from tuneserve.cli import deploy
+    except ImportError:  # the deploy commands are optional while they are being built
+        return
+    deploy.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Entry point: maps our errors to one line on stderr and exit code 1."""
+    try:
+        app()
+    except TuneserveError as exc:
+        if os.environ.get("TUNESERVE_DEBUG"):
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,164 @@
+"""`tuneserve serve`: load the base model and adapters, start the engine, serve API + UI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from tuneserve.errors import TuneserveError
+from tuneserve.logs import configure_logging
+from tuneserve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+stderr = Console(stderr=True)
+
+EXAMPLES = """
+Examples:
+
+  tuneserve serve                                    # the demo model and adapters
+
+  tuneserve serve --base ./Phi-3-mini --adapter support=./out/adapter
+
+  tuneserve serve --workspace ./my-aitk-project --api-key $KEY --host 0.0.0.0
+"""
+
+
+class SettingsError(TuneserveError):
+    pass
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help="Serve the API and the chat UI on one port." + EXAMPLES)(serve)
+
+
+def serve(
+    base: Annotated[str | None, typer.Option(help="Base model: a local folder or a hub id.")] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", "-a", help="An adapter as NAME=PATH; repeat for more."),
+    ] = None,
+    workspace: Annotated[
+        Path | None, typer.Option(help="An AI Toolkit workspace: model-cache/ and models/.")
+    ] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="The base model's id in the API.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: 7860].")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 and the UI's login.")
+    ] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length [default: the model's].")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Most sequences decoded together.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where the demo model is built.")] = None,
+    ui: Annotated[bool | None, typer.Option("--ui/--no-ui", help="Mount the chat UI at /.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
+) -> None:
+    flags: dict[str, Any] = {
+        "base": base,
+        "adapters": adapter or None,
+        "workspace": workspace,
+        "served_model_name": served_model_name,
+        "dtype": dtype,
+        "device": device,
+        "host": host,
+        "port": port,
+        "api_key": api_key,
+        "max_model_len": max_model_len,
+        "max_batch_size": max_batch_size,
+        "cache_dir": cache_dir,
+        "ui": ui,
+        "log_level": log_level,
+    }
+    try:
+        settings = ServeSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(_settings_message(exc)) from None
+    configure_logging(settings.log_level)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    run_server(settings)
+
+
+def _settings_message(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        lines.append(f"--{field.replace('_', '-')} (or TUNESERVE_{field.upper()}): {err['msg']}")
+    return "; ".join(lines)
+
+
+def resolve_sources(settings: ServeSettings) -> tuple[str, dict[str, Path]]:
+    """Which base and adapters to serve: flags, a workspace, or the demo."""
+    adapters = settings.adapter_paths()
+    if settings.workspace is not None:
+        from tuneserve.models.workspace import discover_workspace
+
+        ws_base, ws_adapters = discover_workspace(settings.workspace)
+        return settings.base or str(ws_base), {**ws_adapters, **adapters}
+    if settings.base is not None:
+        return settings.base, adapters
+    if adapters:
+        raise SettingsError("--adapter needs --base (or --workspace) to say which model it adapts")
+    from tuneserve.models.demo import ensure_demo
+
+    stderr.print("No --base or --workspace given: serving the demo model and adapters.")
+    demo = ensure_demo(settings.cache_dir, progress=stderr.is_terminal)
+    return str(demo.base), dict(demo.adapters)
+
+
+def run_server(settings: ServeSettings) -> None:
+    import uvicorn
+
+    from tuneserve.engine.simple import PeftBatchEngine
+    from tuneserve.models.loader import load_served_model
+    from tuneserve.server.app import create_app
+
+    base, adapters = resolve_sources(settings)
+    with stderr.status(f"Loading {base} and {len(adapters)} adapter(s)..."):
+        served = load_served_model(
+            base,
+            adapters,
+            dtype=settings.dtype,
+            device=settings.device,
+            max_model_len=settings.max_model_len,
+            served_model_name=settings.served_model_name,
+        )
+    for name, why in served.adapter_errors.items():
+        stderr.print(f"[yellow]adapter {name!r} is not served:[/] {why}", highlight=False)
+    engine = PeftBatchEngine(served, max_batch_size=settings.max_batch_size)
+    app = create_app(served, engine, api_key=settings.api_key, ui=settings.ui)
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    threading.Thread(target=_announce, args=(server, settings, served), daemon=True).start()
+    server.run()
+
+
+def _announce(server: Any, settings: ServeSettings, served: Any) -> None:
+    """Print where to go once uvicorn listens (the engine is up by then: lifespan ran)."""
+    import time
+
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{shown_host}:{port}"
+    models = ", ".join([served.base_name, *served.adapters]) or served.base_name
+    lines = [f"[bold green]tuneserve is ready[/]  models: {models}"]
+    if settings.ui:
+        lines.append(f"  Chat UI:  {url}/")
+    lines += [f"  API:      {url}/v1  (OpenAI-compatible; docs at {url}/docs)"]
+    if settings.api_key:
+        lines.append("  Auth:     Authorization: Bearer <your --api-key>")
+    Console().print("\n".join(lines), highlight=False)

@@ -1,0 +1,78 @@
+"""`tuneserve serve` as a user runs it: a real process, real flags and env vars."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+TUNESERVE = [sys.executable, "-m", "tuneserve"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def test_serve_demo_prints_urls_and_serves(demo_paths: Any, demo_cache: Path) -> None:
+    port = free_port()
+    # The port comes from the environment, the rest from flags: both must be honoured.
+    proc = subprocess.Popen(
+        [*TUNESERVE, "serve", "--cache-dir", str(demo_cache), "--log-level", "warning"],
+        env=_env(TUNESERVE_PORT=str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        seen: list[str] = []
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "API:" in line:
+                break
+        output = "".join(seen)
+        assert f"http://127.0.0.1:{port}/v1" in output, output
+        assert f"Chat UI:  http://127.0.0.1:{port}/" in output, output
+
+        ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10)
+        assert ready.status_code == 200
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
+        ids = {m["id"] for m in models["data"]}
+        assert {"capitals", "pirate"} <= ids
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(["--adapter", "x=./nowhere"], "--adapter needs --base", id="adapter-without-base"),
+        pytest.param(["--adapter", "nopath"], "NAME=PATH", id="adapter-not-name-equals-path"),
+        pytest.param(["--dtype", "float64"], "--dtype", id="bad-dtype"),
+        pytest.param(["--base", "/does/not/exist"], "/does/not/exist", id="missing-base"),
+        pytest.param(["--workspace", "/does/not/exist"], "/does/not/exist", id="missing-workspace"),
+    ],
+)
+def test_serve_bad_input_is_one_clear_line(args: list[str], expected: str) -> None:
+    result = subprocess.run(
+        [*TUNESERVE, "serve", *args], env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
