@@ -1,0 +1,345 @@
+"""The simple engine: static batches through Hugging Face transformers + PEFT on one thread.
+
+Token ids in, text deltas out (engine/types.py); it knows nothing of HTTP. One batch:
+
+1. take up to `max_batch_size` waiting requests;
+2. prefill: the prompts left-padded into one [B, T] forward that fills a DynamicCache;
+3. decode: one token per row per step, every row through its own adapter in the same
+   forward (PEFT's mixed-batch `adapter_names=`, "__base__" for none);
+4. a finished row (EOS, stop string, max_tokens, cancel) leaves the batch at once: its
+   cache rows are dropped, so it costs nothing in later steps.
+
+This is static batching: a request that arrives while a batch runs waits for the next
+batch. The continuous-batching engine replaces this file; sampling.py, detokenize.py and
+stream.py are shared.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from tuneserve.engine.base import Engine, RequestStream
+from tuneserve.engine.detokenize import OutputText
+from tuneserve.engine.sampling import SamplingState, sample
+from tuneserve.engine.stream import QueueRequestStream
+from tuneserve.engine.types import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    StreamDelta,
+)
+from tuneserve.errors import EngineError, UnknownAdapterError
+from tuneserve.models.types import AdapterSpec, ServedModel
+
+logger = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's row name for "no adapter" in a mixed batch
+
+
+def wrap_with_adapters(model: Any, adapters: Mapping[str, AdapterSpec]) -> Any:
+    """The base model with every adapter loaded under its name (PEFT), in eval mode."""
+    if not adapters:
+        return model.eval()
+    from peft import PeftModel
+
+    first, *rest = adapters.values()
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix.
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        peft_model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name)
+        for spec in rest:
+            peft_model.load_adapter(str(spec.path), adapter_name=spec.name)
+    return peft_model.eval()
+
+
+# -- the model steps (free functions, shapes in comments) ----------------------------------
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one left-padded batch (the last column is real)."""
+    # -> input_ids [B, T], attention_mask [B, T] (1 = real token)
+    width = max(len(p) for p in prompts)
+    ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each real token's position counted from its row's first real token (as generate)."""
+    # attention_mask: [B, T] -> position_ids [B, T]; pads get 1 (masked, any value works)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def forward(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: DynamicCache,
+    adapter_names: list[str] | None,
+) -> torch.Tensor:
+    """One forward that extends `cache`; returns the logits of each row's last token."""
+    # input_ids, position_ids: [B, t]; attention_mask: [B, past + t] -> logits [B, V]
+    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **extra,
+    )
+    return out.logits[:, -1, :]
+
+
+# -- per-request bookkeeping ------------------------------------------------------------
+@dataclass(eq=False)
+class _Pending:
+    """A submitted request and its stream, until the request has finished."""
+
+    request: GenerationRequest
+    stream: QueueRequestStream
+    finished: bool = False
+
+    def finish(self, reason: FinishReason, completion_tokens: int = 0, text: str = "") -> None:
+        self.stream.push(
+            StreamDelta(
+                text=text,
+                finish_reason=reason,
+                prompt_tokens=len(self.request.prompt_ids),
+                completion_tokens=completion_tokens,
+            )
+        )
+        self.finished = True
+
+
+@dataclass(eq=False)
+class _Row:
+    """One request inside a running batch."""
+
+    pending: _Pending
+    sampling: SamplingState
+    text: OutputText
+    completion_tokens: int = 0
+
+    def step(self, token_id: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
+        """Account one generated token, send its delta; return why the row ended, if it did."""
+        params = self.pending.request.params
+        self.sampling.record(token_id)
+        self.completion_tokens += 1
+        reached_min = self.completion_tokens >= params.min_tokens
+        text, stopped = self.text.add(token_id, stop_active=reached_min)
+        finish: FinishReason | None = None
+        if stopped:
+            finish = "stop"
+        elif token_id in eos_token_ids and not params.ignore_eos and reached_min:
+            finish = "stop"
+        elif self.completion_tokens >= params.max_tokens:
+            finish = "length"
+        if finish is not None and not stopped:
+            tail, stopped = self.text.finish()
+            text += tail
+            finish = "stop" if stopped else finish
+        self.pending.stream.push(
+            StreamDelta(
+                text=text,
+                token_ids=[token_id],
+                finish_reason=finish,
+                prompt_tokens=len(self.pending.request.prompt_ids),
+                completion_tokens=self.completion_tokens,
+            )
+        )
+        self.pending.finished = finish is not None
+        return finish
+
+
+class PeftBatchEngine(Engine):
+    """Static batching over a PEFT-wrapped transformers model (see the module docstring)."""
+
+    def __init__(self, served: ServedModel, max_batch_size: int = 16) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.served = served
+        self.max_batch_size = max_batch_size
+        self.model = wrap_with_adapters(served.model, served.adapters)
+        self._uses_peft = bool(served.adapters)
+        self._device = torch.device(served.device)
+        self._vocab_size = int(served.model.get_input_embeddings().num_embeddings)
+        tokenizer = served.tokenizer
+        fallback_eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        self._eos = frozenset(served.eos_token_ids or fallback_eos)
+        self._pad_id = next(
+            (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
+        )
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._running = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- Engine interface -----------------------------------------------------------------
+    def start(self) -> None:
+        if self._stopping:
+            raise EngineError("the engine was shut down; build a new one")
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread = threading.Thread(target=self._loop, name="tuneserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("engine thread did not stop within %.0f s", timeout)
+        with self._cond:
+            left = list(self._waiting)
+            self._waiting.clear()
+        for pending in left:
+            pending.finish("cancelled")
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.served.adapters)
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        if request.adapter is not None and request.adapter not in self.served.adapters:
+            raise UnknownAdapterError(request.adapter, self.adapter_names)
+        if self._stopping:
+            raise EngineError("the engine is shut down and accepts no more requests")
+        stream = QueueRequestStream(request.request_id, on_cancel=self._forget_waiting)
+        with self._cond:
+            self._waiting.append(_Pending(request, stream))
+            self._cond.notify()
+        return stream
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self._running, waiting=len(self._waiting))
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _forget_waiting(self, request_id: str) -> None:
+        """A request cancelled before its batch started never enters one."""
+        with self._cond:
+            for pending in self._waiting:
+                if pending.request.request_id == request_id:
+                    self._waiting.remove(pending)
+                    break
+
+    def _take_batch(self) -> list[_Pending] | None:
+        """Block until requests wait; take up to max_batch_size of them. None = shut down."""
+        with self._cond:
+            while not self._waiting and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            batch: list[_Pending] = []
+            while self._waiting and len(batch) < self.max_batch_size:
+                batch.append(self._waiting.popleft())
+            self._running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        logger.info("engine started (static batches of up to %d)", self.max_batch_size)
+        while (batch := self._take_batch()) is not None:
+            try:
+                self._run_batch(batch)
+            except Exception as exc:
+                logger.exception("a batch of %d request(s) failed", len(batch))
+                for pending in batch:
+                    if not pending.finished:
+                        pending.stream.fail(f"generation failed: {type(exc).__name__}: {exc}")
+                        pending.finished = True
+            finally:
+                self._running = 0
+        logger.info("engine stopped")
+
+    def _invalid_prompt(self, request: GenerationRequest) -> str | None:
+        """Why this prompt cannot run (failing it alone keeps the rest of the batch)."""
+        if not request.prompt_ids:
+            return f"request {request.request_id}: the prompt is empty"
+        bad = [i for i in request.prompt_ids if not 0 <= i < self._vocab_size]
+        if bad:
+            return (
+                f"request {request.request_id}: prompt token id {bad[0]} is outside the "
+                f"vocabulary (0..{self._vocab_size - 1})"
+            )
+        return None
+
+    def _admit(self, batch: list[_Pending]) -> list[_Row]:
+        """Rows for the requests that can run; the others are finished here."""
+        rows: list[_Row] = []
+        for pending in batch:
+            request = pending.request
+            if pending.stream.cancelled:
+                pending.finish("cancelled")
+            elif (problem := self._invalid_prompt(request)) is not None:
+                pending.stream.fail(problem)
+                pending.finished = True
+            elif request.params.max_tokens < 1:
+                pending.finish("length")
+            else:
+                sampling = SamplingState.create(request.params, request.prompt_ids, self._device)
+                text = OutputText(self.served.tokenizer, request.prompt_ids, request.params.stop)
+                rows.append(_Row(pending, sampling, text))
+        return rows
+
+    @torch.inference_mode()
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        rows = self._admit(batch)
+        if not rows:
+            return
+        # 1. prefill: all prompts in one left-padded forward
+        prompts = [row.pending.request.prompt_ids for row in rows]
+        input_ids, attention_mask = left_pad(prompts, self._pad_id, self._device)  # [B, T]
+        adapters = [row.pending.request.adapter or BASE_ADAPTER for row in rows]
+        names = adapters if self._uses_peft else None
+        cache = DynamicCache(config=self.model.config)
+        logits = forward(
+            self.model, input_ids, attention_mask, positions_from_mask(attention_mask), cache, names
+        )  # [B, V]
+        positions = attention_mask.sum(-1, keepdim=True)  # [B, 1]: the next token's position
+
+        # 2. decode: sample, emit, drop finished rows, one forward for the rest
+        while True:
+            tokens = sample(logits, [row.sampling for row in rows], tuple(self._eos))  # [B]
+            keep = []
+            for i, (row, token_id) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                if row.step(token_id, self._eos) is not None:
+                    continue
+                if row.pending.stream.cancelled or self._stopping:
+                    row.pending.finish("cancelled", row.completion_tokens)
+                    continue
+                keep.append(i)
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=self._device)
+                cache.batch_select_indices(index)
+                rows = [rows[i] for i in keep]
+                adapters = [adapters[i] for i in keep]
+                names = adapters if self._uses_peft else None
+                tokens, positions = tokens[index], positions[index]
+                attention_mask = attention_mask[index]
+                self._running = len(rows)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
+            logits = forward(self.model, tokens[:, None], attention_mask, positions, cache, names)
+            positions = positions + 1
