@@ -4,7 +4,8 @@ TuneserveError
  ├── ModelLoadError        the base model (path or hub id) cannot be found or loaded
  ├── AdapterError          one adapter is unusable: wrong base, missing/corrupt file, unsupported PEFT type
  ├── WorkspaceError        a --workspace folder does not have the AI Toolkit layout
- └── UnknownAdapterError   a request names an adapter the engine does not serve
+ ├── UnknownAdapterError   a request names an adapter the engine does not serve
+ └── EngineError           generation failed inside the engine (e.g. the model forward raised)
 """
 
 from __future__ import annotations
@@ -35,3 +36,43 @@ class UnknownAdapterError(TuneserveError):
         )
         self.name = name
         self.available = available
+
+
+class EngineError(TuneserveError):
+    """Raised by a request's stream when the engine could not finish it (the model failed).
+
+    The engine itself keeps serving; only the requests in the failed step are ended.
+    """
+
+
+# --- deploy/ (provision, deploy, endpoint, status, logs, stop) --------------------------------
+# TuneserveError
+#  └── DeployError              anything `tuneserve init/provision/deploy/...` can act on
+#       ├── InfraFileError      an infra/ JSON file is malformed or invalid (file, line, field)
+#       ├── NotProvisionedError infra/inference.config.json is missing or incomplete
+#       ├── ProviderError       the provider (local processes, Azure) refused or failed
+#       └── DeployFailedError   the new revision never became ready; the previous one still serves
+
+
+class DeployError(TuneserveError):
+    """Base of the errors of the provision/deploy workflow."""
+
+
+class InfraFileError(DeployError):
+    def __init__(self, path: object, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class NotProvisionedError(DeployError):
+    pass
+
+
+class ProviderError(DeployError):
+    pass
+
+
+class DeployFailedError(DeployError):
+    def __init__(self, message: str, *, previous_revision: str | None = None) -> None:
+        super().__init__(message)
+        self.previous_revision = previous_revision
