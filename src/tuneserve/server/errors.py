@@ -1,13 +1,15 @@
 """Errors the API returns, in OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 
-APIError
+APIError                    500 internal_error (also: any status, via APIError.of_status)
  ├── InvalidRequestError   400 invalid_request_error: bad parameter values, prompt too long
  ├── AuthenticationError   401 missing or wrong API key
- └── ModelNotFoundError    404 the `model` names neither the base nor an adapter
+ ├── ModelNotFoundError    404 the `model` names neither the base nor an adapter
+ └── ServiceUnavailableError 503 the engine is not running (starting up or shutting down)
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -21,6 +23,16 @@ class APIError(Exception):
         self.param = param
         self.code = code
 
+    @classmethod
+    def of_status(cls, status_code: int, message: str, *, code: str | None = None) -> APIError:
+        """An error for an HTTP status raised outside our code (404 route, 405 method...)."""
+        error = cls(message, code=code)
+        error.status_code = status_code
+        error.type = _TYPE_OF_STATUS.get(
+            status_code, "invalid_request_error" if status_code < 500 else "internal_error"
+        )
+        return error
+
     def body(self) -> dict[str, Any]:
         return {
             "error": {
@@ -30,6 +42,9 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+
+    def to_json(self) -> str:
+        return json.dumps(self.body())
 
 
 class InvalidRequestError(APIError):
@@ -41,7 +56,9 @@ class AuthenticationError(APIError):
     status_code = 401
     type = "authentication_error"
 
-    def __init__(self, message: str = "Missing or invalid API key: send 'Authorization: Bearer <key>'.") -> None:
+    def __init__(
+        self, message: str = "Missing or invalid API key: send 'Authorization: Bearer <key>'."
+    ) -> None:
         super().__init__(message, code="invalid_api_key")
 
 
@@ -55,3 +72,18 @@ class ModelNotFoundError(APIError):
             param="model",
             code="model_not_found",
         )
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    type = "service_unavailable_error"
+
+
+_TYPE_OF_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import replace
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
+
+from jinja2 import TemplateError
 
 from tuneserve.engine.base import Engine
 from tuneserve.engine.types import GenerationRequest, SamplingParams, StreamDelta
@@ -61,17 +63,44 @@ class GenerationService:
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of the whole conversation through the tokenizer's chat template."""
         if not messages:
-            raise InvalidRequestError("'messages' must hold at least one message.", param="messages")
-        text = self.served.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
-        )
+            raise InvalidRequestError(
+                "'messages' must hold at least one message.", param="messages"
+            )
+        try:
+            text = self.served.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as exc:
+            # Templates reject conversations they cannot render ("roles must alternate
+            # user/assistant/..."): the user's to fix, so a 400 naming the template's reason.
+            raise InvalidRequestError(
+                f"The model's chat template rejected the messages: {exc}", param="messages"
+            ) from None
         # The template already wrote any BOS; encoding must not add a second one.
         return list(self.served.tokenizer.encode(text, add_special_tokens=False))
 
-    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode_prompt(self, prompt: str | Sequence[int], *, param: str = "prompt") -> list[int]:
+        """Token ids of a text prompt (special tokens added as the tokenizer does), or the ids
+        given, checked against the vocabulary."""
         if isinstance(prompt, str):
             return list(self.served.tokenizer.encode(prompt))
-        return list(prompt)
+        ids = list(prompt)
+        vocab = self.vocab_size()
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"Token id {bad} in the {param} is out of range: ids must be in [0, {vocab}).",
+                param=param,
+            )
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self.served.tokenizer.decode(list(token_ids)))
+
+    def vocab_size(self) -> int:
+        config = getattr(self.served.model, "config", None)
+        size = getattr(config, "vocab_size", None)
+        return int(size) if size else len(self.served.tokenizer)
 
     def check_length(self, prompt_ids: Sequence[int], max_tokens: int | None, *, param: str) -> int:
         """Validate the prompt against the context; return the max_tokens to use."""
@@ -105,12 +134,16 @@ class GenerationService:
         """Deltas of one choice. Closing the iterator early cancels the generation."""
         adapter = self.resolve_adapter(model)
         request = GenerationRequest(
-            request_id=uuid.uuid4().hex, prompt_ids=tuple(prompt_ids), params=params, adapter=adapter
+            request_id=uuid.uuid4().hex,
+            prompt_ids=tuple(prompt_ids),
+            params=params,
+            adapter=adapter,
         )
         started = time.perf_counter()
+        # Submit first: a request the engine refuses never started, so it is not reported.
+        engine_stream = self.engine.submit(request)
         if self.observer:
             self.observer.request_started(model)
-        engine_stream = self.engine.submit(request)
         first = True
         last: StreamDelta | None = None
         try:
@@ -128,7 +161,9 @@ class GenerationService:
                     prompt_tokens=len(prompt_ids),
                     completion_tokens=last.completion_tokens if last else 0,
                     seconds=time.perf_counter() - started,
-                    finish_reason=(last.finish_reason if last and last.finish_reason else "cancelled"),
+                    finish_reason=(
+                        last.finish_reason if last and last.finish_reason else "cancelled"
+                    ),
                 )
 
     async def chat_stream(
@@ -142,4 +177,3 @@ class GenerationService:
             params = replace(params, max_tokens=max_tokens)
         async for delta in self.stream(model, prompt_ids, params):
             yield delta
-

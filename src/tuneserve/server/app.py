@@ -1,0 +1,120 @@
+"""The app factory: composes the service, routes, middlewares and the UI. No logic lives here.
+
+Order matters once the UI is mounted at "/": a mount catches every path, so the API routes
+and the /v1 fallback (which keeps unknown /v1 paths in OpenAI's error shape) come first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import NoReturn
+
+from fastapi import FastAPI, Request
+from starlette.routing import Match, Mount
+
+from tuneserve.engine.base import Engine
+from tuneserve.models.types import ServedModel
+from tuneserve.server import health, metrics, routes_openai
+from tuneserve.server.auth import ApiKeyMiddleware
+from tuneserve.server.error_handlers import install_error_handlers
+from tuneserve.server.errors import APIError
+from tuneserve.server.generation import GenerationService
+from tuneserve.server.request_context import RequestContextMiddleware
+from tuneserve.server.serving_chat import OpenAIServingChat
+from tuneserve.server.serving_completions import OpenAIServingCompletion
+from tuneserve.server.serving_models import OpenAIServingModels
+
+logger = logging.getLogger(__name__)
+
+API_DESCRIPTION = """An OpenAI-compatible API over a base model and its LoRA adapters.
+
+`model` in a request is an adapter's name, or the base model's name for no adapter;
+`GET /v1/models` lists them. With an API key set, `/v1/*` needs `Authorization: Bearer <key>`;
+`/health`, `/ready` and `/metrics` stay open.
+"""
+
+
+def create_app(
+    served: ServedModel, engine: Engine, *, api_key: str | None = None, ui: bool = True
+) -> FastAPI:
+    """The whole server as one ASGI app; its lifespan starts and stops `engine`."""
+    observer = metrics.PrometheusMetrics(engine)
+    service = GenerationService(engine, served, observer=observer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # engine.start() blocks until the engine accepts work: keep the event loop free.
+        await asyncio.to_thread(engine.start)
+        logger.info("serving %s", ", ".join(service.model_ids()))
+        try:
+            yield
+        finally:
+            # Pending requests finish as "cancelled"; their streams end with an error event.
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="tuneserve", description=API_DESCRIPTION, lifespan=lifespan)
+    app.state.generation = service
+    app.state.metrics = observer
+    app.state.serving_models = OpenAIServingModels(service)
+    app.state.serving_chat = OpenAIServingChat(service)
+    app.state.serving_completion = OpenAIServingCompletion(service)
+
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(RequestContextMiddleware)  # outermost: ids and 500s for all the rest
+
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(routes_openai.router)
+    add_v1_fallback(app)
+
+    if ui:
+        from tuneserve.server.ui import mount_ui
+
+        mount_ui(app, service, api_key=api_key)
+    return app
+
+
+def add_v1_fallback(app: FastAPI) -> None:
+    """Unknown /v1 paths answer 404 (or 405 for a known path) in OpenAI's shape, even with
+    the UI mounted at "/" (which would otherwise answer them). Register after all /v1 routes."""
+
+    @app.api_route(
+        "/v1/{path:path}",
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        include_in_schema=False,
+        response_model=None,
+    )
+    async def v1_fallback(request: Request, path: str) -> NoReturn:
+        allowed = allowed_methods(app, request.scope["path"], exclude=v1_fallback)
+        if allowed:
+            raise APIError.of_status(
+                405,
+                f"Method {request.method} is not allowed on {request.url.path}; "
+                f"allowed: {', '.join(allowed)}.",
+                code="method_not_allowed",
+            )
+        raise APIError.of_status(
+            404,
+            f"Unknown route {request.method} {request.url.path}. The API has "
+            "/v1/models, /v1/chat/completions and /v1/completions (see /docs).",
+            code="not_found",
+        )
+
+
+def allowed_methods(app: FastAPI, path: str, *, exclude: object) -> list[str]:
+    """The methods some API route (not a mount, not `exclude`) serves at `path`."""
+    allowed = []
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {"type": "http", "path": path, "root_path": "", "method": method, "headers": []}
+        for route in app.router.routes:
+            if isinstance(route, Mount) or getattr(route, "endpoint", None) is exclude:
+                continue
+            if route.matches(scope)[0] == Match.FULL:
+                allowed.append(method)
+                break
+    return allowed

@@ -1,0 +1,120 @@
+"""Prometheus metrics: a GenerationObserver that counts, and GET /metrics that exposes them.
+
+Each app owns its CollectorRegistry (tests build many apps in one process; the global
+registry would refuse the second set of names). Counts are per engine request, i.e. per
+choice: a request with n=3 adds 3 to tuneserve_requests_total. The running/waiting gauges
+are read from engine.stats() at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fastapi import APIRouter, Request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.responses import Response
+
+from tuneserve.engine.base import Engine
+
+PREFIX = "tuneserve_"
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class EngineStatsCollector(Collector):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(0, 0)
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.engine.stats()
+        return self._families(stats.running, stats.waiting)
+
+    @staticmethod
+    def _families(running: int, waiting: int) -> list[Metric]:
+        return [
+            GaugeMetricFamily(
+                PREFIX + "requests_running", "Requests the engine is generating for.", running
+            ),
+            GaugeMetricFamily(
+                PREFIX + "requests_waiting", "Requests queued for a place in the batch.", waiting
+            ),
+        ]
+
+
+class PrometheusMetrics:
+    """Implements server.generation.GenerationObserver."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            PREFIX + "requests",
+            "Finished engine requests (one per choice), by finish reason.",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Seconds from submitting a request to its first generated token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            PREFIX + "request_latency_seconds",
+            "Seconds from submitting a request to its end (finished or cancelled).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        r.register(EngineStatsCollector(engine))
+
+    # -- GenerationObserver ----------------------------------------------------------------
+    def request_started(self, model: str) -> None:
+        pass  # in-flight counts come from the engine itself (requests_running/waiting)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
+
+    def request_finished(
+        self,
+        model: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        seconds: float,
+        finish_reason: str,
+    ) -> None:
+        self.requests.labels(model, finish_reason).inc()
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(completion_tokens)
+        self.latency.labels(model).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)")
+async def metrics(request: Request) -> Response:
+    observer: PrometheusMetrics = request.app.state.metrics
+    return Response(observer.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,113 @@
+"""POST /v1/completions: one or more raw prompts (text or token ids) x n choices each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from tuneserve.engine.types import StreamDelta
+from tuneserve.server.generation import GenerationService
+from tuneserve.server.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    random_id,
+)
+from tuneserve.server.serving_chat import checked_finish, ensure_running
+from tuneserve.server.streaming import merge_streams
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int  # each prompt counted once, however many choices it has
+    streams: list[AsyncIterator[StreamDelta]]  # choice index = prompt index * n + i
+    echoes: list[str]  # per choice: the prompt text when echo is on, else ""
+
+
+class OpenAIServingCompletion:
+    def __init__(self, service: GenerationService) -> None:
+        self.service = service
+
+    async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        """A whole response, or (stream=True) the JSON of each chunk. Raises APIError."""
+        service = self.service
+        service.resolve_adapter(request.model)  # 404 before any work
+        ensure_running(service)
+        streams: list[AsyncIterator[StreamDelta]] = []
+        echoes: list[str] = []
+        prompt_tokens = 0
+        for prompt in request.prompts():
+            ids = service.encode_prompt(prompt, param="prompt")
+            max_tokens = service.check_length(ids, request.max_tokens, param="prompt")
+            prompt_tokens += len(ids)
+            echo = ""
+            if request.echo:
+                echo = prompt if isinstance(prompt, str) else service.decode(ids)
+            for params in request.to_sampling_params(max_tokens):
+                streams.append(service.stream(request.model, ids, params))
+                echoes.append(echo)
+        job = _Job(
+            id=random_id("cmpl"),
+            created=int(time.time()),
+            model=request.model,
+            prompt_tokens=prompt_tokens,
+            streams=streams,
+            echoes=echoes,
+        )
+        if request.stream:
+            return self._chunks(job, include_usage=request.include_usage)
+        return await self._whole(job)
+
+    async def _whole(self, job: _Job) -> CompletionResponse:
+        texts = [[echo] for echo in job.echoes]
+        finals: list[StreamDelta | None] = [None] * len(job.streams)
+        async with aclosing(merge_streams(job.streams)) as merged:
+            async for index, delta in merged:
+                texts[index].append(delta.text)
+                if delta.finish_reason is not None:
+                    finals[index] = delta
+        choices = []
+        completion_tokens = 0
+        for index, final in enumerate(finals):
+            assert final is not None, "the engine ended a stream without a finish_reason"
+            reason = checked_finish(final)
+            choices.append(
+                CompletionChoice(index=index, text="".join(texts[index]), finish_reason=reason)
+            )
+            completion_tokens += final.completion_tokens
+        return CompletionResponse(
+            id=job.id,
+            created=job.created,
+            model=job.model,
+            choices=choices,
+            usage=UsageInfo.of(job.prompt_tokens, completion_tokens),
+        )
+
+    async def _chunks(self, job: _Job, *, include_usage: bool) -> AsyncIterator[str]:
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+            body = CompletionResponse(
+                id=job.id, created=job.created, model=job.model, choices=choices, usage=usage
+            )
+            return body.model_dump_json(exclude=None if include_usage else {"usage"})
+
+        for index, echo in enumerate(job.echoes):
+            if echo:
+                yield chunk([CompletionChoice(index=index, text=echo)])
+        completion_tokens = 0
+        async with aclosing(merge_streams(job.streams)) as merged:
+            async for index, delta in merged:
+                if not delta.text and delta.finish_reason is None:
+                    continue
+                reason = None
+                if delta.finish_reason is not None:
+                    reason = checked_finish(delta)
+                    completion_tokens += delta.completion_tokens
+                yield chunk([CompletionChoice(index=index, text=delta.text, finish_reason=reason)])
+        if include_usage:
+            yield chunk([], UsageInfo.of(job.prompt_tokens, completion_tokens))
