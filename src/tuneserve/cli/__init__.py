@@ -20,9 +20,10 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from tuneserve.cli import serve
+    from tuneserve.cli import bench, serve
 
     serve.register(app)
+    bench.register(app)
     try:
         from tuneserve.cli import deploy
     except ImportError:  # the deploy commands are optional while they are being built

@@ -1,0 +1,163 @@
+"""What a run is asked to do (BenchConfig) and what it writes (Results -> results.json)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, Field
+
+ALL_SYSTEMS = ["tuneserve", "seed-way", "peft-batch", "tf-serve-cb", "ceiling"]
+OPTIONAL_SYSTEMS = ["tuneserve-simple"]  # tuneserve's static-batching engine, on request
+
+
+class BenchConfig(BaseModel):
+    systems: list[str] = Field(default_factory=lambda: list(ALL_SYSTEMS))
+    concurrency: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    adapters: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    requests: int = Field(64, ge=1, description="requests per point")
+    prompt_len: int = Field(128, ge=1, description="prompt tokens per request")
+    max_tokens: int = Field(128, ge=2, description="new tokens per request (EOS ignored)")
+    size: str = Field("bench", description="bench model size: bench | tiny | large")
+    seed: int = 0
+    warmup_requests: int = Field(2, ge=0, description="untimed requests after each server start")
+    tuneserve_engine: str | None = Field(
+        "continuous", description="--engine for the 'tuneserve' system (None: its default)")
+    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 600.0
+    quick: bool = False
+
+    @classmethod
+    def quick_preset(cls) -> BenchConfig:
+        return cls(concurrency=[1, 8], adapters=[1, 8], requests=16, max_tokens=32, quick=True)
+
+
+PointStatus = Literal["ok", "failed", "skipped"]
+
+
+class Point(BaseModel):
+    system: str
+    adapters: int = Field(description="K: adapters the requests pick from (0: no LoRA)")
+    concurrency: int
+    status: PointStatus = "ok"
+    reason: str | None = None
+    requests: int = 0
+    requests_ok: int = 0
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float | None = None
+    output_tokens_per_s: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    itl_p50_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    latency_p50_ms: float | None = None
+    peak_rss_mb: float | None = None
+    errors: list[str] = Field(default_factory=list, description="the first few request errors")
+
+    METRICS: ClassVar[tuple[str, ...]] = (
+        "wall_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+        "tpot_p50_ms", "latency_p50_ms", "peak_rss_mb",
+    )
+
+
+class SystemRun(BaseModel):
+    system: str
+    description: str
+    status: Literal["ok", "partial", "failed", "skipped"] = "ok"
+    reason: str | None = None
+    commands: list[str] = Field(default_factory=list, description="how each server was started")
+
+
+class Target(BaseModel):
+    name: str
+    goal: str
+    value: float | None
+    met: bool | None
+    note: str = ""
+
+
+class Results(BaseModel):
+    date: str
+    command: str
+    machine: dict[str, object]
+    config: BenchConfig
+    model: dict[str, object]
+    systems: list[SystemRun] = Field(default_factory=list)
+    points: list[Point] = Field(default_factory=list)
+    targets: list[Target] = Field(default_factory=list)
+    duration_s: float | None = None
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> Results:
+        return cls.model_validate_json(path.read_text())
+
+    def point(self, system: str, adapters: int, concurrency: int) -> Point | None:
+        for p in self.points:
+            if (p.system, p.adapters, p.concurrency) == (system, adapters, concurrency):
+                return p if p.status == "ok" else None
+        return None
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def machine_info() -> dict[str, object]:
+    import peft
+    import psutil
+    import torch
+    import transformers
+
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpus_logical": os.cpu_count(),
+        "cpus_physical": psutil.cpu_count(logical=False),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    try:
+        info["tuneserve"] = importlib.metadata.version("tuneserve")
+    except importlib.metadata.PackageNotFoundError:
+        info["tuneserve"] = None
+    info["git"] = _git()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git() -> dict[str, object] | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "dirty": bool(dirty)}

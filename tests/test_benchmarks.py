@@ -1,0 +1,160 @@
+"""The benchmark harness runs end to end and writes complete results (speed is not tested)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmarks.__main__ import _parser, config_from
+from benchmarks.client import PointRun, RequestResult, chunk_text
+from benchmarks.model import prompt_ids, prompt_text
+from benchmarks.report import compute_targets, markdown
+from benchmarks.results import BenchConfig, Point, Results
+from benchmarks.runner import percentile, summarize
+
+REPO = Path(__file__).resolve().parent.parent
+Completed = subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Completed]:
+    """The harness in its smallest mode: a tiny model, two systems, three requests a point."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = [sys.executable, "-m", "benchmarks", "--size", "tiny",
+            "--systems", "seed-way,peft-batch,ceiling", "--concurrency", "1,2", "--adapters", "2",
+            "--requests", "3", "--prompt-len", "16", "--max-tokens", "6", "--warmup", "1",
+            "--out", str(out), "--cache-dir", str(out / "models")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    return out, proc
+
+
+def test_run_writes_complete_results(tiny_run: tuple[Path, Completed]) -> None:
+    out, proc = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = Results.read(out / "results.json")
+    assert res.date and res.command.startswith("python -m benchmarks")
+    assert {"cpu", "cpus_logical", "torch", "transformers", "peft"} <= set(res.machine)
+    assert [s.system for s in res.systems] == ["seed-way", "peft-batch", "ceiling"]
+    assert all(s.status == "ok" for s in res.systems), [s.reason for s in res.systems]
+    expected = {("seed-way", 2, 1), ("seed-way", 2, 2), ("peft-batch", 2, 1),
+                ("peft-batch", 2, 2), ("ceiling", 0, 1), ("ceiling", 0, 2)}
+    assert {(p.system, p.adapters, p.concurrency) for p in res.points} == expected
+    for p in res.points:
+        assert p.status == "ok", (p.system, p.reason, p.errors)
+        assert p.requests == p.requests_ok == 3
+        assert p.completion_tokens == 3 * 6, (p.system, p.reason)  # EOS ignored: all tokens made
+        for metric in Point.METRICS:
+            value = getattr(p, metric)
+            assert value is not None and value > 0, (p.system, p.concurrency, metric, value)
+    # The plots and the markdown report are written beside the JSON.
+    for name in ("throughput_vs_concurrency.png", "throughput_vs_adapters.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| peft-batch | 2 | 2 |" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["config"]["requests"] == 3
+
+
+def test_unsupported_points_are_recorded_as_skipped(tmp_path: Path) -> None:
+    """tf-serve-cb serves merged weights only: K > 1 is a skipped point with its reason."""
+    from benchmarks.runner import run_http_system
+    from benchmarks.systems import TransformersServeCB
+
+    cfg = BenchConfig(systems=["tf-serve-cb"], concurrency=[1], adapters=[8], size="tiny")
+    run, points = run_http_system(TransformersServeCB(), None, cfg, tmp_path,  # type: ignore[arg-type]
+                                  log=lambda _: None)
+    assert run.status == "skipped" and "K=1 only" in (run.reason or "")
+    assert [(p.status, p.adapters) for p in points] == [("skipped", 8)]
+
+
+def test_prompts_have_exactly_the_asked_length(tmp_path: Path) -> None:
+    from benchmarks.model import build_tokenizer
+
+    tokenizer = build_tokenizer(512)
+    text = prompt_text(7, 128, 512)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 128 and ids == prompt_ids(7, 128, 512)
+    assert min(ids) >= 3  # no special tokens in prompts
+    assert prompt_text(7, 128, 512) != prompt_text(8, 128, 512)
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        pytest.param([], 50, None, id="empty"),
+        pytest.param([3.0], 99, 3.0, id="one"),
+        pytest.param([1.0, 2.0, 3.0, 4.0], 50, 2.5, id="median-between"),
+        pytest.param(list(map(float, range(101))), 99, 99.0, id="p99"),
+    ],
+)
+def test_percentile(values: list[float], q: float, expected: float | None) -> None:
+    assert percentile(values, q) == expected
+
+
+@pytest.mark.parametrize(
+    ("event", "text"),
+    [
+        pytest.param({"choices": [{"text": " w5"}]}, " w5", id="completions"),
+        pytest.param({"choices": [{"delta": {"content": "w6"}}]}, "w6", id="chat"),
+        pytest.param({"choices": [], "usage": {"completion_tokens": 3}}, "", id="usage-only"),
+        pytest.param({"choices": [{"delta": {"role": "assistant"}}]}, "", id="role-only"),
+    ],
+)
+def test_chunk_text(event: dict[str, object], text: str) -> None:
+    assert chunk_text(event) == text
+
+
+def test_summarize_and_targets() -> None:
+    cfg = BenchConfig(concurrency=[1, 8], adapters=[1, 8], requests=2, max_tokens=4)
+    good = RequestResult(ok=True, ttft_s=0.1, latency_s=0.4, completion_tokens=4,
+                         itl_s=[0.1, 0.1, 0.1])
+    bad = RequestResult(error="HTTP 500: boom")
+    point = summarize("tuneserve", 1, 8, cfg, PointRun(2.0, [good, bad]), 100.0)
+    assert point.status == "ok" and point.requests_ok == 1
+    assert point.output_tokens_per_s == pytest.approx(2.0)
+    assert point.ttft_p50_ms == pytest.approx(100.0) and point.itl_p50_ms == pytest.approx(100.0)
+    assert point.tpot_p50_ms == pytest.approx(100.0)
+    assert "1 of 2 requests failed" in (point.reason or "") and point.errors == ["HTTP 500: boom"]
+    failed = summarize("seed-way", 1, 8, cfg, PointRun(1.0, [bad]), 1.0)
+    assert failed.status == "failed" and failed.output_tokens_per_s is None
+
+    def pt(system: str, k: int, c: int, tps: float, ttft: float = 10.0) -> Point:
+        return Point(system=system, adapters=k, concurrency=c, output_tokens_per_s=tps,
+                     ttft_p50_ms=ttft)
+
+    res = Results(date="d", command="c", machine={}, config=cfg, model={}, points=[
+        pt("tuneserve", 1, 8, 300.0, 20.0), pt("tuneserve", 1, 1, 50.0, 10.0),
+        pt("tuneserve", 8, 8, 290.0), pt("seed-way", 1, 8, 10.0), pt("peft-batch", 1, 8, 250.0),
+        pt("ceiling", 0, 8, 280.0),
+    ])
+    targets = {t.name: t for t in compute_targets(res)}
+    assert targets["tuneserve / seed-way throughput"].value == pytest.approx(30.0)
+    assert targets["tuneserve / seed-way throughput"].met is True
+    assert targets["tuneserve / peft-batch throughput"].met is False  # 1.2x < 1.5x
+    assert targets["tuneserve / tf-serve-cb throughput"].value is None  # not measured
+    assert targets["tuneserve throughput K=8 / K=1"].met is True
+    assert targets["tuneserve TTFT p50 C=8 / C=1"].value == pytest.approx(2.0)
+    res.targets = list(targets.values())
+    assert "| tuneserve / ceiling throughput | >= 1.0x (C=8, K=1) | 1.07 | yes |" in markdown(res)
+
+
+def test_quick_preset_and_overrides() -> None:
+    quick = config_from(_parser().parse_args(["run", "--quick"]))
+    assert quick.quick and quick.concurrency == [1, 8] and quick.adapters == [1, 8]
+    assert quick.requests == 16
+    full = config_from(_parser().parse_args(
+        ["run", "--systems", "tuneserve,ceiling", "--concurrency", "32,1", "--tuneserve-engine",
+         "default"]))
+    assert full.systems == ["tuneserve", "ceiling"] and full.concurrency == [1, 32]
+    assert full.adapters == [1, 8, 32] and full.requests == 64 and full.tuneserve_engine is None
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["run", "--systems", "vllm"])
+
+
+def test_tuneserve_bench_finds_the_harness() -> None:
+    from tuneserve.cli.bench import find_checkout
+
+    assert (find_checkout() / "benchmarks" / "__main__.py").is_file()
