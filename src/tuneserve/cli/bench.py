@@ -36,6 +36,7 @@ class HarnessNotFound(TuneserveError):
 def register(app: typer.Typer) -> None:
     app.command(
         help="Measure tuneserve against its peers (runs `python -m benchmarks`)." + EXAMPLES,
+        short_help="Measure tuneserve against its peers (see benchmarks/README.md).",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                           "help_option_names": []},
         add_help_option=False,

@@ -35,7 +35,10 @@ class SettingsError(TuneserveError):
 
 
 def register(app: typer.Typer) -> None:
-    app.command(help="Serve the API and the chat UI on one port." + EXAMPLES)(serve)
+    app.command(
+        help="Serve the API and the chat UI on one port." + EXAMPLES,
+        short_help="Serve the API and the chat UI on one port.",
+    )(serve)
 
 
 def serve(
