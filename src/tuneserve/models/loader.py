@@ -1,0 +1,214 @@
+"""Load what is served: the base model and tokenizer, and the adapters that pass validation."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from tuneserve.errors import AdapterError, ModelLoadError
+from tuneserve.models.adapters import validate_adapter
+from tuneserve.models.chat_template import ensure_chat_template
+from tuneserve.models.types import AdapterSpec, ServedModel
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTEXT_CAP = 32768  # a default beyond this only reserves memory no demo request needs
+_FALLBACK_CONTEXT = 2048  # for configs that name no context length at all
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def load_served_model(
+    base: str,
+    adapters: dict[str, Path],
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_model_len: int | None = None,
+    served_model_name: str | None = None,
+) -> ServedModel:
+    """Load `base` (a local folder or a hub id) and validate each adapter against it.
+
+    A broken adapter does not stop the others: it is logged and recorded in
+    `ServedModel.adapter_errors`. Raises ModelLoadError when the base cannot be loaded and
+    AdapterError when adapter names clash with the base's.
+    """
+    source, is_local = _locate(base)
+    base_name = served_model_name or (_folder_name(source) if is_local else source)
+    _check_names(adapters, base_name)
+    resolved_device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, resolved_device)
+
+    tokenizer = _load(source, is_local, "tokenizer", lambda: _tokenizer(source))
+    model = _load(source, is_local, "model", lambda: _model(source, torch_dtype, resolved_device))
+    ensure_chat_template(tokenizer)
+    if tokenizer.pad_token_id is None:  # batching pads; the pad id never reaches the model
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation continues from the right end of each row
+
+    specs: dict[str, AdapterSpec] = {}
+    errors: dict[str, str] = {}
+    for name, path in adapters.items():
+        try:
+            specs[name] = validate_adapter(name, Path(path), model)
+        except AdapterError as exc:
+            logger.error("not serving %s", exc)
+            errors[name] = str(exc)
+
+    served = ServedModel(
+        base_name=base_name,
+        base_path=source,
+        model=model,
+        tokenizer=tokenizer,
+        adapters=specs,
+        adapter_errors=errors,
+        max_model_len=_context_length(model.config, max_model_len),
+        device=resolved_device,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        eos_token_ids=_eos_token_ids(model, tokenizer),
+    )
+    logger.info(
+        "serving %s from %s on %s (%s, context %d) with adapters: %s",
+        served.base_name,
+        source,
+        served.device,
+        served.dtype,
+        served.max_model_len,
+        ", ".join(specs) or "(none)",
+    )
+    return served
+
+
+def _locate(base: str) -> tuple[str, bool]:
+    """(where to load from, whether it is a local folder)."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"base model folder {path} has no config.json; expected a transformers model "
+                "folder (config.json, *.safetensors, tokenizer files)"
+            )
+        # absolute() not resolve(): a symlinked model keeps the name the user gave it
+        return str(path.absolute()), True
+    if path.exists():
+        raise ModelLoadError(f"base model {path} is a file; pass the folder that holds it")
+    if not _HUB_ID.fullmatch(base):
+        raise ModelLoadError(
+            f"base model folder {path} does not exist (and {base!r} is not a hub id like "
+            "'org/model')"
+        )
+    return base, False
+
+
+def _folder_name(source: str) -> str:
+    path = Path(source)
+    return path.name if path.name not in ("", ".", "..") else path.resolve().name
+
+
+def _check_names(adapters: dict[str, Path], base_name: str) -> None:
+    for name in adapters:
+        if not name.strip():
+            raise AdapterError(name, "an adapter name must not be empty; use NAME=PATH")
+        if name == base_name:
+            raise AdapterError(
+                name,
+                f"has the same name as the base model {base_name!r}; requests could not choose "
+                "between them. Rename the adapter (NAME=PATH) or the base (--served-model-name)",
+            )
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device 'cuda' was asked for but torch {torch.__version__} sees no CUDA GPU; "
+            "use --device cpu or auto"
+        )
+    if device not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {device!r} is not one of auto, cpu, cuda")
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        if device == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(choices)}")
+    if device == "cpu" and dtype == "float16":
+        logger.warning("float16 on CPU is slow and lossy; float32 or bfloat16 serve better")
+    return choices[dtype]
+
+
+def _load(source: str, is_local: bool, what: str, load: Any) -> Any:
+    try:
+        return load()
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... alike
+        if is_local:
+            raise ModelLoadError(f"cannot load the base {what} from {source}: {exc}") from exc
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise ModelLoadError(
+            f"cannot load the base {what} {source!r}: it is not a local folder, and it was not "
+            f"found in the Hugging Face cache ({HF_HUB_CACHE}) or could not be downloaded. "
+            f"Download it first (`hf download {source}`) or pass a local folder with "
+            f"--base /path/to/model. ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
+def _model(source: str, torch_dtype: Any, device: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)  # inference only: no autograd bookkeeping
+    return model
+
+
+def _context_length(config: Any, requested: int | None) -> int:
+    config = getattr(config, "text_config", None) or config
+    native = next(
+        (int(v) for f in _CONTEXT_FIELDS if isinstance(v := getattr(config, f, None), int)), None
+    )
+    if requested is not None:
+        if native is not None and requested > native:
+            logger.warning(
+                "max_model_len %d exceeds the model's %d positions; output past them may degrade",
+                requested,
+                native,
+            )
+        return requested
+    if native is None:
+        logger.warning("model config names no context length; using %d", _FALLBACK_CONTEXT)
+        return _FALLBACK_CONTEXT
+    if native > MAX_CONTEXT_CAP:
+        logger.info("capping the context at %d of the model's %d", MAX_CONTEXT_CAP, native)
+        return MAX_CONTEXT_CAP
+    return native
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in [*(configured if isinstance(configured, list) else [configured])]:
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    if isinstance(tokenizer.eos_token_id, int) and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(ids)
