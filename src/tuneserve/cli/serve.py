@@ -30,6 +30,9 @@ Examples:
 """
 
 
+DEMO_BASE_NAME = "tuneserve-demo"
+
+
 class SettingsError(TuneserveError):
     pass
 
@@ -113,6 +116,8 @@ def resolve_sources(settings: ServeSettings) -> tuple[str, dict[str, Path]]:
 
     stderr.print("No --base or --workspace given: serving the demo model and adapters.")
     demo = ensure_demo(settings.cache_dir, progress=stderr.is_terminal)
+    if settings.served_model_name is None:
+        settings.served_model_name = DEMO_BASE_NAME
     return str(demo.base), dict(demo.adapters)
 
 
