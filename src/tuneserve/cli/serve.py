@@ -169,4 +169,4 @@ def _announce(server: Any, settings: ServeSettings, served: Any) -> None:
     lines += [f"  API:      {url}/v1  (OpenAI-compatible; docs at {url}/docs)"]
     if settings.api_key:
         lines.append("  Auth:     Authorization: Bearer <your --api-key>")
-    Console().print("\n".join(lines), highlight=False)
+    Console(soft_wrap=True).print("\n".join(lines), highlight=False)
