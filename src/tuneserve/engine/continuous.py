@@ -1,0 +1,384 @@
+"""The fast engine: continuous batching over our own KV cache, every row with its own LoRA.
+
+Token ids in, text deltas out (engine/types.py); it knows nothing of HTTP. HF's modeling code
+runs unchanged; the engine owns what is around it:
+
+- kv_cache.py  one preallocated cache slot per running sequence (max_num_seqs x max_model_len);
+- attention.py a registered attention function: one packed forward `[1, N]` carries prefill
+               chunks and decode tokens of every row, masking is per row;
+- lora.py      targeted Linears become batched multi-LoRA layers over hot adapter slots;
+- scheduler.py who runs each step: decodes always, prompts in chunks under a token budget,
+               arrivals joining and finished rows leaving at every step.
+
+Each step on the engine thread:
+
+1. take new requests and cancellations from the event loop side;
+2. schedule: the chunks of this step;
+3. one forward with `logits_to_keep` = the last token of each row that completes;
+4. sample those rows (sampling.py), detokenize and cut stop strings (detokenize.py), push
+   deltas to each request's stream (stream.py); finished rows give back their slots at once.
+
+An error in a step fails the requests of that step; the loop keeps serving the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from tuneserve.engine.attention import STEP_KWARG, PackedStep, RowChunk, install_packed_attention
+from tuneserve.engine.base import Engine, RequestStream
+from tuneserve.engine.detokenize import OutputText
+from tuneserve.engine.kv_cache import KVCache, KVCacheShape
+from tuneserve.engine.lora import LoRAManager
+from tuneserve.engine.sampling import SamplingState, sample
+from tuneserve.engine.scheduler import ScheduledChunk, Scheduler, Sequence
+from tuneserve.engine.stream import QueueRequestStream
+from tuneserve.engine.types import EngineStats, FinishReason, GenerationRequest, StreamDelta
+from tuneserve.errors import EngineError, UnknownAdapterError
+from tuneserve.models.types import ServedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Row:
+    """The engine's state of one request next to its scheduler Sequence."""
+
+    seq: Sequence
+    stream: QueueRequestStream
+    sampling: SamplingState
+    text: OutputText
+
+    def push_finish(self, reason: FinishReason, text: str = "") -> None:
+        self.stream.push(
+            StreamDelta(
+                text=text,
+                finish_reason=reason,
+                prompt_tokens=self.seq.prompt_len,
+                completion_tokens=self.seq.num_generated,
+            )
+        )
+
+
+class ContinuousBatchingEngine(Engine):
+    """Continuous batching with mixed-adapter batches (see the module docstring)."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        *,
+        max_num_seqs: int = 32,
+        max_model_len: int | None = None,
+        max_loras: int = 8,
+        max_cpu_loras: int | None = None,
+        prefill_chunk: int = 512,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.served = served
+        self.model = served.model.eval()
+        self.max_model_len = int(max_model_len or served.max_model_len)
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        self.max_num_seqs = max_num_seqs
+        parameter = next(self.model.parameters())
+        self.device = parameter.device
+        self._vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+        tokenizer = served.tokenizer
+        eos = served.eos_token_ids or (
+            (tokenizer.eos_token_id,)
+            if getattr(tokenizer, "eos_token_id", None) is not None
+            else ()
+        )
+        self._eos = tuple(int(i) for i in eos)
+        self._eos_set = frozenset(self._eos)
+
+        # 1. the model: batched LoRA layers in place of targeted Linears (adapters are checked
+        #    before the model is touched), then our attention
+        self.loras = (
+            LoRAManager(
+                self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
+            )
+            if served.adapters
+            else None
+        )
+        install_packed_attention(self.model)
+        # 2. the KV cache: its size is the memory budget
+        shape = KVCacheShape.from_config(
+            self.model.config, num_slots=max_num_seqs, max_len=self.max_model_len
+        )
+        self.cache = KVCache(shape, dtype=parameter.dtype, device=self.device)
+        logger.info(
+            "KV cache: %d slots x %d tokens, %.1f MiB",
+            max_num_seqs,
+            self.max_model_len,
+            self.cache.nbytes / 2**20,
+        )
+        self.scheduler = Scheduler(
+            self.cache, self.loras, max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk
+        )
+
+        self._cond = threading.Condition()
+        self._inbox: collections.deque[tuple[GenerationRequest, QueueRequestStream]] = (
+            collections.deque()
+        )
+        self._cancels: set[str] = set()
+        self._rows: dict[str, _Row] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # forwards run (for tests and metrics)
+
+    # -- Engine interface -----------------------------------------------------------------
+    def start(self) -> None:
+        if self._stopping:
+            raise EngineError("the engine was shut down; build a new one")
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread = threading.Thread(target=self._loop, name="tuneserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("engine thread did not stop within %.0f s", timeout)
+                return
+        self._cancel_everything()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.served.adapters)
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        if request.adapter is not None and request.adapter not in self.served.adapters:
+            raise UnknownAdapterError(request.adapter, self.adapter_names)
+        if self._stopping:
+            raise EngineError("the engine is shut down and accepts no more requests")
+        stream = QueueRequestStream(request.request_id, on_cancel=self._on_cancel)
+        with self._cond:
+            self._inbox.append((request, stream))
+            self._cond.notify()
+        return stream
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting) + len(self._inbox),
+        )
+
+    # -- the event loop side of cancellation ----------------------------------------------
+    def _on_cancel(self, request_id: str) -> None:
+        with self._cond:
+            self._cancels.add(request_id)
+            self._cond.notify()
+
+    # -- the engine thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        logger.info("engine started (continuous batching, up to %d sequences)", self.max_num_seqs)
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (
+                        self._inbox or self._cancels or self.scheduler.has_work or self._stopping
+                    ):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    arrivals = list(self._inbox)
+                    self._inbox.clear()
+                    cancels, self._cancels = self._cancels, set()
+                for request, stream in arrivals:
+                    try:
+                        self._admit(request, stream)
+                    except Exception as exc:  # e.g. a sampling setting torch refuses
+                        logger.exception("request %s could not be admitted", request.request_id)
+                        stream.fail(f"request {request.request_id}: {type(exc).__name__}: {exc}")
+                for request_id in cancels:
+                    self._cancel(request_id)
+                if self.scheduler.has_work:
+                    try:
+                        self._step()
+                    except Exception as exc:  # a bug outside the forward: fail what ran
+                        logger.exception("engine step failed")
+                        self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+        logger.info("engine stopped")
+
+    def _admit(self, request: GenerationRequest, stream: QueueRequestStream) -> None:
+        """Turn a submission into a waiting Sequence, or end it at once."""
+        if stream.cancelled:
+            return
+        if request.request_id in self._rows:
+            stream.fail(f"request id {request.request_id!r} is already in flight")
+            return
+        problem = self._invalid_prompt(request)
+        if problem is not None:
+            stream.fail(problem)
+            return
+        prompt_len = len(request.prompt_ids)
+        max_tokens = min(request.params.max_tokens, self.max_model_len - prompt_len)
+        seq = Sequence(request=request, token_ids=list(request.prompt_ids), max_tokens=max_tokens)
+        row = _Row(
+            seq=seq,
+            stream=stream,
+            sampling=SamplingState.create(request.params, request.prompt_ids, self.device),
+            text=OutputText(self.served.tokenizer, request.prompt_ids, request.params.stop),
+        )
+        if request.params.max_tokens < 1:
+            row.push_finish("length")
+            return
+        self._rows[request.request_id] = row
+        self.scheduler.add(seq)
+
+    def _invalid_prompt(self, request: GenerationRequest) -> str | None:
+        if not request.prompt_ids:
+            return f"request {request.request_id}: the prompt is empty"
+        if len(request.prompt_ids) >= self.max_model_len:
+            return (
+                f"request {request.request_id}: the prompt has {len(request.prompt_ids)} tokens; "
+                f"this engine's max_model_len is {self.max_model_len} "
+                "(the prompt plus at least one generated token)"
+            )
+        bad = [i for i in request.prompt_ids if not 0 <= i < self._vocab_size]
+        if bad:
+            return (
+                f"request {request.request_id}: prompt token id {bad[0]} is outside the "
+                f"vocabulary (0..{self._vocab_size - 1})"
+            )
+        return None
+
+    def _cancel(self, request_id: str) -> None:
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self.scheduler.finish(row.seq)  # its slots are free for the next step
+
+    def _end(self, row: _Row) -> None:
+        self._rows.pop(row.seq.request.request_id, None)
+        self.scheduler.finish(row.seq)
+
+    def _fail_all(self, message: str) -> None:
+        for row in list(self._rows.values()):
+            if row.seq.kv_slot is not None:  # the running ones
+                row.stream.fail(message)
+                self._end(row)
+
+    def _cancel_everything(self) -> None:
+        with self._cond:
+            left = list(self._inbox)
+            self._inbox.clear()
+        for _, stream in left:
+            stream.push(StreamDelta(text="", finish_reason="cancelled"))
+        for row in list(self._rows.values()):
+            row.push_finish("cancelled")
+            self._end(row)
+
+    # -- one step --------------------------------------------------------------------------
+    def _step(self) -> None:
+        chunks = self.scheduler.schedule()
+        for seq, error in self.scheduler.take_failures():
+            row = self._rows.get(seq.request.request_id)
+            if row is not None:
+                row.stream.fail(f"request {seq.request.request_id}: {error}")
+                self._end(row)
+        if not chunks:
+            return
+        completing = [c for c in chunks if c.completes]
+        try:
+            logits = self._forward(chunks, completing)  # [K, V]
+            rows = [self._rows[c.seq.request.request_id] for c in completing]
+            tokens = (
+                sample(logits, [row.sampling for row in rows], self._eos).tolist() if rows else []
+            )
+        except Exception as exc:
+            logger.exception("a step of %d sequence(s) failed", len(chunks))
+            for chunk in chunks:
+                row = self._rows.get(chunk.seq.request.request_id)
+                if row is not None:
+                    row.stream.fail(f"generation failed: {type(exc).__name__}: {exc}")
+                    self._end(row)
+            return
+        finally:
+            if self.loras is not None:
+                self.loras.batch.clear()
+        self.steps += 1
+        for chunk in chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+        for row, token in zip(rows, tokens, strict=True):
+            self._emit(row, token)
+
+    def _forward(
+        self, chunks: list[ScheduledChunk], completing: list[ScheduledChunk]
+    ) -> torch.Tensor:
+        """One packed forward of every chunk; the logits of each completing chunk's last token."""
+        ids: list[int] = []
+        keep: list[int] = []
+        token_lora: list[int] = []
+        keep_lora: list[int] = []
+        rows: list[RowChunk] = []
+        for chunk in chunks:
+            seq = chunk.seq
+            assert seq.kv_slot is not None
+            ids.extend(seq.token_ids[chunk.start : chunk.start + chunk.num_tokens])
+            token_lora.extend([seq.lora_slot] * chunk.num_tokens)
+            rows.append(RowChunk(seq.kv_slot, chunk.start, chunk.num_tokens))
+            if chunk.completes:
+                keep.append(len(ids) - 1)
+                keep_lora.append(seq.lora_slot)
+        step = PackedStep.build(self.cache, rows, self.device)
+        if self.loras is not None:
+            self.loras.batch.set(token_lora, keep_lora, self.device)
+        keep_index = torch.tensor(keep or [len(ids) - 1], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),  # [1, N]
+            position_ids=step.positions[None],  # [1, N]
+            use_cache=False,
+            logits_to_keep=keep_index,  # [K]
+            **{STEP_KWARG: step},
+        )
+        logits: torch.Tensor = out.logits[0]  # [K, V]
+        return logits if keep else logits[:0]
+
+    def _emit(self, row: _Row, token: int) -> None:
+        """Account one generated token, push its delta; end the row when it is done."""
+        seq = row.seq
+        params = seq.request.params
+        seq.token_ids.append(token)
+        row.sampling.record(token)
+        generated = seq.num_generated
+        reached_min = generated >= params.min_tokens
+        text, stopped = row.text.add(token, stop_active=reached_min)
+        finish: FinishReason | None = None
+        if stopped:
+            finish = "stop"
+        elif token in self._eos_set and not params.ignore_eos and reached_min:
+            finish = "stop"
+        elif generated >= seq.max_tokens:
+            finish = "length"
+        if finish is not None and not stopped:
+            tail, stopped = row.text.finish()
+            text += tail
+            finish = "stop" if stopped else finish
+        row.stream.push(
+            StreamDelta(
+                text=text,
+                token_ids=[token],
+                finish_reason=finish,
+                prompt_tokens=seq.prompt_len,
+                completion_tokens=generated,
+            )
+        )
+        if finish is not None:
+            self._end(row)

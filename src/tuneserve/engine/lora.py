@@ -1,0 +1,475 @@
+"""Batched multi-LoRA: every row of a batch through its own adapter in one forward.
+
+Each targeted `nn.Linear` of the base model is replaced by a `BatchedLoRALinear` that keeps the
+base layer and up to `max_loras` adapter slots. The slots' weights are stacked with their true
+ranks concatenated: `a_t [in, R]` and `b [R, out]` with R = the sum of the slots' ranks at this
+module (the scale alpha/r, or alpha/sqrt(r) with rsLoRA, is folded into b). Per step, every packed
+token carries its row's slot (-1 = no adapter), and a 0/1 mask `[N, R]` selects the columns of
+that slot, so the whole mixed batch costs two matmuls per module:
+
+    y = base(x) + ((x @ a_t) * mask) @ b
+
+(measured on this machine the cheapest of gather+bmm, einsum, group-by-slot and this one; see
+DESIGN.md). Modules no active slot touches, and steps with no adapter rows, skip the LoRA path.
+
+`LoRAManager` owns the slots: a bounded set of hot slots filled on demand, least recently used
+adapter evicted when no running request holds it; a CPU-side store of loaded adapter weights
+(LRU, `max_cpu_loras`); adapters read from their folder's `adapter_model.safetensors`. A request
+whose adapter cannot get a slot waits (the scheduler retries next step); it never fails for that.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuneserve.errors import AdapterError
+from tuneserve.models.types import AdapterSpec
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+# -- the batched op and its oracle -----------------------------------------------------------
+def lora_reference(
+    x: torch.Tensor,
+    token_slots: Sequence[int],
+    weights: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+) -> torch.Tensor:
+    """The plain loop the batched op must equal; returns the LoRA delta only.
+
+    x: [N, in]; token_slots[i] in {-1, 0..S-1}; weights[s] = (A [r, in], B_scaled [out, r]) or None.
+    """
+    out_features = next(w[1].shape[0] for w in weights if w is not None)
+    delta = x.new_zeros(x.shape[0], out_features)
+    for i, slot in enumerate(token_slots):
+        if slot >= 0 and weights[slot] is not None:
+            a, b = weights[slot]  # type: ignore[misc]
+            delta[i] = b @ (a @ x[i])
+    return delta
+
+
+def add_lora(
+    y: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """y += the per-token LoRA delta of slot-stacked weights (in place; returns y).
+
+    Semantics (see `lora_reference`):
+        for i in range(N):
+            s = token_slot[i]
+            if s >= 0 and slot s has weights here:
+                y[i] += B_s @ (A_s @ x[i])
+    where a_t = cat([A_s.T for s in slots], 1) [in, R], b = cat([B_s.T ...], 0) [R, out] and
+    mask[i, c] = 1 iff column c belongs to slot token_slot[i].
+    """
+    # y: [N, out], x: [N, in], a_t: [in, R], b: [R, out], mask: [N, R]
+    return y.addmm_((x @ a_t).mul_(mask), b)
+
+
+# -- the per-step assignment shared by every wrapped module ---------------------------------
+class LoRABatch:
+    """Which slot each packed token uses this step (-1 = none); masks cached per rank layout."""
+
+    def __init__(self) -> None:
+        self.token_slots: torch.Tensor | None = None  # [N] long
+        self.keep_slots: torch.Tensor | None = None  # [K] long: rows whose logits are kept
+        self.active: frozenset[int] = frozenset()
+        self._masks: dict[Any, torch.Tensor | None] = {}
+
+    def set(
+        self, token_slots: Sequence[int], keep_slots: Sequence[int], device: torch.device
+    ) -> None:
+        self._masks.clear()
+        self.active = frozenset(s for s in token_slots if s >= 0)
+        if not self.active:
+            self.token_slots = self.keep_slots = None
+            return
+        self.token_slots = torch.tensor(token_slots, dtype=torch.long, device=device)
+        self.keep_slots = torch.tensor(keep_slots, dtype=torch.long, device=device)
+
+    def clear(self) -> None:
+        self.set((), (), torch.device("cpu"))
+
+    def mask(self, layout: _Layout, num_tokens: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """[N, R] 0/1 for this module layout, or None when no token here uses it."""
+        if self.token_slots is None or not any(layout.ranks[s] for s in self.active):
+            return None
+        slots = self.token_slots
+        if num_tokens != slots.shape[0]:
+            # a module after logits_to_keep (lm_head): one token per kept row
+            assert self.keep_slots is not None and num_tokens == self.keep_slots.shape[0]
+            slots = self.keep_slots
+        key = (layout.ranks, num_tokens, dtype)
+        if key not in self._masks:
+            self._masks[key] = (slots[:, None] == layout.col_slot[None, :]).to(dtype)
+        return self._masks[key]
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    ranks: tuple[int, ...]  # rank of each slot at this module (0 = nothing loaded here)
+    col_slot: torch.Tensor  # [R] long: the slot of each stacked column
+
+
+class BatchedLoRALinear(nn.Module):
+    """A base nn.Linear plus slot-stacked LoRA weights applied per token (vLLM-style layer)."""
+
+    def __init__(self, base: nn.Linear, num_slots: int, batch: LoRABatch) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.batch = batch
+        self._slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_slots
+        self.a_t: torch.Tensor | None = None  # [in, R]
+        self.b: torch.Tensor | None = None  # [R, out]
+        self.layout = _Layout((0,) * num_slots, torch.empty(0, dtype=torch.long))
+
+    # attributes some modeling code reads off its projections
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Load slot `slot`: a [r, in], b [out, r] with the scale already folded in."""
+        if (
+            a.shape[1] != self.in_features
+            or b.shape[0] != self.out_features
+            or a.shape[0] != b.shape[1]
+        ):
+            raise ValueError(
+                f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit a Linear "
+                f"{self.in_features}->{self.out_features}"
+            )
+        weight = self.base.weight
+        self._slots[slot] = (a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype))
+        self._restack()
+
+    def reset_lora(self, slot: int) -> None:
+        if self._slots[slot] is not None:
+            self._slots[slot] = None
+            self._restack()
+
+    def slot_weights(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return list(self._slots)
+
+    def _restack(self) -> None:
+        loaded = [(s, w) for s, w in enumerate(self._slots) if w is not None]
+        ranks = tuple(0 if w is None else w[0].shape[0] for w in self._slots)
+        device = self.base.weight.device
+        if not loaded:
+            self.a_t = self.b = None
+            self.layout = _Layout(ranks, torch.empty(0, dtype=torch.long, device=device))
+            return
+        self.a_t = torch.cat([a.T for _, (a, _) in loaded], dim=1).contiguous()
+        self.b = torch.cat([b.T for _, (_, b) in loaded], dim=0).contiguous()
+        col_slot = [s for s, (a, _) in loaded for _ in range(a.shape[0])]
+        self.layout = _Layout(ranks, torch.tensor(col_slot, dtype=torch.long, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.a_t is None or self.b is None:
+            return y
+        x2 = x.reshape(-1, self.in_features)
+        mask = self.batch.mask(self.layout, x2.shape[0], x2.dtype)
+        if mask is None:
+            return y
+        add_lora(y.view(-1, self.out_features), x2, self.a_t, self.b, mask)  # y: fresh, ours
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, ranks={self.layout.ranks}"
+
+
+# -- adapter files -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class AdapterLayout:
+    """What an adapter's weights file holds: module path -> rank (read from headers only)."""
+
+    name: str
+    file: Path
+    ranks: dict[str, int]
+
+
+@dataclass(slots=True)
+class AdapterWeights:
+    """One adapter's weights in CPU memory: module path -> (A [r, in], B_scaled [out, r])."""
+
+    name: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size()
+            for a, b in self.modules.values()
+        )
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def check_lora_config(name: str, config: Mapping[str, Any]) -> None:
+    """Refuse, clearly, the LoRA variants the batched layers cannot compute."""
+    raw_type = config.get("peft_type", "LORA")
+    peft_type = str(getattr(raw_type, "value", raw_type)).upper()  # a str, or PeftType in memory
+    if peft_type != "LORA":
+        raise AdapterError(
+            name, f"adapter_config.json: peft_type is {peft_type!r}; only 'LORA' is served"
+        )
+    if config.get("use_dora"):
+        raise AdapterError(
+            name, "adapter_config.json: use_dora=true is not supported; use a plain LoRA"
+        )
+    if config.get("bias", "none") != "none":
+        raise AdapterError(
+            name, f"adapter_config.json: bias={config.get('bias')!r} is not supported; use 'none'"
+        )
+    if config.get("lora_bias"):
+        raise AdapterError(name, "adapter_config.json: lora_bias=true is not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(
+            name,
+            f"adapter_config.json: modules_to_save={config.get('modules_to_save')!r} is not "
+            "supported "
+            "(fully trained modules cannot be batched per request); train without it",
+        )
+    if config.get("fan_in_fan_out"):
+        raise AdapterError(
+            name, "adapter_config.json: fan_in_fan_out=true (Conv1D layers) is not supported"
+        )
+
+
+def read_layout(spec: AdapterSpec) -> AdapterLayout:
+    """The module paths and ranks in the adapter's weights file, without loading the weights."""
+    from safetensors import safe_open
+
+    check_lora_config(spec.name, spec.config)
+    file = Path(spec.path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise AdapterError(spec.name, f"{file} not found; adapters are read from {WEIGHTS_FILE}")
+    ranks: dict[str, int] = {}
+    seen_b: set[str] = set()
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():
+            match = _KEY.match(key)
+            if match is None:
+                raise AdapterError(
+                    spec.name,
+                    f"{file}: tensor {key!r} is not a LoRA A/B weight of a Linear layer "
+                    "(embedding LoRA, DoRA magnitudes and saved modules are not supported)",
+                )
+            module, which = match["module"], match["which"]
+            if which == "A":
+                ranks[module] = int(handle.get_slice(key).get_shape()[0])
+            else:
+                seen_b.add(module)
+    if set(ranks) != seen_b:
+        missing = sorted(set(ranks) ^ seen_b)[0]
+        raise AdapterError(
+            spec.name, f"{file}: module {missing!r} lacks its lora_A or lora_B weight"
+        )
+    if not ranks:
+        raise AdapterError(spec.name, f"{file} holds no LoRA weights")
+    return AdapterLayout(spec.name, file, ranks)
+
+
+def load_adapter_weights(spec: AdapterSpec, layout: AdapterLayout) -> AdapterWeights:
+    """Read A and B from the file, fold the scale into B (float32, on CPU)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(layout.file), device="cpu")
+    config = spec.config
+    alpha_default = float(config.get("lora_alpha", spec.alpha))
+    alpha_pattern: Mapping[str, Any] = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None or match["which"] != "A":
+            continue
+        module = match["module"]
+        b_key = key[: match.start("which")] + "B" + key[match.end("which") :]
+        a = tensor.float()
+        b = tensors[b_key].float()
+        rank = a.shape[0]
+        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
+        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        modules[module] = (a.contiguous(), (b * scale).contiguous())
+    return AdapterWeights(spec.name, modules)
+
+
+def _check_targets(model: nn.Module, layout: AdapterLayout) -> None:
+    for module, rank in layout.ranks.items():
+        try:
+            target = model.get_submodule(module)
+        except AttributeError:
+            raise AdapterError(
+                layout.name, f"{layout.file}: module {module!r} does not exist in the base model"
+            ) from None
+        base = target.base if isinstance(target, BatchedLoRALinear) else target
+        if not isinstance(base, nn.Linear):
+            raise AdapterError(
+                layout.name,
+                f"{layout.file}: module {module!r} is a {type(base).__name__}; "
+                "only nn.Linear layers are served",
+            )
+        if rank < 1:
+            raise AdapterError(layout.name, f"{layout.file}: module {module!r} has rank {rank}")
+
+
+def wrap_modules(
+    model: nn.Module, modules: Sequence[str], num_slots: int, batch: LoRABatch
+) -> dict[str, BatchedLoRALinear]:
+    """Replace each named nn.Linear of `model` by a BatchedLoRALinear (idempotent)."""
+    wrapped: dict[str, BatchedLoRALinear] = {}
+    for path in modules:
+        target = model.get_submodule(path)
+        if isinstance(target, BatchedLoRALinear):
+            wrapped[path] = target
+            continue
+        assert isinstance(target, nn.Linear), path
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        layer = BatchedLoRALinear(target, num_slots, batch)
+        setattr(parent, child, layer)
+        wrapped[path] = layer
+    return wrapped
+
+
+# -- the slot manager -----------------------------------------------------------------------
+@dataclass(slots=True)
+class _Slot:
+    name: str | None = None
+    refs: int = 0  # running requests using it
+    last_used: int = 0
+
+
+@dataclass(slots=True)
+class LoRAStats:
+    hot: dict[int, str] = field(default_factory=dict)
+    loads: int = 0  # adapters put into a slot
+    evictions: int = 0
+    disk_reads: int = 0
+
+
+class LoRAManager:
+    """Hot adapter slots over the wrapped model, filled on demand, LRU-evicted when unpinned."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Mapping[str, AdapterSpec],
+        *,
+        max_loras: int = 8,
+        max_cpu_loras: int | None = None,
+    ) -> None:
+        if max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {max_loras}")
+        if max_cpu_loras is not None and max_cpu_loras < 1:
+            raise ValueError(
+                f"max_cpu_loras must be at least 1 (or None for all), got {max_cpu_loras}"
+            )
+        self.specs = dict(adapters)
+        self.layouts = {name: read_layout(spec) for name, spec in self.specs.items()}
+        for layout in self.layouts.values():
+            _check_targets(model, layout)
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self.batch = LoRABatch()
+        targets = sorted({m for layout in self.layouts.values() for m in layout.ranks})
+        self.layers = wrap_modules(model, targets, max_loras, self.batch)
+        self._slots = [_Slot() for _ in range(max_loras)]
+        self._by_name: dict[str, int] = {}
+        self._cpu: collections.OrderedDict[str, AdapterWeights] = collections.OrderedDict()
+        self._clock = 0
+        self.stats = LoRAStats()
+
+    @property
+    def hot(self) -> dict[int, str]:
+        return {i: s.name for i, s in enumerate(self._slots) if s.name is not None}
+
+    def acquire(self, name: str) -> int | None:
+        """A slot holding `name`, pinned until `release`; None while every slot is pinned."""
+        self._clock += 1
+        slot = self._by_name.get(name)
+        if slot is None:
+            slot = self._pick_victim()
+            if slot is None:
+                return None
+            self._load(slot, name)
+        entry = self._slots[slot]
+        entry.refs += 1
+        entry.last_used = self._clock
+        return slot
+
+    def release(self, slot: int) -> None:
+        entry = self._slots[slot]
+        assert entry.refs > 0, f"LoRA slot {slot} released more often than acquired"
+        entry.refs -= 1
+
+    def _pick_victim(self) -> int | None:
+        free = [i for i, s in enumerate(self._slots) if s.name is None]
+        if free:
+            return free[0]
+        idle = [i for i, s in enumerate(self._slots) if s.refs == 0]
+        return min(idle, key=lambda i: self._slots[i].last_used) if idle else None
+
+    def _weights(self, name: str) -> AdapterWeights:
+        weights = self._cpu.get(name)
+        if weights is not None:
+            self._cpu.move_to_end(name)
+            return weights
+        weights = load_adapter_weights(self.specs[name], self.layouts[name])
+        self.stats.disk_reads += 1
+        self._cpu[name] = weights
+        while self.max_cpu_loras is not None and len(self._cpu) > self.max_cpu_loras:
+            self._cpu.popitem(last=False)
+        return weights
+
+    def _load(self, slot: int, name: str) -> None:
+        weights = self._weights(name)  # may raise: the slot is left as it was
+        for path, (a, b) in weights.modules.items():
+            layer = self.layers[path]
+            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+                raise AdapterError(
+                    name,
+                    f"{self.layouts[name].file}: {path} has A{tuple(a.shape)} "
+                    f"B{tuple(b.shape)}, which "
+                    f"do not fit the base layer {layer.in_features}->{layer.out_features}",
+                )
+        entry = self._slots[slot]
+        if entry.name is not None:
+            logger.debug("LoRA slot %d: evicting %r for %r", slot, entry.name, name)
+            del self._by_name[entry.name]
+            self.stats.evictions += 1
+        for path, layer in self.layers.items():
+            module = weights.modules.get(path)
+            if module is None:
+                layer.reset_lora(slot)
+            else:
+                layer.set_lora(slot, *module)
+        entry.name, entry.refs = name, 0
+        self._by_name[name] = slot
+        self.stats.loads += 1
+        self.stats.hot = self.hot

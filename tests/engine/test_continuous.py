@@ -1,0 +1,616 @@
+"""ContinuousBatchingEngine: every request of a mixed, continuously changing batch gets exactly
+the tokens that plain transformers + PEFT `generate(do_sample=False)` gives it alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.engine.tiny import (
+    TinyFamily,
+    collect,
+    quiet_peft,
+    request,
+    run,
+    text_of,
+    token_ids,
+    wait_until,
+)
+from tuneserve.engine.continuous import ContinuousBatchingEngine
+from tuneserve.engine.types import StreamDelta
+from tuneserve.errors import EngineError, UnknownAdapterError
+from tuneserve.models.types import AdapterSpec, ServedModel
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
+]
+
+
+# -- the oracle ------------------------------------------------------------------------------
+_REFERENCES: dict[tuple[str, str | None, str, torch.dtype], Any] = {}
+
+
+def reference_model(
+    family: TinyFamily, adapter: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """transformers (+ PEFT for an adapter) on its own; generation never stops at EOS.
+
+    Loaded here, not through `family.reference()`: that one is shared, and this one is moved
+    to a device/dtype and has its generation config changed.
+    """
+    key = (str(family.base), adapter, device, dtype)
+    if key not in _REFERENCES:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(family.base, dtype=dtype).to(device).eval()
+        if adapter is not None:
+            with quiet_peft():
+                # LoRA in the model's dtype, as the engine computes it (PEFT would upcast)
+                path = str(family.adapters[adapter].path)
+                model = PeftModel.from_pretrained(model, path, autocast_adapter_dtype=False)
+                model = model.eval()
+        model.generation_config.eos_token_id = None
+        _REFERENCES[key] = model
+    return _REFERENCES[key]
+
+
+def generate_alone(model: Any, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt)], device=device)
+    with torch.inference_mode(), quiet_peft():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return list(out[0, len(prompt) :].tolist())
+
+
+def assert_greedy_matches(
+    got: Sequence[int], model: Any, prompt: Sequence[int], *, tolerance: float = 0.0
+) -> None:
+    """`got` is the reference's greedy output; with a tolerance (half precision), a different
+    token is accepted at the first divergence only if the reference scores it within
+    `tolerance` of its best (rounding decides near-ties), and nothing after it is compared."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt)], device=device)
+    with torch.inference_mode(), quiet_peft():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=len(got),
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    expected = out.sequences[0, len(prompt) :].tolist()
+    if tolerance == 0.0 or list(got) == expected:
+        assert list(got) == expected
+        return
+    i = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
+    scores = out.scores[i][0].float()
+    gap = float(scores.max() - scores[got[i]])
+    assert gap <= tolerance, f"token {i}: {got[i]} scores {gap:.4f} below the best {expected[i]}"
+
+
+def prompt(length: int, seed: int, vocab: int = 300) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (length,), generator=gen).tolist()
+
+
+def engine_for(
+    served: ServedModel,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> ContinuousBatchingEngine:
+    if device != "cpu" or dtype != torch.float32:
+        served.model.to(device, dtype)
+        served.device, served.dtype = device, str(dtype).removeprefix("torch.")
+    engine = ContinuousBatchingEngine(served, **kwargs)
+    engine.start()
+    return engine
+
+
+@pytest.fixture
+def engines() -> Iterator[list[ContinuousBatchingEngine]]:
+    started: list[ContinuousBatchingEngine] = []
+    yield started
+    for engine in started:
+        engine.shutdown()
+
+
+# -- mixed batches -----------------------------------------------------------------------------
+# (prompt length, adapter): lengths around the prefill chunk (8) and far beyond it
+CASES: list[tuple[int, str | None]] = [
+    (5, None),
+    (17, "alpha"),
+    (1, "beta"),
+    (30, "gamma"),
+    (9, "beta"),
+    (12, None),
+    (8, "alpha"),
+    (23, "gamma"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_with_arrivals_matches_generate_alone(
+    tiny: TinyFamily, device: str, dtype: torch.dtype, engines: list[ContinuousBatchingEngine]
+) -> None:
+    new_tokens = 10
+    engine = engine_for(tiny.served(), device, dtype, max_num_seqs=6, prefill_chunk=8, max_loras=3)
+    engines.append(engine)
+    prompts = [prompt(n, seed=i) for i, (n, _) in enumerate(CASES)]
+
+    async def body() -> list[list[StreamDelta]]:
+        def submit(i: int) -> Any:
+            params = dict(max_tokens=new_tokens, ignore_eos=True)
+            return engine.submit(request(prompts[i], CASES[i][1], request_id=f"r{i}", **params))
+
+        first = [submit(i) for i in range(4)]
+        readers = [asyncio.create_task(collect(s)) for s in first]
+        await wait_until(lambda: engine.steps >= 3)  # the first ones are mid-flight
+        later = [submit(i) for i in range(4, len(CASES))]
+        readers += [asyncio.create_task(collect(s)) for s in later]
+        return list(await asyncio.gather(*readers))
+
+    results = run(body)
+    # float32: token-identical; bfloat16: identical up to a near-tie that rounding decides
+    tolerance = 0.0 if dtype == torch.float32 else 0.03
+    for (length, adapter), ids, deltas in zip(CASES, prompts, results, strict=True):
+        reference = reference_model(tiny, adapter, device, dtype)
+        assert_greedy_matches(token_ids(deltas), reference, ids, tolerance=tolerance)
+        expected = generate_alone(reference, ids, new_tokens)
+        assert deltas[-1].finish_reason == "length"
+        assert deltas[-1].completion_tokens == new_tokens
+        assert deltas[-1].prompt_tokens == length
+        if adapter is not None:  # the check has teeth: each adapter changes the output
+            base = generate_alone(reference_model(tiny, None, device, dtype), ids, new_tokens)
+            assert expected != base
+
+
+def test_more_adapters_than_hot_slots_all_answered_correctly(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
+) -> None:
+    engine = engine_for(
+        tiny_llama.served(), max_num_seqs=8, prefill_chunk=16, max_loras=1, max_cpu_loras=1
+    )
+    engines.append(engine)
+    plan = [
+        ("alpha", 6),
+        ("beta", 11),
+        ("gamma", 4),
+        (None, 9),
+        ("beta", 3),
+        ("alpha", 14),
+        ("gamma", 7),
+    ]
+    prompts = [prompt(n, seed=100 + i) for i, (_, n) in enumerate(plan)]
+
+    async def body() -> list[list[StreamDelta]]:
+        streams = [
+            engine.submit(request(p, a, request_id=f"l{i}", max_tokens=6, ignore_eos=True))
+            for i, ((a, _), p) in enumerate(zip(plan, prompts, strict=True))
+        ]
+        return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+    for (adapter, _), ids, deltas in zip(plan, prompts, run(body), strict=True):
+        assert token_ids(deltas) == generate_alone(reference_model(tiny_llama, adapter), ids, 6)
+    assert engine.loras is not None
+    assert engine.loras.stats.evictions >= 2  # one hot slot served three adapters
+
+
+def test_requests_beyond_the_kv_budget_wait_then_finish(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
+) -> None:
+    engine = engine_for(tiny_llama.served(), max_num_seqs=2, prefill_chunk=64)
+    engines.append(engine)
+    most_running = 0
+    schedule = engine.scheduler.schedule
+
+    def spy() -> Any:
+        nonlocal most_running
+        chunks = schedule()
+        most_running = max(most_running, len(engine.scheduler.running))
+        return chunks
+
+    engine.scheduler.schedule = spy  # type: ignore[method-assign]
+    prompts = [prompt(7 + i, seed=200 + i) for i in range(6)]
+
+    async def body() -> list[list[StreamDelta]]:
+        streams = [
+            engine.submit(
+                request(
+                    p, "beta" if i % 2 else None, request_id=f"k{i}", max_tokens=5, ignore_eos=True
+                )
+            )
+            for i, p in enumerate(prompts)
+        ]
+        return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+    results = run(body)
+    assert most_running == 2
+    for i, (ids, deltas) in enumerate(zip(prompts, results, strict=True)):
+        adapter = "beta" if i % 2 else None
+        assert token_ids(deltas) == generate_alone(reference_model(tiny_llama, adapter), ids, 5)
+    assert engine.cache.num_free == 2
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
+) -> None:
+    engine = engine_for(tiny_llama.served(), max_num_seqs=1, max_loras=1)
+    engines.append(engine)
+    waiting_prompt = prompt(6, seed=300)
+
+    async def body() -> tuple[StreamDelta, list[StreamDelta]]:
+        long = engine.submit(
+            request(
+                prompt(5, seed=301), "alpha", request_id="long", max_tokens=400, ignore_eos=True
+            )
+        )
+        first = await long.__aiter__().__anext__()
+        queued = engine.submit(
+            request(waiting_prompt, "beta", request_id="queued", max_tokens=4, ignore_eos=True)
+        )
+        await asyncio.sleep(0.05)
+        assert engine.stats().waiting == 1  # one seat, one hot LoRA slot: both taken
+        long.cancel()
+        deltas = await collect(queued)
+        await wait_until(lambda: engine.stats().running == 0)
+        return first, deltas
+
+    first, deltas = run(body)
+    assert first.token_ids and first.finish_reason is None
+    assert token_ids(deltas) == generate_alone(
+        reference_model(tiny_llama, "beta"), waiting_prompt, 4
+    )
+    assert engine.cache.num_free == 1
+    assert engine.stats().waiting == 0
+
+
+def test_long_prompt_is_chunked_and_does_not_stall_running_decodes(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
+) -> None:
+    engine = engine_for(tiny_llama.served(), max_num_seqs=4, prefill_chunk=8)
+    engines.append(engine)
+    log: list[str] = []
+    long_prompt = prompt(160, seed=400)  # 20 chunks of 8
+
+    async def read(stream: Any, name: str) -> list[StreamDelta]:
+        out = []
+        async for delta in stream:
+            log.append(name)
+            out.append(delta)
+        return out
+
+    async def body() -> list[StreamDelta]:
+        short = engine.submit(
+            request(prompt(4, seed=401), request_id="short", max_tokens=60, ignore_eos=True)
+        )
+        short_reader = asyncio.create_task(read(short, "short"))
+        await wait_until(lambda: "short" in log)
+        long = engine.submit(
+            request(long_prompt, "beta", request_id="long", max_tokens=3, ignore_eos=True)
+        )
+        long_deltas = await read(long, "long")
+        await short_reader
+        return long_deltas
+
+    long_deltas = run(body)
+    # the short request kept decoding while the long prompt went through in chunks
+    assert log.index("long") >= 15
+    assert token_ids(long_deltas) == generate_alone(
+        reference_model(tiny_llama, "beta"), long_prompt, 3
+    )
+
+
+def test_stop_string_cuts_the_text(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
+) -> None:
+    engine = engine_for(tiny_llama.served())
+    engines.append(engine)
+    ids = prompt(10, seed=500)
+
+    async def body() -> tuple[str, str, list[StreamDelta]]:
+        # sampled with a seed: a random tiny model's greedy text is one token repeated
+        params: dict[str, Any] = dict(max_tokens=24, ignore_eos=True, temperature=1.0, seed=7)
+        free = await collect(engine.submit(request(ids, "gamma", request_id="free", **params)))
+        text = text_of(free)
+        middle = len(text) // 2
+        stop = next(
+            text[i : i + 2] for i in range(middle, len(text) - 1) if "\ufffd" not in text[i : i + 2]
+        )
+        stopped = await collect(
+            engine.submit(request(ids, "gamma", request_id="stop", stop=(stop,), **params))
+        )
+        return text, stop, stopped
+
+    text, stop, stopped = run(body)
+    assert stopped[-1].finish_reason == "stop"
+    assert text_of(stopped) == text[: text.index(stop)]
+
+
+def test_unknown_adapter_is_refused_at_submit(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
+) -> None:
+    engine = engine_for(tiny_llama.served(["alpha"]))
+    engines.append(engine)
+
+    async def body() -> None:
+        with pytest.raises(UnknownAdapterError, match="served adapters: alpha"):
+            engine.submit(request([5, 6], "nope"))
+
+    run(body)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
+) -> None:
+    engine = engine_for(tiny_llama.served())
+    engines.append(engine)
+    real_forward = engine._forward
+    calls = 0
+
+    def flaky(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected failure")
+        return real_forward(*args)
+
+    engine._forward = flaky  # type: ignore[method-assign]
+    ids = prompt(6, seed=600)
+
+    async def body() -> list[StreamDelta]:
+        with pytest.raises(EngineError, match="injected failure"):
+            await collect(engine.submit(request(ids, "alpha", request_id="bad", max_tokens=4)))
+        return await collect(
+            engine.submit(request(ids, "alpha", request_id="good", max_tokens=4, ignore_eos=True))
+        )
+
+    deltas = run(body)
+    assert engine.is_running
+    assert token_ids(deltas) == generate_alone(reference_model(tiny_llama, "alpha"), ids, 4)
+    assert engine.cache.num_free == engine.max_num_seqs
+
+
+def test_prompts_too_long_or_out_of_vocabulary_fail_alone(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
+) -> None:
+    engine = engine_for(tiny_llama.served(), max_model_len=32)
+    engines.append(engine)
+
+    async def body() -> list[StreamDelta]:
+        with pytest.raises(EngineError, match="max_model_len is 32"):
+            await collect(engine.submit(request(prompt(32, seed=1), request_id="long")))
+        with pytest.raises(EngineError, match="outside the vocabulary"):
+            await collect(engine.submit(request([1, 10**6], request_id="oov")))
+        # max_tokens beyond the context: clipped to what fits
+        return await collect(
+            engine.submit(
+                request(prompt(28, seed=2), request_id="fit", max_tokens=50, ignore_eos=True)
+            )
+        )
+
+    deltas = run(body)
+    assert deltas[-1].completion_tokens == 4 and deltas[-1].finish_reason == "length"
+
+
+def test_shutdown_cancels_pending_requests(tiny_llama: TinyFamily) -> None:
+    engine = ContinuousBatchingEngine(tiny_llama.served(), max_num_seqs=1)
+    engine.start()
+
+    async def body() -> list[list[StreamDelta]]:
+        streams = [
+            engine.submit(
+                request(prompt(4, seed=i), request_id=f"s{i}", max_tokens=400, ignore_eos=True)
+            )
+            for i in range(3)
+        ]
+        await wait_until(lambda: engine.steps >= 2)
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+    results = run(body)
+    assert not engine.is_running
+    assert [deltas[-1].finish_reason for deltas in results] == ["cancelled"] * 3
+
+
+# -- other architectures and adapter variants ------------------------------------------------
+def _save_family(root: Path, config: Any, adapters: dict[str, Any], tokenizer: Any) -> TinyFamily:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base_dir = root / "base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
+    specs: dict[str, AdapterSpec] = {}
+    for seed, (name, lora_config) in enumerate(adapters.items(), start=1):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        with quiet_peft():
+            get_peft_model(base, lora_config).save_pretrained(root / name)
+        specs[name] = AdapterSpec(
+            name=name,
+            path=root / name,
+            rank=lora_config.r,
+            alpha=lora_config.lora_alpha,
+            target_modules=tuple(sorted(lora_config.target_modules)),
+            config=lora_config.to_dict(),
+        )
+    return TinyFamily(family=root.name, base=base_dir, adapters=specs, tokenizer=tokenizer)
+
+
+def _check_family(
+    family: TinyFamily, plan: list[tuple[str | None, int]], new_tokens: int = 8, **kwargs: Any
+) -> None:
+    engine = ContinuousBatchingEngine(family.served(), **kwargs)
+    engine.start()
+    prompts = [prompt(n, seed=700 + i) for i, (_, n) in enumerate(plan)]
+    try:
+
+        async def body() -> list[list[StreamDelta]]:
+            streams = [
+                engine.submit(
+                    request(p, a, request_id=f"f{i}", max_tokens=new_tokens, ignore_eos=True)
+                )
+                for i, ((a, _), p) in enumerate(zip(plan, prompts, strict=True))
+            ]
+            return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+        results = run(body)
+    finally:
+        engine.shutdown()
+    for (adapter, _), ids, deltas in zip(plan, prompts, results, strict=True):
+        expected = generate_alone(reference_model(family, adapter), ids, new_tokens)
+        assert token_ids(deltas) == expected, f"adapter {adapter}, prompt of {len(ids)}"
+
+
+def test_sliding_window_is_honoured(tmp_path: Path, tokenizer: Any) -> None:
+    from peft import LoraConfig
+    from transformers import MistralConfig
+
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=5,
+        tie_word_embeddings=False,
+    )
+    adapters = {
+        "sw": LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+    }
+    family = _save_family(tmp_path / "mistral", config, adapters, tokenizer)
+    # prompts longer than the window, chunks smaller than it
+    _check_family(family, [("sw", 13), (None, 9), ("sw", 3)], new_tokens=10, prefill_chunk=4)
+
+
+def test_phi3_fused_qkv_and_gate_up(tmp_path: Path, tokenizer: Any) -> None:
+    from peft import LoraConfig
+    from transformers import Phi3Config
+
+    config = Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    adapters = {
+        "fused": LoraConfig(
+            r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False
+        ),
+        "out": LoraConfig(
+            r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"], init_lora_weights=False
+        ),
+    }
+    family = _save_family(tmp_path / "phi3", config, adapters, tokenizer)
+    _check_family(family, [("fused", 7), ("out", 12), (None, 5), ("fused", 2)], prefill_chunk=8)
+
+
+def test_rank_and_alpha_patterns_and_rslora(
+    tmp_path: Path, tokenizer: Any, tiny_llama: TinyFamily
+) -> None:
+    from peft import LoraConfig
+
+    config = tiny_llama.load_base().config
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+    adapters = {
+        "patterns": LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=targets,
+            rank_pattern={"k_proj": 2, "layers.1.self_attn.o_proj": 6},
+            alpha_pattern={"v_proj": 32, "down_proj": 3},
+            init_lora_weights=False,
+        ),
+        "rslora": LoraConfig(
+            r=8, lora_alpha=16, target_modules=targets, use_rslora=True, init_lora_weights=False
+        ),
+    }
+    family = _save_family(tmp_path / "patterns", config, adapters, tokenizer)
+    _check_family(
+        family, [("patterns", 6), ("rslora", 10), ("patterns", 15), (None, 4)], prefill_chunk=8
+    )
+
+
+# -- the packed attention against a per-token loop -------------------------------------------
+class _Layer(torch.nn.Module):
+    layer_idx = 0
+
+
+def _attention_oracle(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int, window: int | None
+) -> torch.Tensor:
+    """One query token [H, D] over its row's keys/values [KVH, >pos, D]: causal, windowed."""
+    lo = max(0, pos - window + 1) if window else 0
+    groups = q.shape[0] // keys.shape[0]
+    k = keys[:, lo : pos + 1].repeat_interleave(groups, 0)  # [H, L, D]
+    v = values[:, lo : pos + 1].repeat_interleave(groups, 0)
+    weights = ((k @ q[:, :, None])[..., 0] * q.shape[-1] ** -0.5).softmax(-1)  # [H, L]
+    return (weights[:, None, :] @ v)[:, 0]  # [H, D]
+
+
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "sliding-3"])
+def test_packed_attention_equals_a_per_token_loop(window: int | None) -> None:
+    from tuneserve.engine.attention import PackedStep, RowChunk, packed_attention
+    from tuneserve.engine.kv_cache import KVCache, KVCacheShape
+
+    heads, kv_heads, dim = 4, 2, 8
+    shape = KVCacheShape(num_layers=1, num_slots=4, num_kv_heads=kv_heads, head_dim=dim, max_len=16)
+    cache = KVCache(shape, dtype=torch.float32, device="cpu")
+    history = {
+        s: (torch.zeros(kv_heads, 16, dim), torch.zeros(kv_heads, 16, dim)) for s in range(4)
+    }
+    torch.manual_seed(0)
+    steps = [
+        # prefills (and a one-token prompt in slot 3)
+        [RowChunk(0, 0, 5), RowChunk(1, 0, 2), RowChunk(2, 0, 3), RowChunk(3, 0, 1)],
+        # decodes with a hole (slot 2 is still in its prompt): the gathered path
+        [RowChunk(0, 5, 1), RowChunk(1, 2, 1), RowChunk(3, 1, 1), RowChunk(2, 3, 4)],
+        # every slot decoding, in slot order: the contiguous path
+        [RowChunk(0, 6, 1), RowChunk(1, 3, 1), RowChunk(2, 7, 1), RowChunk(3, 2, 1)],
+    ]
+    for rows in steps:
+        n = sum(r.num_tokens for r in rows)
+        q, k, v = (
+            torch.randn(1, heads, n, dim),
+            torch.randn(1, kv_heads, n, dim),
+            torch.randn(1, kv_heads, n, dim),
+        )
+        step = PackedStep.build(cache, rows, "cpu")
+        out, _ = packed_attention(
+            _Layer(), q, k, v, None, scaling=dim**-0.5, sliding_window=window, tuneserve_step=step
+        )  # [1, N, H, D]
+        i = 0
+        for row in rows:
+            hk, hv = history[row.slot]
+            for t in range(row.num_tokens):
+                hk[:, row.start + t], hv[:, row.start + t] = k[0, :, i + t], v[0, :, i + t]
+            for t in range(row.num_tokens):
+                expected = _attention_oracle(q[0, :, i + t], hk, hv, row.start + t, window)
+                torch.testing.assert_close(out[0, i + t], expected, rtol=1e-5, atol=1e-5)
+            i += row.num_tokens

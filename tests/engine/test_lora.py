@@ -1,0 +1,243 @@
+"""Batched multi-LoRA layers: the batched op equals its plain-loop oracle; adapter files, scales,
+refusals; the hot-slot manager's LRU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from tests.engine.tiny import TinyFamily, quiet_peft
+from tuneserve.engine.lora import (
+    BatchedLoRALinear,
+    LoRABatch,
+    LoRAManager,
+    add_lora,
+    check_lora_config,
+    load_adapter_weights,
+    lora_reference,
+    read_layout,
+)
+from tuneserve.errors import AdapterError
+from tuneserve.models.types import AdapterSpec
+
+
+def random_layer(
+    ranks: list[int], seed: int = 0, bias: bool = True
+) -> tuple[BatchedLoRALinear, LoRABatch]:
+    torch.manual_seed(seed)
+    batch = LoRABatch()
+    layer = BatchedLoRALinear(nn.Linear(24, 40, bias=bias), num_slots=len(ranks), batch=batch)
+    for slot, rank in enumerate(ranks):
+        if rank:
+            layer.set_lora(slot, torch.randn(rank, 24), torch.randn(40, rank))
+    return layer, batch
+
+
+@pytest.mark.parametrize(
+    "ranks, token_slots",
+    [
+        pytest.param([4, 0, 8, 2], [0, -1, 2, 3, 3, 0, 1, -1, 2], id="mixed-ranks-and-empty-slot"),
+        pytest.param([16, 16, 16], [2, 2, 2, 2], id="one-adapter"),
+        pytest.param([1], [0, -1, 0], id="rank-1"),
+    ],
+)
+def test_batched_op_equals_the_plain_loop(ranks: list[int], token_slots: list[int]) -> None:
+    layer, batch = random_layer(ranks)
+    x = torch.randn(1, len(token_slots), 24)
+    batch.set(token_slots, [], torch.device("cpu"))
+    got = layer(x)[0]
+    expected = layer.base(x)[0] + lora_reference(x[0], token_slots, layer.slot_weights())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_add_lora_semantics_by_hand() -> None:
+    """The docstring's loop, written out for two slots."""
+    torch.manual_seed(1)
+    a0, b0, a1, b1 = torch.randn(2, 5), torch.randn(3, 2), torch.randn(1, 5), torch.randn(3, 1)
+    x = torch.randn(4, 5)
+    slots = [1, -1, 0, 1]
+    a_t = torch.cat([a0.T, a1.T], 1)  # [5, 3]
+    b = torch.cat([b0.T, b1.T], 0)  # [3, 3]
+    col_slot = torch.tensor([0, 0, 1])
+    mask = (torch.tensor(slots)[:, None] == col_slot[None, :]).float()
+    y = torch.zeros(4, 3)
+    expected = torch.stack([b1 @ (a1 @ x[0]), torch.zeros(3), b0 @ (a0 @ x[2]), b1 @ (a1 @ x[3])])
+    torch.testing.assert_close(add_lora(y, x, a_t, b, mask), expected)
+
+
+def test_rows_without_adapter_get_the_base_output_exactly() -> None:
+    layer, batch = random_layer([4, 8])
+    x = torch.randn(1, 6, 24)
+    batch.set([-1] * 6, [], torch.device("cpu"))
+    assert torch.equal(layer(x), layer.base(x))
+    batch.set([-1, -1, 0, -1, -1, -1], [], torch.device("cpu"))
+    out = layer(x)
+    assert torch.equal(out[0, [0, 1, 3, 4, 5]], layer.base(x)[0, [0, 1, 3, 4, 5]])
+
+
+def test_a_module_after_logits_to_keep_uses_the_kept_rows_slots() -> None:
+    layer, batch = random_layer([4, 2], bias=False)
+    token_slots, keep_slots = [0, 0, 0, 1, -1, -1], [0, 1, -1]
+    batch.set(token_slots, keep_slots, torch.device("cpu"))
+    x = torch.randn(1, 3, 24)  # one hidden state per kept row
+    expected = layer.base(x)[0] + lora_reference(x[0], keep_slots, layer.slot_weights())
+    torch.testing.assert_close(layer(x)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reset_lora_empties_a_slot() -> None:
+    layer, batch = random_layer([4, 8])
+    layer.reset_lora(0)
+    assert layer.layout.ranks == (0, 8)
+    x = torch.randn(1, 2, 24)
+    batch.set([0, 1], [], torch.device("cpu"))
+    expected = layer.base(x)[0] + lora_reference(x[0], [0, 1], layer.slot_weights())
+    torch.testing.assert_close(layer(x)[0], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(x)[0, 0], layer.base(x)[0, 0])
+
+
+# -- adapter files ------------------------------------------------------------------------------
+def _peft_scaling(family: TinyFamily, spec: AdapterSpec, module: str) -> float:
+    from peft import PeftModel
+
+    with quiet_peft():
+        model = PeftModel.from_pretrained(family.load_base(), str(spec.path))
+    layer = model.base_model.model.get_submodule(module)
+    return float(layer.scaling["default"])
+
+
+def _save_adapter(family: TinyFamily, root: Path, name: str, **config: Any) -> AdapterSpec:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(init_lora_weights=False, **config)
+    with quiet_peft():
+        get_peft_model(family.load_base(), lora).save_pretrained(root / name)
+    return AdapterSpec(
+        name=name,
+        path=root / name,
+        rank=lora.r,
+        alpha=lora.lora_alpha,
+        target_modules=tuple(sorted(lora.target_modules)),
+        config=lora.to_dict(),
+    )
+
+
+@pytest.mark.parametrize(
+    "config, module",
+    [
+        pytest.param(
+            dict(r=4, lora_alpha=8, target_modules=["q_proj"]),
+            "model.layers.0.self_attn.q_proj",
+            id="alpha/r",
+        ),
+        pytest.param(
+            dict(r=8, lora_alpha=16, target_modules=["v_proj"], use_rslora=True),
+            "model.layers.1.self_attn.v_proj",
+            id="rslora",
+        ),
+        pytest.param(
+            dict(
+                r=4,
+                lora_alpha=8,
+                target_modules=["o_proj"],
+                rank_pattern={"layers.1.self_attn.o_proj": 2},
+                alpha_pattern={"o_proj": 5},
+            ),
+            "model.layers.1.self_attn.o_proj",
+            id="patterns",
+        ),
+    ],
+)
+def test_scale_is_folded_into_b_as_peft_computes_it(
+    tiny_llama: TinyFamily, tmp_path: Path, config: dict[str, Any], module: str
+) -> None:
+    from safetensors.torch import load_file
+
+    spec = _save_adapter(tiny_llama, tmp_path, "a", **config)
+    layout = read_layout(spec)
+    weights = load_adapter_weights(spec, layout)
+    raw = load_file(str(layout.file))
+    b_raw = raw[f"base_model.model.{module}.lora_B.weight"]
+    a, b = weights.modules[module]
+    assert layout.ranks[module] == a.shape[0] == b_raw.shape[1]
+    torch.testing.assert_close(b, b_raw * _peft_scaling(tiny_llama, spec, module))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        pytest.param({"use_dora": True}, "use_dora=true is not supported", id="dora"),
+        pytest.param({"bias": "all"}, "bias='all' is not supported", id="bias"),
+        pytest.param(
+            {"modules_to_save": ["lm_head"]},
+            "modules_to_save=.* is not supported",
+            id="modules_to_save",
+        ),
+        pytest.param(
+            {"peft_type": "IA3"}, "peft_type is 'IA3'; only 'LORA' is served", id="not-lora"
+        ),
+    ],
+)
+def test_unsupported_lora_variants_are_refused_clearly(
+    change: dict[str, Any], message: str
+) -> None:
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none", **change}
+    with pytest.raises(AdapterError, match=f"adapter 'x': adapter_config.json: {message}"):
+        check_lora_config("x", config)
+
+
+def test_missing_weights_file_is_named(tiny_llama: TinyFamily, tmp_path: Path) -> None:
+    spec = AdapterSpec(
+        name="gone", path=tmp_path, rank=4, alpha=8, target_modules=("q_proj",), config={}
+    )
+    with pytest.raises(AdapterError, match="adapter_model.safetensors not found"):
+        read_layout(spec)
+
+
+# -- the slot manager -------------------------------------------------------------------------
+def test_manager_wraps_the_union_of_targets_and_evicts_least_recently_used(
+    tiny_llama: TinyFamily,
+) -> None:
+    model = tiny_llama.load_base()
+    manager = LoRAManager(model, tiny_llama.adapters, max_loras=2, max_cpu_loras=2)
+    kinds = {name.rsplit(".", 1)[1] for name in manager.layers}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), BatchedLoRALinear)
+
+    a = manager.acquire("alpha")
+    b = manager.acquire("beta")
+    assert {a, b} == {0, 1}
+    assert manager.acquire("gamma") is None  # both pinned: gamma waits
+    manager.release(a)
+    manager.acquire("beta")  # beta used again: alpha is the least recently used
+    manager.release(b)
+    manager.release(b)
+    g = manager.acquire("gamma")
+    assert g == a and manager.hot == {a: "gamma", b: "beta"}
+    assert manager.stats.evictions == 1
+    # gamma targets only o_proj/down_proj: slot g holds nothing at q_proj
+    q = manager.layers["model.layers.0.self_attn.q_proj"]
+    assert q.layout.ranks[g] == 0 and q.layout.ranks[b] == 8
+    # the CPU store keeps at most two adapters' weights: alpha was dropped, read again
+    manager.release(g)
+    manager.acquire("alpha")
+    assert manager.stats.disk_reads == 4
+
+
+def test_manager_refuses_adapters_for_missing_modules(
+    tiny_llama: TinyFamily, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.tiny import tiny_config
+
+    config = tiny_config("llama", tiny_llama.tokenizer)
+    config.num_hidden_layers = 1  # the adapters were made for two layers
+    small = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(
+        AdapterError, match="module 'model.layers.1.self_attn.q_proj' does not exist"
+    ):
+        LoRAManager(small, {"alpha": tiny_llama.adapters["alpha"]})
