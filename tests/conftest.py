@@ -18,6 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# The engine behind the live servers; TUNESERVE_TEST_ENGINE=simple runs the API/UI suite on the other.
+TEST_ENGINE = os.environ.get("TUNESERVE_TEST_ENGINE", "continuous")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -86,8 +90,10 @@ def start_live_server(app: Any) -> LiveServer:
 
 @pytest.fixture(scope="session")
 def demo_server_factory(demo_paths: Any) -> Iterator[Callable[..., LiveServer]]:
-    """Start a live demo server: factory(api_key=None, ui=True, max_model_len=None, ...)."""
-    from tuneserve.engine.simple import PeftBatchEngine
+    """Start a live demo server: factory(api_key=None, ui=True, max_model_len=None, ...).
+
+    The engine is TEST_ENGINE (continuous unless TUNESERVE_TEST_ENGINE says otherwise)."""
+    from tuneserve.engine.factory import create_engine
     from tuneserve.models.loader import load_served_model
     from tuneserve.server.app import create_app
 
@@ -97,7 +103,7 @@ def demo_server_factory(demo_paths: Any) -> Iterator[Callable[..., LiveServer]]:
         load_kwargs.setdefault("dtype", "float32")
         load_kwargs.setdefault("device", "cpu")
         served = load_served_model(str(demo_paths.base), dict(demo_paths.adapters), **load_kwargs)
-        engine = PeftBatchEngine(served, max_batch_size=8)
+        engine = create_engine(TEST_ENGINE, served, max_num_seqs=8)
         live = start_live_server(create_app(served, engine, api_key=api_key, ui=ui))
         started.append(live)
         return live

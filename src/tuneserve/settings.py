@@ -35,7 +35,12 @@ class ServeSettings(BaseSettings):
     port: int = Field(7860, ge=0, le=65535)
     api_key: str | None = Field(None, description="Bearer key required by /v1/* and the UI.")
     max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
-    max_batch_size: int = Field(16, ge=1, description="Most sequences decoded together.")
+    engine: Literal["continuous", "simple"] = Field(
+        "continuous", description="continuous batching (fast) or static PEFT batches (reference)."
+    )
+    max_num_seqs: int = Field(32, ge=1, description="Most sequences decoded together.")
+    max_loras: int = Field(8, ge=1, description="Adapters held hot in the engine's LoRA slots.")
+    max_cpu_loras: int | None = Field(None, ge=1, description="Adapters kept in CPU memory.")
     cache_dir: Path = Field(default_factory=default_cache_dir)
     ui: bool = Field(True, description="Mount the Gradio chat UI at /.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

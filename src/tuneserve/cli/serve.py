@@ -62,7 +62,15 @@ def serve(
         str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 and the UI's login.")
     ] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length [default: the model's].")] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="Most sequences decoded together.")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="continuous (default, fast) | simple (static PEFT batches)")
+    ] = None,
+    max_num_seqs: Annotated[
+        int | None,
+        typer.Option("--max-num-seqs", "--max-batch-size", help="Most sequences decoded together [default: 32]."),
+    ] = None,
+    max_loras: Annotated[int | None, typer.Option(help="Adapters hot in LoRA slots [default: 8].")] = None,
+    max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters kept in CPU memory.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Where the demo model is built.")] = None,
     ui: Annotated[bool | None, typer.Option("--ui/--no-ui", help="Mount the chat UI at /.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
@@ -78,7 +86,10 @@ def serve(
         "port": port,
         "api_key": api_key,
         "max_model_len": max_model_len,
-        "max_batch_size": max_batch_size,
+        "engine": engine,
+        "max_num_seqs": max_num_seqs,
+        "max_loras": max_loras,
+        "max_cpu_loras": max_cpu_loras,
         "cache_dir": cache_dir,
         "ui": ui,
         "log_level": log_level,
@@ -124,7 +135,7 @@ def resolve_sources(settings: ServeSettings) -> tuple[str, dict[str, Path]]:
 def run_server(settings: ServeSettings) -> None:
     import uvicorn
 
-    from tuneserve.engine.simple import PeftBatchEngine
+    from tuneserve.engine.factory import create_engine
     from tuneserve.models.loader import load_served_model
     from tuneserve.server.app import create_app
 
@@ -140,7 +151,13 @@ def run_server(settings: ServeSettings) -> None:
         )
     for name, why in served.adapter_errors.items():
         stderr.print(f"[yellow]adapter {name!r} is not served:[/] {why}", highlight=False)
-    engine = PeftBatchEngine(served, max_batch_size=settings.max_batch_size)
+    engine = create_engine(
+        settings.engine,
+        served,
+        max_num_seqs=settings.max_num_seqs,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+    )
     app = create_app(served, engine, api_key=settings.api_key, ui=settings.ui)
 
     config = uvicorn.Config(
