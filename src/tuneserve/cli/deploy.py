@@ -1,0 +1,312 @@
+"""`tuneserve init | provision | deploy | endpoint | status | logs | stop`: the remote workflow.
+
+Results go to stdout (the endpoint is always the last line where one is printed); progress and
+hints go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from tuneserve.errors import TuneserveError
+
+F = TypeVar("F", bound=Callable[..., Any])
+stdout = Console(highlight=False, soft_wrap=True, markup=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+Workspace = Annotated[
+    Path,
+    typer.Option(
+        "--workspace",
+        "-w",
+        envvar="TUNESERVE_WORKSPACE",
+        help="The AI Toolkit workspace (holds infra/, model-cache/, models/).",
+    ),
+]
+ProviderOpt = Literal["local", "azure"]
+
+
+def _errors(fn: F) -> F:
+    """Our errors -> one message on stderr, exit 1 (TUNESERVE_DEBUG=1 shows the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TuneserveError as exc:
+            if os.environ.get("TUNESERVE_DEBUG"):
+                raise
+            stderr.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _examples(*lines: str) -> str:
+    return "\n\nExamples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "init",
+        help="Scaffold infra/ (parameters, template, config) in a workspace."
+        + _examples("tuneserve init", "tuneserve init my-project --demo"),
+    )(init)
+    app.command(
+        "provision",
+        help="Create or update the inference resources; write "
+        "infra/inference.config.json."
+        + _examples(
+            "tuneserve provision --provider local",
+            "tuneserve provision --subscription $SUB --resource-group my-rg",
+        ),
+    )(provision)
+    app.command(
+        "deploy",
+        help="Sync the workspace to the share and roll out a new revision; "
+        "the previous one serves until the new one is ready."
+        + _examples("tuneserve deploy", "tuneserve deploy --timeout 1800"),
+    )(deploy)
+    app.command("endpoint", help="Print the inference endpoint's URL.")(endpoint)
+    app.command("status", help="Provider, revision, replicas, readiness and adapters served.")(
+        status
+    )
+    app.command(
+        "logs",
+        help="Print the replicas' logs."
+        + _examples("tuneserve logs --tail 50", "tuneserve logs --follow"),
+    )(logs)
+    app.command("stop", help="Stop the replicas (local: and the endpoint proxy).")(stop)
+
+
+def _paths(workspace: Path) -> Any:
+    from tuneserve.deploy.infra import InfraPaths
+
+    return InfraPaths(workspace.expanduser().resolve())
+
+
+@_errors
+def init(
+    directory: Annotated[Path, typer.Argument(help="The workspace folder.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo", help="Also lay out the demo model and adapters (AI Toolkit layout)."
+        ),
+    ] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where the demo is built and cached.", envvar="TUNESERVE_CACHE_DIR"),
+    ] = None,
+) -> None:
+    from tuneserve.deploy.scaffold import init_workspace, lay_out_demo
+
+    workspace = directory.expanduser().resolve()
+    actions = init_workspace(workspace, force=force)
+    if demo:
+        from tuneserve.settings import default_cache_dir
+
+        with stderr.status("Preparing the demo model (about 40 s the first time)..."):
+            actions += lay_out_demo(workspace, cache_dir or default_cache_dir(), force=force)
+    for action in actions:
+        stdout.print(f"{action.what:>10}  {_rel(action.path, workspace)}")
+    stderr.print(
+        "Next: fill in infra/provision/inference.parameters.json (see README.md), then "
+        "'tuneserve provision' (add '--provider local' to try it on this machine)."
+    )
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _ask() -> Callable[[str, str | None], str] | None:
+    if not sys.stdin.isatty():
+        return None
+
+    def ask(question: str, default: str | None) -> str:
+        return str(typer.prompt(question, default=default))
+
+    return ask
+
+
+@_errors
+def provision(
+    workspace: Workspace = Path("."),
+    provider: Annotated[
+        ProviderOpt | None,
+        typer.Option(
+            help="local: processes on this machine; azure: Azure Container Apps "
+            "(default: the config's PROVIDER, else azure)."
+        ),
+    ] = None,
+    subscription: Annotated[
+        str | None, typer.Option(help="Azure subscription id (default: the fine-tuning step's).")
+    ] = None,
+    resource_group: Annotated[
+        str | None, typer.Option(help="Resource group (default: the fine-tuning step's).")
+    ] = None,
+    location: Annotated[
+        str | None, typer.Option(help="Azure region for a resource group that does not exist yet.")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="local: the endpoint's loopback port (default: the first free from 7861)."
+        ),
+    ] = None,
+    share_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="local: the folder standing in for the "
+            "storage account (default: .tuneserve/storage)."
+        ),
+    ] = None,
+) -> None:
+    from tuneserve.deploy.infra import load_config
+    from tuneserve.deploy.workflow import provision as run_provision
+
+    paths = _paths(workspace)
+    if provider is None:
+        provider = "azure"
+        if paths.config.exists():
+            config = load_config(paths.config, shown=paths.rel(paths.config))
+            provider = config.PROVIDER or "azure"
+    config = run_provision(
+        paths,
+        provider=provider,
+        subscription=subscription,
+        resource_group=resource_group,
+        location=location,
+        port=port,
+        share_dir=share_dir,
+        ask=_ask(),
+        console=stderr,
+    )
+    stderr.print(f"Wrote {paths.rel(paths.config)} ({provider}). Next: 'tuneserve deploy'.")
+    stdout.print(config.to_json().rstrip())
+
+
+@_errors
+def deploy(
+    workspace: Workspace = Path("."),
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds to wait for the new revision "
+            "to be ready (default: local 300, azure 1800)."
+        ),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="local: replicas to start (at most maximumInstanceCount) (default: 1)."
+        ),
+    ] = None,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Also delete share files that "
+            "deploy did not upload (e.g. the fine-tuning step's outputs).",
+        ),
+    ] = False,
+) -> None:
+    from tuneserve.deploy.workflow import provider_for
+
+    result = provider_for(_paths(workspace), stderr).deploy(
+        timeout=timeout, replicas=replicas, prune=prune
+    )
+    stderr.print(
+        f"[green]Deployed[/] revision {result.revision} ({result.replicas} replica(s) ready; "
+        f"sync: {result.sync_summary})."
+    )
+    stdout.print(result.endpoint)
+
+
+@_errors
+def endpoint(workspace: Workspace = Path(".")) -> None:
+    from tuneserve.deploy.infra import load_complete_config
+
+    paths = _paths(workspace)
+    config = load_complete_config(paths.config, shown=paths.rel(paths.config))
+    stdout.print(config.endpoint_url)
+
+
+@_errors
+def status(
+    workspace: Workspace = Path("."),
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="TUNESERVE_API_KEY", help="The server's API key, to list its models."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    from tuneserve.deploy.workflow import provider_for
+
+    report = provider_for(_paths(workspace), stderr).status(api_key=api_key)
+    if as_json:
+        stdout.print_json(json.dumps(report.as_dict()))
+        return
+    rows = [
+        ("provider", report.provider),
+        ("app", report.app),
+        ("revision", report.revision or "(none)"),
+        ("ready", "yes" if report.ready else "no"),
+        ("replicas", str(len(report.replicas))),
+        ("adapters", ", ".join(report.adapters) if report.adapters is not None else "(unknown)"),
+    ]
+    for key, value in rows:
+        stdout.print(f"{key:>9}: {value}")
+    for replica in report.replicas:
+        flags = ", ".join(f"{k}={v}" for k, v in replica.items() if k not in ("name", "log"))
+        stdout.print(f"           {replica.get('name')}  {flags}")
+    for note in report.notes:
+        stderr.print(f"note: {note}")
+    stdout.print(f"{'endpoint':>9}: {report.endpoint}")
+
+
+@_errors
+def logs(
+    workspace: Workspace = Path("."),
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    tail: Annotated[int, typer.Option(min=0, help="Lines to show first.")] = 100,
+    revision: Annotated[
+        str | None,
+        typer.Option(help="A revision other than the serving one (e.g. a failed deploy's)."),
+    ] = None,
+) -> None:
+    from tuneserve.deploy.workflow import provider_for
+
+    provider = provider_for(_paths(workspace), stderr)
+    kwargs: dict[str, Any] = {"tail": tail, "follow": follow}
+    if revision is not None:
+        kwargs["revision"] = revision
+    try:
+        for line in provider.logs(**kwargs):
+            typer.echo(line)
+    except KeyboardInterrupt:
+        pass
+
+
+@_errors
+def stop(workspace: Workspace = Path(".")) -> None:
+    from tuneserve.deploy.workflow import provider_for
+
+    stdout.print(provider_for(_paths(workspace), stderr).stop())

@@ -1,0 +1,417 @@
+"""The infra/ files of an AI Toolkit workspace, as pydantic models, with errors that point at the
+file, line and field.
+
+    infra/provision/inference.parameters.json   ARM deployment parameters (the template's nine)
+    infra/provision/inference.bicep             the template (and inference.json, its ARM twin)
+    infra/inference.config.json                 six keys written by provision, read by deploy
+    infra/finetuning.config.json                from the fine-tuning step; read for defaults
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneserve.deploy import naming
+from tuneserve.errors import InfraFileError, NotProvisionedError
+
+PARAMETERS_SCHEMA = (
+    "https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#"
+)
+PARAMETER_NAMES: tuple[str, ...] = (
+    "defaultCommands",
+    "maximumInstanceCount",
+    "location",
+    "storageAccountName",
+    "fileShareName",
+    "acaEnvironmentName",
+    "acaEnvironmentStorageName",
+    "acaAppName",
+    "acaLogAnalyticsName",
+)
+NAME_PARAMETERS: tuple[str, ...] = PARAMETER_NAMES[3:]
+CONFIG_KEYS: tuple[str, ...] = (
+    "SUBSCRIPTION_ID",
+    "RESOURCE_GROUP_NAME",
+    "STORAGE_ACCOUNT_NAME",
+    "FILE_SHARE_NAME",
+    "ACA_APP_NAME",
+    "ACA_APP_ENDPOINT",
+)
+TARGET_PORT = 7860  # the container's ingress target port (the template's)
+MOUNT = "/mount"  # where the share is mounted in the container
+BUILD_DIR = ".tuneserve-build"  # the tuneserve source tree deploy writes to the share
+
+# What the container runs (joined with "; ", run by /bin/bash -c). The build is installed unless
+# the image already has a `tuneserve` (the local provider puts the running one on PATH).
+DEFAULT_COMMANDS: list[str] = [
+    f"cd {MOUNT}",
+    'export TUNESERVE_REVISION="${TUNESERVE_REVISION:-$CONTAINER_APP_REVISION}"',
+    "command -v tuneserve >/dev/null || "
+    f"pip install --no-cache-dir --quiet --root-user-action=ignore {MOUNT}/{BUILD_DIR}",
+    f"exec tuneserve serve --workspace {MOUNT} --host 0.0.0.0 --port {TARGET_PORT}",
+]
+DEFAULT_MAXIMUM_INSTANCE_COUNT = 1
+
+Provider = Literal["local", "azure"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class InfraPaths:
+    """Where a workspace keeps its infra files and local state."""
+
+    workspace: Path
+
+    @property
+    def infra(self) -> Path:
+        return self.workspace / "infra"
+
+    @property
+    def provision_dir(self) -> Path:
+        return self.infra / "provision"
+
+    @property
+    def parameters(self) -> Path:
+        return self.provision_dir / "inference.parameters.json"
+
+    @property
+    def bicep(self) -> Path:
+        return self.provision_dir / "inference.bicep"
+
+    @property
+    def arm_template(self) -> Path:
+        return self.provision_dir / "inference.json"
+
+    @property
+    def config(self) -> Path:
+        return self.infra / "inference.config.json"
+
+    @property
+    def finetuning_config(self) -> Path:
+        return self.infra / "finetuning.config.json"
+
+    @property
+    def state(self) -> Path:
+        """Local state: the local provider's share, replicas, logs; the sync hash cache."""
+        return self.workspace / ".tuneserve"
+
+    def rel(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.workspace))
+        except ValueError:
+            return str(path)
+
+
+# --- inference.parameters.json ---------------------------------------------------------------
+
+
+class Param(BaseModel, Generic[T]):
+    """One ARM parameter entry: {"value": ...} (Key Vault references are not supported)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    value: T
+
+
+class ParameterValues(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    defaultCommands: Param[list[str]] = Field(
+        default_factory=lambda: Param[list[str]](value=list(DEFAULT_COMMANDS))
+    )
+    maximumInstanceCount: Param[int] = Field(
+        default_factory=lambda: Param[int](value=DEFAULT_MAXIMUM_INSTANCE_COUNT)
+    )
+    location: Param[str | None] = Field(default_factory=lambda: Param[str | None](value=None))
+    storageAccountName: Param[str | None] = Field(
+        default_factory=lambda: Param[str | None](value=None)
+    )
+    fileShareName: Param[str | None] = Field(default_factory=lambda: Param[str | None](value=None))
+    acaEnvironmentName: Param[str | None] = Field(
+        default_factory=lambda: Param[str | None](value=None)
+    )
+    acaEnvironmentStorageName: Param[str | None] = Field(
+        default_factory=lambda: Param[str | None](value=None)
+    )
+    acaAppName: Param[str | None] = Field(default_factory=lambda: Param[str | None](value=None))
+    acaLogAnalyticsName: Param[str | None] = Field(
+        default_factory=lambda: Param[str | None](value=None)
+    )
+
+    @field_validator("defaultCommands")
+    @classmethod
+    def _commands(cls, p: Param[list[str]]) -> Param[list[str]]:
+        if not p.value or not any(c.strip() for c in p.value):
+            raise ValueError("must list at least one command (they start the web API)")
+        return p
+
+    @field_validator("maximumInstanceCount")
+    @classmethod
+    def _count(cls, p: Param[int]) -> Param[int]:
+        if p.value < 1:
+            raise ValueError(f"must be at least 1 (got {p.value})")
+        return p
+
+    @field_validator("location")
+    @classmethod
+    def _location(cls, p: Param[str | None]) -> Param[str | None]:
+        if p.value is not None and not p.value.strip():
+            raise ValueError("must be a region such as 'westus3', or null for the group's")
+        return p
+
+    @field_validator(*NAME_PARAMETERS)
+    @classmethod
+    def _names(cls, p: Param[str | None], info: Any) -> Param[str | None]:
+        if p.value is not None:
+            problem = naming.RULES_BY_PARAMETER[info.field_name].check(p.value)
+            if problem:
+                raise ValueError(problem)
+        return p
+
+
+class InferenceParameters(BaseModel):
+    """infra/provision/inference.parameters.json."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    schema_: str = Field(PARAMETERS_SCHEMA, alias="$schema")
+    contentVersion: str = "1.0.0.0"
+    parameters: ParameterValues
+
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self.parameters, name).value for name in PARAMETER_NAMES}
+
+    def names(self) -> dict[str, str | None]:
+        return {name: getattr(self.parameters, name).value for name in NAME_PARAMETERS}
+
+    @classmethod
+    def default(cls) -> InferenceParameters:
+        return cls.model_validate({"parameters": {}})
+
+    def to_json(self) -> str:
+        data = {
+            "$schema": self.schema_,
+            "contentVersion": self.contentVersion,
+            "parameters": {name: {"value": value} for name, value in self.values().items()},
+        }
+        return json.dumps(data, indent=2) + "\n"
+
+
+# --- inference.config.json -------------------------------------------------------------------
+
+
+class InferenceConfig(BaseModel):
+    """infra/inference.config.json: the six keys (null until provisioned), plus our PROVIDER."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    SUBSCRIPTION_ID: str | None
+    RESOURCE_GROUP_NAME: str | None
+    STORAGE_ACCOUNT_NAME: str | None
+    FILE_SHARE_NAME: str | None
+    ACA_APP_NAME: str | None
+    ACA_APP_ENDPOINT: str | None
+    PROVIDER: Provider | None = Field(
+        None, description="tuneserve's addition: 'local' or 'azure' (absent means azure)."
+    )
+
+    @model_validator(mode="after")
+    def _check_values(self) -> InferenceConfig:
+        problems = []
+        rules = {"ACA_APP_NAME": naming.CONTAINER_APP, "FILE_SHARE_NAME": naming.FILE_SHARE}
+        if self.provider == "azure":
+            rules["STORAGE_ACCOUNT_NAME"] = naming.STORAGE_ACCOUNT
+        for key in CONFIG_KEYS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not value.strip():
+                problems.append(f"{key} is empty; give a value or null")
+            elif value.lstrip().startswith("<") and value.rstrip().endswith(">"):
+                problems.append(f"{key} is still the placeholder {value!r}; fill it in")
+            elif key in rules and (problem := rules[key].check(value)):
+                problems.append(f"{key}: {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def provider(self) -> Provider:
+        return self.PROVIDER or "azure"
+
+    @classmethod
+    def empty(cls) -> InferenceConfig:
+        return cls(**{key: None for key in CONFIG_KEYS})
+
+    def missing(self) -> list[str]:
+        return [key for key in CONFIG_KEYS if getattr(self, key) is None]
+
+    @property
+    def endpoint_url(self) -> str:
+        """ACA_APP_ENDPOINT as a URL (the template's output is a bare FQDN: https is implied)."""
+        value = (self.ACA_APP_ENDPOINT or "").strip().rstrip("/")
+        return value if "://" in value else f"https://{value}"
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {key: getattr(self, key) for key in CONFIG_KEYS}
+        if self.PROVIDER is not None:
+            data["PROVIDER"] = self.PROVIDER
+        return json.dumps(data, indent=2) + "\n"
+
+
+class FinetuningConfig(BaseModel):
+    """infra/finetuning.config.json from the fine-tuning step (another tool's file: lenient)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    SUBSCRIPTION_ID: str | None = None
+    RESOURCE_GROUP_NAME: str | None = None
+    STORAGE_ACCOUNT_NAME: str | None = None
+    FILE_SHARE_NAME: str | None = None
+    ACA_JOB_NAME: str | None = None
+    COMMANDS: list[str] | None = None
+
+
+# --- reading and writing ---------------------------------------------------------------------
+
+
+def read_json(path: Path, *, shown: str | None = None) -> dict[str, Any]:
+    """Parse a JSON object, or raise InfraFileError naming the file, line and column."""
+    return _read_json(path, shown=shown)[0]
+
+
+def _read_json(path: Path, *, shown: str | None = None) -> tuple[dict[str, Any], str]:
+    where = shown or str(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InfraFileError(where, "file not found") from None
+    except OSError as exc:
+        raise InfraFileError(where, f"cannot read: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InfraFileError(
+            where, f"line {exc.lineno}, column {exc.colno}: malformed JSON: {exc.msg}"
+        ) from None
+    if not isinstance(data, dict):
+        raise InfraFileError(where, f"expected a JSON object at the top, found {_kind(data)}")
+    return data, text
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
+
+
+def _line_of(text: str, loc: list[str]) -> str:
+    """'line N: ' of the deepest key of `loc` found in the file's text, else ''."""
+    pos = 0
+    found = None
+    for key in loc:
+        if key == "value":
+            continue
+        at = text.find(json.dumps(key), pos)
+        if at < 0:
+            break
+        pos = found = at
+    return "" if found is None else f"line {text.count(chr(10), 0, found) + 1}: "
+
+
+def _format_errors(
+    exc: ValidationError, *, known: tuple[str, ...], what: str, text: str = ""
+) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        # pydantic reports a failed field validator on Param as the field; drop generic noise
+        loc = [p for p in loc if not p.startswith("function-")]
+        field = _line_of(text, loc) + (".".join(loc) or "(top level)")
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            name = loc[-1] if loc else "?"
+            if len(loc) >= 2 and loc[0] == "parameters" and len(loc) == 2:
+                msg = f"unknown parameter {name!r}; the template's parameters are: " + ", ".join(
+                    known
+                )
+            elif len(loc) == 1 and what == "config":
+                msg = f"unknown key {name!r}; the keys are: " + ", ".join(known) + " (+ PROVIDER)"
+            else:
+                msg = f"unknown key {name!r}"
+            lines.append(f"{_line_of(text, loc)}{'.'.join(loc[:-1]) or '(top level)'}: {msg}")
+            continue
+        if kind == "missing":
+            lines.append(f"{field}: missing key")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        if kind.endswith("_type") or kind in {"literal_error"}:
+            msg += f" (got {_kind(err.get('input'))}: {json.dumps(err.get('input'))[:60]})"
+        lines.append(msg if not loc else f"{field}: {msg}")
+    return "; ".join(dict.fromkeys(lines))
+
+
+def load_parameters(path: Path, *, shown: str | None = None) -> InferenceParameters:
+    data, text = _read_json(path, shown=shown)
+    if "parameters" not in data:
+        raise InfraFileError(shown or path, "missing key 'parameters' (the ARM parameters object)")
+    try:
+        return InferenceParameters.model_validate(data)
+    except ValidationError as exc:
+        raise InfraFileError(
+            shown or path, _format_errors(exc, known=PARAMETER_NAMES, what="parameters", text=text)
+        ) from None
+
+
+def load_config(path: Path, *, shown: str | None = None) -> InferenceConfig:
+    if not path.exists():
+        raise NotProvisionedError(
+            f"{shown or path} not found. Run 'tuneserve provision' first, or 'tuneserve init' "
+            "and fill it in by hand for resources you created yourself."
+        )
+    data, text = _read_json(path, shown=shown)
+    try:
+        return InferenceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InfraFileError(
+            shown or path, _format_errors(exc, known=CONFIG_KEYS, what="config", text=text)
+        ) from None
+
+
+def load_complete_config(path: Path, *, shown: str | None = None) -> InferenceConfig:
+    """The config with all six keys set, else NotProvisionedError naming the null ones."""
+    config = load_config(path, shown=shown)
+    if missing := config.missing():
+        raise NotProvisionedError(
+            f"{shown or path}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} null. "
+            "Run 'tuneserve provision', or fill in the values of resources you created yourself."
+        )
+    return config
+
+
+def load_finetuning_config(path: Path) -> FinetuningConfig | None:
+    if not path.exists():
+        return None
+    data = read_json(path)
+    try:
+        return FinetuningConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InfraFileError(path, _format_errors(exc, known=(), what="finetuning")) from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

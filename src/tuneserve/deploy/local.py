@@ -1,0 +1,673 @@
+"""The local provider: the whole provision/deploy workflow on this machine, on loopback only.
+
+Stand-ins for the Azure resources, all under the workspace's `.tuneserve/`:
+
+    storage/<fileShareName>/        the "file share" (STORAGE_ACCOUNT_NAME = "storage" folder)
+    apps/<acaAppName>/app.json      the "container app": defaultCommands, max replicas, port
+    apps/<acaAppName>/state.json    the revision serving, its replicas (pid, port), the proxy
+    apps/<acaAppName>/routes.json   what the proxy on the endpoint port forwards to
+    apps/<acaAppName>/revisions/<revision>/mount/       that revision's /mount (hard links)
+    apps/<acaAppName>/revisions/<revision>/replica-N.log
+
+A replica is `/bin/bash -c "<defaultCommands joined by '; '>"`, started detached
+(start_new_session=True, so it outlives the CLI), with "/mount" in the commands replaced by the
+revision's mount folder, `--port 7860` by the replica's loopback port and `--host 0.0.0.0` by
+127.0.0.1, and the container's variables set (TUNESERVE_MOUNT, TUNESERVE_REVISION, PORT,
+CONTAINER_APP_NAME, CONTAINER_APP_REVISION, CONTAINER_APP_REPLICA_NAME). The directory of the
+running Python comes first on PATH, so `tuneserve` is the one that runs this CLI.
+
+Atomic deploy: sync the workspace to the share; snapshot the share into a new revision folder
+(hard links: later syncs replace files by rename, so a snapshot never changes); start the new
+revision's replicas on fresh ports; wait until every one answers /ready 200; only then replace
+routes.json (the proxy on the stable endpoint port sends new connections to the new replicas),
+confirm through the endpoint that /health reports the new revision, and stop the old replicas
+(SIGTERM to their process group, SIGKILL after a grace period). If the new replicas exit or time
+out, they are stopped and the old revision goes on serving, untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from rich.console import Console
+
+from tuneserve.deploy.base import (
+    DeployResult,
+    ProvisionRequest,
+    StatusReport,
+    deploy_sources,
+    stderr_console,
+)
+from tuneserve.deploy.http import free_port, get_json, http_get, is_ready, port_open
+from tuneserve.deploy.infra import (
+    BUILD_DIR,
+    DEFAULT_COMMANDS,
+    DEFAULT_MAXIMUM_INSTANCE_COUNT,
+    MOUNT,
+    TARGET_PORT,
+    InferenceConfig,
+    InfraPaths,
+    load_parameters,
+    write_text_atomic,
+)
+from tuneserve.deploy.sync import MANIFEST, HashCache, LocalDirTarget, sync
+from tuneserve.errors import DeployFailedError, NotProvisionedError, ProviderError
+
+DEFAULT_TIMEOUT_S = 300.0
+STOP_GRACE_S = 15.0
+KEEP_REVISIONS = 3
+LOCAL_STORAGE = ".tuneserve/storage"
+
+
+@dataclass
+class AppSpec:
+    """app.json: the local "container app" (what provision sets, like the ARM resource)."""
+
+    name: str
+    commands: list[str]
+    max_replicas: int
+    port: int
+
+
+@dataclass
+class Replica:
+    name: str
+    pid: int
+    port: int
+    log: str
+
+
+@dataclass
+class AppState:
+    seq: int = 0
+    revision: str | None = None
+    replicas: list[Replica] = field(default_factory=list)
+    pending: list[Replica] = field(default_factory=list)  # a deploy's replicas, not yet serving
+    proxy_pid: int | None = None
+    last_failed: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AppState:
+        return cls(
+            seq=int(data.get("seq", 0)),
+            revision=data.get("revision"),
+            replicas=[Replica(**r) for r in data.get("replicas", [])],
+            pending=[Replica(**r) for r in data.get("pending", [])],
+            proxy_pid=data.get("proxy_pid"),
+            last_failed=data.get("last_failed"),
+        )
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists (reaping it first when it is our exited child)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    except OSError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    pid_alive(pgid)  # reap the leader if it is our child
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def terminate_group(pid: int, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM the process group we started (pid = its session leader), SIGKILL after `grace`."""
+    if not _group_alive(pid):
+        return
+    try:
+        if os.getsid(pid) != pid:  # not a session leader: not one of ours (pid reused)
+            return
+    except ProcessLookupError:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _group_alive(pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _group_alive(pid):
+        time.sleep(0.05)
+
+
+def tail_lines(path: Path, n: int, *, end: int | None = None) -> list[str]:
+    """The last `n` lines of a text file (of its first `end` bytes when given)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell() if end is None else end
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read(size - fh.tell()).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    return data.splitlines()[-n:] if n > 0 else []
+
+
+_PORT_FLAG = re.compile(rf"(--port(?:=|\s+))({TARGET_PORT})\b")
+_HOST_FLAG = re.compile(r"(--host(?:=|\s+))(0\.0\.0\.0|::)(?=\s|;|$)")
+_MOUNT_PATH = re.compile(rf"(?<![\w./-]){re.escape(MOUNT)}(?=$|[/\s;:'\"&|)])")
+
+
+def localize_commands(commands: list[str], mount: Path, port: int) -> str:
+    """The container's `/bin/bash -c` script, for a replica on this machine."""
+    script = "; ".join(commands)
+    where = str(mount) if re.fullmatch(r"[\w./-]+", str(mount)) else shlex.quote(str(mount))
+    script = _MOUNT_PATH.sub(lambda _m: where, script)
+    script = _PORT_FLAG.sub(lambda m: f"{m.group(1)}{port}", script)
+    return _HOST_FLAG.sub(lambda m: f"{m.group(1)}127.0.0.1", script)
+
+
+def snapshot(share: Path, dest: Path) -> None:
+    """Copy the share's tree to `dest` as hard links (a copy where links are refused)."""
+    for root, _dirs, files in os.walk(share):
+        rel_root = Path(root).relative_to(share)
+        if rel_root.parts[:1] == (".tuneserve",):
+            continue
+        (dest / rel_root).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            src, dst = Path(root) / name, dest / rel_root / name
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+# --- the provider ----------------------------------------------------------------------------
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(
+        self, paths: InfraPaths, config: InferenceConfig | None, console: Console | None = None
+    ) -> None:
+        self.paths = paths
+        self.config = config
+        self.console = console or stderr_console()
+
+    # -- layout --
+
+    def _require_config(self) -> InferenceConfig:
+        if self.config is None:
+            raise NotProvisionedError("run 'tuneserve provision --provider local' first")
+        return self.config
+
+    @property
+    def app_name(self) -> str:
+        return str(self._require_config().ACA_APP_NAME)
+
+    @property
+    def app_dir(self) -> Path:
+        return self.paths.state / "apps" / self.app_name
+
+    @property
+    def share_dir(self) -> Path:
+        config = self._require_config()
+        root = Path(str(config.STORAGE_ACCOUNT_NAME)).expanduser()
+        if not root.is_absolute():
+            root = self.paths.workspace / root
+        return root / str(config.FILE_SHARE_NAME)
+
+    @property
+    def endpoint(self) -> str:
+        return self._require_config().endpoint_url
+
+    @property
+    def port(self) -> int:
+        url = urlparse(self.endpoint)
+        if url.scheme != "http" or url.hostname not in ("127.0.0.1", "localhost") or not url.port:
+            raise ProviderError(
+                f"{self.paths.rel(self.paths.config)}: ACA_APP_ENDPOINT {self.endpoint!r} is not "
+                "a loopback URL like http://127.0.0.1:7861, which the local provider needs"
+            )
+        return url.port
+
+    def _spec_path(self) -> Path:
+        return self.app_dir / "app.json"
+
+    def _state_path(self) -> Path:
+        return self.app_dir / "state.json"
+
+    def _routes_path(self) -> Path:
+        return self.app_dir / "routes.json"
+
+    def load_spec(self) -> AppSpec:
+        path = self._spec_path()
+        if path.exists():
+            return AppSpec(**json.loads(path.read_text(encoding="utf-8")))
+        # a hand-filled config: the parameters file (or the defaults) tells what to run
+        commands, max_replicas = list(DEFAULT_COMMANDS), DEFAULT_MAXIMUM_INSTANCE_COUNT
+        if self.paths.parameters.exists():
+            params = load_parameters(
+                self.paths.parameters, shown=self.paths.rel(self.paths.parameters)
+            )
+            commands = params.parameters.defaultCommands.value
+            max_replicas = params.parameters.maximumInstanceCount.value
+        return AppSpec(self.app_name, commands, max_replicas, self.port)
+
+    def load_state(self) -> AppState:
+        path = self._state_path()
+        if not path.exists():
+            return AppState()
+        return AppState.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+    def _save_state(self, state: AppState) -> None:
+        write_text_atomic(self._state_path(), json.dumps(asdict(state), indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.app_dir.mkdir(parents=True, exist_ok=True)
+        with (self.app_dir / "lock").open("w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ProviderError(
+                    f"another tuneserve deploy/stop of {self.app_name!r} is running"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- provision --
+
+    def provision(self, request: ProvisionRequest) -> InferenceConfig:
+        names = request.resolved_names()
+        share_root = request.share_root or Path(LOCAL_STORAGE)
+        port = request.port or _default_port()
+        params = request.parameters.parameters
+        self.config = InferenceConfig(
+            SUBSCRIPTION_ID=request.subscription_id,
+            RESOURCE_GROUP_NAME=request.resource_group,
+            STORAGE_ACCOUNT_NAME=str(share_root),
+            FILE_SHARE_NAME=names["fileShareName"],
+            ACA_APP_NAME=names["acaAppName"],
+            ACA_APP_ENDPOINT=f"http://127.0.0.1:{port}",
+            PROVIDER="local",
+        )
+        self.share_dir.mkdir(parents=True, exist_ok=True)
+        spec = AppSpec(
+            name=self.app_name,
+            commands=list(params.defaultCommands.value),
+            max_replicas=params.maximumInstanceCount.value,
+            port=port,
+        )
+        write_text_atomic(self._spec_path(), json.dumps(asdict(spec), indent=2) + "\n")
+        return self.config
+
+    # -- deploy --
+
+    def deploy(
+        self,
+        *,
+        timeout: float | None = None,
+        replicas: int | None = None,
+        prune: bool = False,
+        grace: float = STOP_GRACE_S,
+    ) -> DeployResult:
+        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        with self._lock():
+            spec = self.load_spec()
+            count = replicas or 1
+            if count > spec.max_replicas:
+                raise ProviderError(
+                    f"--replicas {count} is more than maximumInstanceCount ({spec.max_replicas}); "
+                    f"raise it in {self.paths.rel(self.paths.parameters)} and provision again"
+                )
+            state = self.load_state()
+            self._stop_pending(state)
+
+            # 1. sync the workspace to the share
+            self.console.print(f"Syncing {self.paths.workspace} to the share {self.share_dir}")
+            result = sync(
+                deploy_sources(self.paths),
+                LocalDirTarget(self.share_dir),
+                hash_cache=HashCache(self.paths.state / "hashes.json"),
+                prune=prune,
+                keep=[BUILD_DIR],
+                console=self.console,
+            )
+            self.console.print(f"  {result.summary()}")
+
+            # 2. a new revision: its own snapshot of the share, its own replicas
+            state.seq += 1
+            revision = f"{self.app_name}--r{state.seq}"
+            rev_dir = self.app_dir / "revisions" / revision
+            if rev_dir.exists():
+                shutil.rmtree(rev_dir)
+            mount = rev_dir / "mount"
+            snapshot(self.share_dir, mount)
+            self._ensure_proxy(state, spec.port)
+            procs: list[subprocess.Popen[bytes]] = []
+            for i in range(count):
+                replica, proc = self._start_replica(spec, revision, i, mount, rev_dir)
+                state.pending.append(replica)
+                procs.append(proc)
+            self._save_state(state)
+
+            # 3. wait until every new replica is ready; on failure the old revision serves on
+            try:
+                self._wait_ready(revision, state.pending, procs, timeout)
+            except (DeployFailedError, KeyboardInterrupt):
+                for replica in state.pending:
+                    terminate_group(replica.pid, grace=2)
+                state.pending = []
+                state.last_failed = revision
+                self._save_state(state)
+                raise
+
+            # 4. switch the endpoint, then retire the old revision
+            new, old = state.pending, state.replicas
+            write_text_atomic(
+                self._routes_path(),
+                json.dumps({"revision": revision, "ports": [r.port for r in new]}) + "\n",
+            )
+            state.revision, state.replicas, state.pending = revision, new, []
+            self._save_state(state)
+            self._confirm_switch(revision)
+            for replica in old:
+                terminate_group(replica.pid, grace=grace)
+            self._prune_revisions(keep={revision, state.last_failed})
+            return DeployResult(revision, self.endpoint, result.summary(), replicas=len(new))
+
+    def _start_replica(
+        self, spec: AppSpec, revision: str, index: int, mount: Path, rev_dir: Path
+    ) -> tuple[Replica, subprocess.Popen[bytes]]:
+        port = free_port()
+        name = f"{revision}-{index}"
+        log_path = rev_dir / f"replica-{index}.log"
+        bin_dir = str(Path(sys.executable).parent)
+        env = dict(os.environ)
+        env.update(
+            PATH=bin_dir + os.pathsep + env.get("PATH", ""),
+            TUNESERVE_MOUNT=str(mount),
+            TUNESERVE_REVISION=revision,
+            TUNESERVE_PORT=str(port),
+            PORT=str(port),
+            CONTAINER_APP_NAME=spec.name,
+            CONTAINER_APP_REVISION=revision,
+            CONTAINER_APP_REPLICA_NAME=name,
+            GRADIO_ANALYTICS_ENABLED="False",
+            PYTHONUNBUFFERED="1",
+        )
+        script = localize_commands(spec.commands, mount, port)
+        with log_path.open("ab") as log_file:
+            log_file.write(f"tuneserve: {name}: /bin/bash -c {shlex.quote(script)}\n".encode())
+            log_file.flush()
+            proc = subprocess.Popen(
+                ["/bin/bash", "-c", script],
+                cwd=mount,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return Replica(name=name, pid=proc.pid, port=port, log=str(log_path)), proc
+
+    def _wait_ready(
+        self,
+        revision: str,
+        replicas: list[Replica],
+        procs: list[subprocess.Popen[bytes]],
+        timeout: float,
+    ) -> None:
+        start = time.monotonic()
+        waiting = {r.name for r in replicas}
+        with self.console.status(f"Waiting for {revision} to be ready") as status:
+            while waiting:
+                for replica, proc in zip(replicas, procs, strict=True):
+                    if replica.name not in waiting:
+                        continue
+                    code = proc.poll()
+                    if code is not None:
+                        self._fail(
+                            revision, f"replica {replica.name} exited with code {code}", replicas
+                        )
+                    if is_ready(f"http://127.0.0.1:{replica.port}", timeout=2):
+                        waiting.discard(replica.name)
+                elapsed = time.monotonic() - start
+                if waiting and elapsed > timeout:
+                    self._fail(
+                        revision,
+                        f"{', '.join(sorted(waiting))} not ready after {timeout:.0f} s",
+                        replicas,
+                    )
+                status.update(f"Waiting for {revision} to be ready ({elapsed:.0f} s)")
+                if waiting:
+                    time.sleep(0.5)
+
+    def _fail(self, revision: str, why: str, replicas: list[Replica]) -> None:
+        state = self.load_state()
+        previous = state.revision if any(pid_alive(r.pid) for r in state.replicas) else None
+        lines = [f"deploy failed: revision {revision} did not become ready: {why}."]
+        for replica in replicas:
+            tail = tail_lines(Path(replica.log), 15)
+            lines.append(f"Last lines of {replica.log}:")
+            lines += [f"  | {line}" for line in tail] or ["  | (empty)"]
+        if previous:
+            lines.append(f"The previous revision {previous} is still serving at {self.endpoint}.")
+        else:
+            lines.append("No previous revision is serving.")
+        raise DeployFailedError("\n".join(lines), previous_revision=previous)
+
+    def _confirm_switch(self, revision: str) -> None:
+        """Until /health through the endpoint reports the new revision (bounded)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            health = get_json(self.endpoint + "/health", timeout=2)
+            if isinstance(health, dict) and health.get("revision") in (revision, None):
+                return
+            time.sleep(0.1)
+        self.console.print(
+            f"[yellow]warning:[/] {self.endpoint}/health does not report {revision} yet"
+        )
+
+    def _ensure_proxy(self, state: AppState, port: int) -> None:
+        if state.proxy_pid and pid_alive(state.proxy_pid) and port_open(port):
+            return
+        if state.proxy_pid:
+            terminate_group(state.proxy_pid, grace=2)
+        if port_open(port):
+            raise ProviderError(
+                f"the endpoint's port {port} is taken by another program; stop it, or run "
+                "'tuneserve provision --provider local --port N' to pick another port"
+            )
+        log_path = self.app_dir / "proxy.log"
+        with log_path.open("ab") as log_file:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tuneserve.deploy.proxy",
+                    "--port",
+                    str(port),
+                    "--routes",
+                    str(self._routes_path()),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 15
+        while not port_open(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                terminate_group(proc.pid, grace=1)
+                tail = "\n".join(tail_lines(log_path, 10))
+                raise ProviderError(f"the endpoint proxy on port {port} did not start:\n{tail}")
+            time.sleep(0.05)
+        state.proxy_pid = proc.pid
+        self._save_state(state)
+
+    def _stop_pending(self, state: AppState) -> None:
+        for replica in state.pending:
+            terminate_group(replica.pid, grace=2)
+        state.pending = []
+
+    def _prune_revisions(self, keep: set[str | None]) -> None:
+        root = self.app_dir / "revisions"
+        dirs = sorted(
+            (d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True
+        )
+        for old in dirs[KEEP_REVISIONS:]:
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- status, logs, stop --
+
+    def status(self, *, api_key: str | None = None) -> StatusReport:
+        state = self.load_state()
+        replicas = []
+        for r in state.replicas:
+            alive = pid_alive(r.pid)
+            ready = alive and is_ready(f"http://127.0.0.1:{r.port}")
+            replicas.append(
+                {
+                    "name": r.name,
+                    "pid": r.pid,
+                    "port": r.port,
+                    "alive": alive,
+                    "ready": ready,
+                    "log": r.log,
+                }
+            )
+        report = StatusReport(
+            provider="local",
+            app=self.app_name,
+            endpoint=self.endpoint,
+            revision=state.revision,
+            ready=False,
+            replicas=replicas,
+        )
+        proxy_up = bool(state.proxy_pid and pid_alive(state.proxy_pid))
+        if not proxy_up:
+            report.notes.append("the endpoint proxy is not running ('tuneserve deploy' starts it)")
+        if state.last_failed:
+            report.notes.append(
+                f"last failed deploy: {state.last_failed} "
+                f"('tuneserve logs --revision {state.last_failed}')"
+            )
+        if proxy_up:
+            report.ready = is_ready(self.endpoint)
+            _fill_models(report, self.endpoint, api_key)
+        return report
+
+    def log_files(self, revision: str | None = None) -> list[Path]:
+        state = self.load_state()
+        revision = revision or state.revision or state.last_failed
+        if revision is None:
+            return []
+        return sorted((self.app_dir / "revisions" / revision).glob("replica-*.log"))
+
+    def logs(
+        self, *, tail: int = 100, follow: bool = False, revision: str | None = None
+    ) -> Iterator[str]:
+        files = self.log_files(revision)
+        if not files:
+            raise ProviderError(f"no logs yet for {self.app_name!r}: run 'tuneserve deploy'")
+        many = len(files) > 1
+        # remember where each file ends before showing its tail, so nothing written while the
+        # tail is being read is lost when following
+        handles = [(p, p.open("r", encoding="utf-8", errors="replace")) for p in files]
+        try:
+            for path, fh in handles:
+                fh.seek(0, os.SEEK_END)
+                prefix = f"[{path.stem}] " if many else ""
+                for line in tail_lines(path, tail, end=fh.tell()):
+                    yield prefix + line
+            while follow:
+                idle = True
+                for path, fh in handles:
+                    line = fh.readline()
+                    while line:
+                        idle = False
+                        yield (f"[{path.stem}] " if many else "") + line.rstrip("\n")
+                        line = fh.readline()
+                if idle:
+                    time.sleep(0.25)
+        finally:
+            for _, fh in handles:
+                fh.close()
+
+    def stop(self) -> str:
+        with self._lock():
+            state = self.load_state()
+            stopped = 0
+            for replica in [*state.replicas, *state.pending]:
+                if pid_alive(replica.pid):
+                    stopped += 1
+                terminate_group(replica.pid, grace=STOP_GRACE_S)
+            if state.proxy_pid:
+                terminate_group(state.proxy_pid, grace=2)
+            self._routes_path().unlink(missing_ok=True)
+            revision = state.revision
+            state.revision, state.replicas, state.pending, state.proxy_pid = None, [], [], None
+            self._save_state(state)
+        what = f"revision {revision}" if revision else "nothing was serving"
+        return f"Stopped {self.app_name} ({what}; {stopped} replica(s) and the endpoint proxy)."
+
+
+def _fill_models(report: StatusReport, endpoint: str, api_key: str | None) -> None:
+    data = get_json(endpoint + "/v1/models", api_key=api_key)
+    if not isinstance(data, dict):
+        try:
+            code = http_get(endpoint + "/v1/models", api_key=api_key)[0]
+            report.notes.append(
+                f"/v1/models answered {code}" + (" (pass --api-key)" if code == 401 else "")
+            )
+        except OSError:
+            report.notes.append("/v1/models did not answer")
+        return
+    cards = [c for c in data.get("data", []) if isinstance(c, dict)]
+    report.models = [str(c.get("id")) for c in cards]
+    report.adapters = [str(c.get("id")) for c in cards if c.get("parent")]
+
+
+def _default_port() -> int:
+    for port in range(TARGET_PORT + 1, TARGET_PORT + 100):
+        if not port_open(port):
+            return port
+    return free_port()
+
+
+__all__ = ["LocalProvider", "localize_commands", "MANIFEST"]
