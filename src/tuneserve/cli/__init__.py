@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tuneserve.errors import TuneserveError
 
@@ -41,5 +42,5 @@ def main() -> None:
     except TuneserveError as exc:
         if os.environ.get("TUNESERVE_DEBUG"):
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
