@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-# The engine behind the live servers; TUNESERVE_TEST_ENGINE=simple runs the API/UI suite on the other.
+# The engine behind the live servers; TUNESERVE_TEST_ENGINE=simple runs the API/UI suite on
+# the other one.
 TEST_ENGINE = os.environ.get("TUNESERVE_TEST_ENGINE", "continuous")
 
 

@@ -62,7 +62,9 @@ def test_serve_demo_prints_urls_and_serves(demo_paths: Any, demo_cache: Path) ->
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        pytest.param(["--adapter", "x=./nowhere"], "--adapter needs --base", id="adapter-without-base"),
+        pytest.param(
+            ["--adapter", "x=./nowhere"], "--adapter needs --base", id="adapter-without-base"
+        ),
         pytest.param(["--adapter", "nopath"], "NAME=PATH", id="adapter-not-name-equals-path"),
         pytest.param(["--dtype", "float64"], "--dtype", id="bad-dtype"),
         pytest.param(["--base", "/does/not/exist"], "/does/not/exist", id="missing-base"),

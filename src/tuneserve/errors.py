@@ -2,7 +2,7 @@
 
 TuneserveError
  ├── ModelLoadError        the base model (path or hub id) cannot be found or loaded
- ├── AdapterError          one adapter is unusable: wrong base, missing/corrupt file, unsupported PEFT type
+ ├── AdapterError          one adapter is unusable: wrong base, bad file, unsupported PEFT type
  ├── WorkspaceError        a --workspace folder does not have the AI Toolkit layout
  ├── UnknownAdapterError   a request names an adapter the engine does not serve
  └── EngineError           generation failed inside the engine (e.g. the model forward raised)

@@ -1,4 +1,4 @@
-"""One settings object for `tuneserve serve`: CLI flags override TUNESERVE_* environment variables."""
+"""One settings object for `tuneserve serve`: flags override TUNESERVE_* environment variables."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ class ServeSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=0, le=65535)
     api_key: str | None = Field(None, description="Bearer key required by /v1/* and the UI.")
-    max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length (default: the model's)."
+    )
     engine: Literal["continuous", "simple"] = Field(
         "continuous", description="continuous batching (fast) or static PEFT batches (reference)."
     )
@@ -51,7 +53,9 @@ class ServeSettings(BaseSettings):
         for item in value:
             name, sep, path = item.partition("=")
             if not sep or not name.strip() or not path.strip():
-                raise ValueError(f"adapter {item!r} must be NAME=PATH, e.g. pirate=./adapters/pirate")
+                raise ValueError(
+                    f"adapter {item!r} must be NAME=PATH, e.g. pirate=./adapters/pirate"
+                )
         return value
 
     def adapter_paths(self) -> dict[str, Path]:

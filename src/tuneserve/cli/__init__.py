@@ -13,7 +13,7 @@ from tuneserve.errors import TuneserveError
 
 app = typer.Typer(
     name="tuneserve",
-    help="Serve a base model with LoRA adapters: an OpenAI-compatible API and a chat UI on one port.",
+    help="Serve a base model with LoRA adapters: an OpenAI-compatible API and a chat UI.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -45,7 +45,9 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    base: Annotated[str | None, typer.Option(help="Base model: a local folder or a hub id.")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model: a local folder or a hub id.")
+    ] = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option("--adapter", "-a", help="An adapter as NAME=PATH; repeat for more."),
@@ -53,23 +55,36 @@ def serve(
     workspace: Annotated[
         Path | None, typer.Option(help="An AI Toolkit workspace: model-cache/ and models/.")
     ] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="The base model's id in the API.")] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The base model's id in the API.")
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
-    host: Annotated[str | None, typer.Option(help="Interface to listen on [default: 127.0.0.1].")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Interface to listen on [default: 127.0.0.1].")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port [default: 7860].")] = None,
     api_key: Annotated[
-        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 and the UI's login.")
+        str | None,
+        typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 and the UI's login."),
     ] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length [default: the model's].")] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="Context length [default: the model's].")
+    ] = None,
     engine: Annotated[
         str | None, typer.Option(help="continuous (default, fast) | simple (static PEFT batches)")
     ] = None,
     max_num_seqs: Annotated[
         int | None,
-        typer.Option("--max-num-seqs", "--max-batch-size", help="Most sequences decoded together [default: 32]."),
+        typer.Option(
+            "--max-num-seqs",
+            "--max-batch-size",
+            help="Most sequences decoded together [default: 32].",
+        ),
     ] = None,
-    max_loras: Annotated[int | None, typer.Option(help="Adapters hot in LoRA slots [default: 8].")] = None,
+    max_loras: Annotated[
+        int | None, typer.Option(help="Adapters hot in LoRA slots [default: 8].")
+    ] = None,
     max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters kept in CPU memory.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Where the demo model is built.")] = None,
     ui: Annotated[bool | None, typer.Option("--ui/--no-ui", help="Mount the chat UI at /.")] = None,
