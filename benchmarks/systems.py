@@ -79,6 +79,9 @@ class Tuneserve(HttpSystem):
                 "--device", "cpu", "--no-ui", "--log-level", "warning"]
         if self.engine:
             argv += ["--engine", self.engine]
+        if self.engine in (None, "continuous"):
+            # Every adapter of the point hot: what a user serving K adapters would set.
+            argv += ["--max-loras", str(max(8, k))]
         return Launch(argv, "/ready", {"GRADIO_ANALYTICS_ENABLED": "False"})
 
 
