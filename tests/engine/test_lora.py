@@ -43,6 +43,7 @@ def random_layer(
         pytest.param([4, 0, 8, 2], [0, -1, 2, 3, 3, 0, 1, -1, 2], id="mixed-ranks-and-empty-slot"),
         pytest.param([16, 16, 16], [2, 2, 2, 2], id="one-adapter"),
         pytest.param([1], [0, -1, 0], id="rank-1"),
+        pytest.param([4, 8, 2, 6], [3, -1, 1, 3, 1], id="some-hot-slots-unused"),
     ],
 )
 def test_batched_op_equals_the_plain_loop(ranks: list[int], token_slots: list[int]) -> None:
@@ -52,6 +53,19 @@ def test_batched_op_equals_the_plain_loop(ranks: list[int], token_slots: list[in
     got = layer(x)[0]
     expected = layer.base(x)[0] + lora_reference(x[0], token_slots, layer.slot_weights())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_columns_of_slots_in_use_take_part() -> None:
+    layer, batch = random_layer([4, 8, 2, 6])
+    batch.set([3, -1, 1, 3], [], torch.device("cpu"))
+    selected = batch.columns(layer.layout, 4, torch.float32)
+    assert selected is not None
+    cols, mask = selected
+    assert cols is not None and cols.tolist() == [*range(4, 12), *range(14, 20)]  # slots 1 and 3
+    assert mask.shape == (4, 8 + 6)
+    batch.set([0, 1, 2, 3], [], torch.device("cpu"))
+    selected = batch.columns(layer.layout, 4, torch.float32)
+    assert selected is not None and selected[0] is None  # every slot in use: no copy
 
 
 def test_add_lora_semantics_by_hand() -> None:

@@ -9,6 +9,9 @@ that slot, so the whole mixed batch costs two matmuls per module:
 
     y = base(x) + ((x @ a_t) * mask) @ b
 
+Only the columns of slots that some token of the step uses take part (the others would be
+multiplied by zero), so the cost follows the adapters in use, not the adapters hot.
+
 (measured on this machine the cheapest of gather+bmm, einsum, group-by-slot and this one; see
 DESIGN.md). Modules no active slot touches, and steps with no adapter rows, skip the LoRA path.
 
@@ -85,7 +88,8 @@ class LoRABatch:
         self.token_slots: torch.Tensor | None = None  # [N] long
         self.keep_slots: torch.Tensor | None = None  # [K] long: rows whose logits are kept
         self.active: frozenset[int] = frozenset()
-        self._masks: dict[Any, torch.Tensor | None] = {}
+        self._active_t: torch.Tensor | None = None  # [A] long: the slots some token uses
+        self._masks: dict[Any, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     def set(
         self, token_slots: Sequence[int], keep_slots: Sequence[int], device: torch.device
@@ -96,13 +100,22 @@ class LoRABatch:
             self.token_slots = self.keep_slots = None
             return
         self.token_slots = torch.tensor(token_slots, dtype=torch.long, device=device)
+        self._active_t = torch.tensor(sorted(self.active), dtype=torch.long, device=device)
         self.keep_slots = torch.tensor(keep_slots, dtype=torch.long, device=device)
 
     def clear(self) -> None:
         self.set((), (), torch.device("cpu"))
 
-    def mask(self, layout: _Layout, num_tokens: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """[N, R] 0/1 for this module layout, or None when no token here uses it."""
+    def columns(
+        self, layout: _Layout, num_tokens: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """(cols, mask) for this module layout, or None when no token here uses it.
+
+        cols [R'] are the stacked columns of the slots some token uses this step (None: all of
+        them); mask [N, R'] is 0/1 per token. With many adapters hot and few in use, the unused
+        slots' columns would only be multiplied by zero: skipping them keeps the LoRA cost
+        proportional to the adapters in use, not to the adapters loaded.
+        """
         if self.token_slots is None or not any(layout.ranks[s] for s in self.active):
             return None
         slots = self.token_slots
@@ -112,7 +125,12 @@ class LoRABatch:
             slots = self.keep_slots
         key = (layout.ranks, num_tokens, dtype)
         if key not in self._masks:
-            self._masks[key] = (slots[:, None] == layout.col_slot[None, :]).to(dtype)
+            col_slot = layout.col_slot
+            used = torch.isin(col_slot, self._active_t)  # type: ignore[arg-type]
+            cols = None if bool(used.all()) else used.nonzero().squeeze(1)
+            if cols is not None:
+                col_slot = col_slot[cols]
+            self._masks[key] = (cols, (slots[:, None] == col_slot[None, :]).to(dtype))
         return self._masks[key]
 
 
@@ -186,10 +204,14 @@ class BatchedLoRALinear(nn.Module):
         if self.a_t is None or self.b is None:
             return y
         x2 = x.reshape(-1, self.in_features)
-        mask = self.batch.mask(self.layout, x2.shape[0], x2.dtype)
-        if mask is None:
+        selected = self.batch.columns(self.layout, x2.shape[0], x2.dtype)
+        if selected is None:
             return y
-        add_lora(y.view(-1, self.out_features), x2, self.a_t, self.b, mask)  # y: fresh, ours
+        cols, mask = selected
+        a_t, b = self.a_t, self.b
+        if cols is not None:
+            a_t, b = a_t.index_select(1, cols), b.index_select(0, cols)
+        add_lora(y.view(-1, self.out_features), x2, a_t, b, mask)  # y: fresh, ours
         return y
 
     def extra_repr(self) -> str:
