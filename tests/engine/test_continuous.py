@@ -345,6 +345,18 @@ def test_stop_string_cuts_the_text(
     assert text_of(stopped) == text[: text.index(stop)]
 
 
+def test_softcapping_models_are_refused_before_the_model_is_touched(
+    tiny_llama: TinyFamily,
+) -> None:
+    served = tiny_llama.served(["alpha"])
+    served.model.config.attn_logit_softcapping = 50.0  # what Gemma 2 configs carry
+    with pytest.raises(EngineError, match="softcapping.*--engine simple"):
+        ContinuousBatchingEngine(served)
+    q_proj = served.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert type(q_proj) is torch.nn.Linear
+    assert served.model.config._attn_implementation != "tuneserve_packed"
+
+
 def test_unknown_adapter_is_refused_at_submit(
     tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
 ) -> None:

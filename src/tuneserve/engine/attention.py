@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneserve.engine.kv_cache import KVCache
+from tuneserve.errors import EngineError
 
 ATTENTION_NAME = "tuneserve_packed"
 STEP_KWARG = "tuneserve_step"  # the model(...) keyword that carries the PackedStep to each layer
@@ -183,7 +184,6 @@ def packed_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
-    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The registered attention. query: [1,H,N,D]; key/value: [1,KVH,N,D] -> ([1,N,H,D], None)."""
@@ -193,8 +193,6 @@ def packed_attention(
             f"attention {ATTENTION_NAME!r} needs the {STEP_KWARG}= keyword; this model is owned "
             "by a tuneserve engine and cannot be called directly"
         )
-    if softcap is not None:
-        raise NotImplementedError("attention logit softcapping is not supported by this engine")
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     cache = step.cache
     cache.write(layer, key, value, step.slots, step.positions)
@@ -241,8 +239,21 @@ def packed_attention(
 _registered = False
 
 
+def check_supported(config: Any) -> None:
+    """Refuse an architecture whose attention `packed_attention` does not compute: logit
+    softcapping (Gemma 2) has no SDPA form."""
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise EngineError(
+            f"{config.model_type} uses attention logit softcapping "
+            f"(attn_logit_softcapping={softcap}), which the continuous engine does not compute; "
+            "serve this model with --engine simple"
+        )
+
+
 def install_packed_attention(model: torch.nn.Module) -> None:
     """Register `packed_attention` once and switch `model` (all its sub-configs) to it."""
+    check_supported(model.config)
     global _registered
     if not _registered:
         from transformers import AttentionInterface

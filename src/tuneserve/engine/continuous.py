@@ -30,7 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneserve.engine.attention import STEP_KWARG, PackedStep, RowChunk, install_packed_attention
+from tuneserve.engine.attention import (
+    STEP_KWARG,
+    PackedStep,
+    RowChunk,
+    check_supported,
+    install_packed_attention,
+)
 from tuneserve.engine.base import Engine, RequestStream
 from tuneserve.engine.detokenize import OutputText
 from tuneserve.engine.kv_cache import KVCache, KVCacheShape
@@ -102,6 +108,7 @@ class ContinuousBatchingEngine(Engine):
 
         # 1. the model: batched LoRA layers in place of targeted Linears (adapters are checked
         #    before the model is touched), then our attention
+        check_supported(self.model.config)
         self.loras = (
             LoRAManager(
                 self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
