@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,15 +36,14 @@ from tuneserve.engine.attention import (
     check_supported,
     install_packed_attention,
 )
-from tuneserve.engine.base import Engine, RequestStream
 from tuneserve.engine.detokenize import OutputText
 from tuneserve.engine.kv_cache import KVCache, KVCacheShape
 from tuneserve.engine.lora import LoRAManager
 from tuneserve.engine.sampling import SamplingState, sample
 from tuneserve.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from tuneserve.engine.stream import QueueRequestStream
+from tuneserve.engine.threaded import ThreadedEngine
 from tuneserve.engine.types import EngineStats, FinishReason, GenerationRequest, StreamDelta
-from tuneserve.errors import EngineError, UnknownAdapterError
 from tuneserve.models.types import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -71,7 +69,7 @@ class _Row:
         )
 
 
-class ContinuousBatchingEngine(Engine):
+class ContinuousBatchingEngine(ThreadedEngine):
     """Continuous batching with mixed-adapter batches (see the module docstring)."""
 
     def __init__(
@@ -88,7 +86,7 @@ class ContinuousBatchingEngine(Engine):
             raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
-        self.served = served
+        super().__init__(served)
         self.model = served.model.eval()
         self.max_model_len = int(max_model_len or served.max_model_len)
         if self.max_model_len < 2:
@@ -132,54 +130,16 @@ class ContinuousBatchingEngine(Engine):
             self.cache, self.loras, max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk
         )
 
-        self._cond = threading.Condition()
         self._inbox: collections.deque[tuple[GenerationRequest, QueueRequestStream]] = (
             collections.deque()
         )
         self._cancels: set[str] = set()
         self._rows: dict[str, _Row] = {}
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self.steps = 0  # forwards run (for tests and metrics)
 
-    # -- Engine interface -----------------------------------------------------------------
-    def start(self) -> None:
-        if self._stopping:
-            raise EngineError("the engine was shut down; build a new one")
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._thread = threading.Thread(target=self._loop, name="tuneserve-engine", daemon=True)
-        self._thread.start()
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                logger.warning("engine thread did not stop within %.0f s", timeout)
-                return
-        self._cancel_everything()
-
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.served.adapters)
-
-    def submit(self, request: GenerationRequest) -> RequestStream:
-        if request.adapter is not None and request.adapter not in self.served.adapters:
-            raise UnknownAdapterError(request.adapter, self.adapter_names)
-        if self._stopping:
-            raise EngineError("the engine is shut down and accepts no more requests")
-        stream = QueueRequestStream(request.request_id, on_cancel=self._on_cancel)
-        with self._cond:
-            self._inbox.append((request, stream))
-            self._cond.notify()
-        return stream
+    # -- Engine interface (start, shutdown, submit: ThreadedEngine) ------------------------
+    def _enqueue(self, request: GenerationRequest, stream: QueueRequestStream) -> None:
+        self._inbox.append((request, stream))
 
     def stats(self) -> EngineStats:
         return EngineStats(

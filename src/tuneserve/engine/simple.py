@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,17 +26,16 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from tuneserve.engine.base import Engine, RequestStream
 from tuneserve.engine.detokenize import OutputText
 from tuneserve.engine.sampling import SamplingState, sample
 from tuneserve.engine.stream import QueueRequestStream
+from tuneserve.engine.threaded import ThreadedEngine
 from tuneserve.engine.types import (
     EngineStats,
     FinishReason,
     GenerationRequest,
     StreamDelta,
 )
-from tuneserve.errors import EngineError, UnknownAdapterError
 from tuneserve.models.types import AdapterSpec, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -166,13 +164,13 @@ class _Row:
         return finish
 
 
-class PeftBatchEngine(Engine):
+class PeftBatchEngine(ThreadedEngine):
     """Static batching over a PEFT-wrapped transformers model (see the module docstring)."""
 
     def __init__(self, served: ServedModel, max_batch_size: int = 16) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        self.served = served
+        super().__init__(served)
         self.max_batch_size = max_batch_size
         self.model = wrap_with_adapters(served.model, served.adapters)
         self._uses_peft = bool(served.adapters)
@@ -184,59 +182,25 @@ class PeftBatchEngine(Engine):
         self._pad_id = next(
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
         )
-        self._cond = threading.Condition()
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._running = 0
-        self._stopping = False
-        self._thread: threading.Thread | None = None
 
-    # -- Engine interface -----------------------------------------------------------------
-    def start(self) -> None:
-        if self._stopping:
-            raise EngineError("the engine was shut down; build a new one")
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._thread = threading.Thread(target=self._loop, name="tuneserve-engine", daemon=True)
-        self._thread.start()
+    # -- Engine interface (start, shutdown, submit: ThreadedEngine) ------------------------
+    def _enqueue(self, request: GenerationRequest, stream: QueueRequestStream) -> None:
+        self._waiting.append(_Pending(request, stream))
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                logger.warning("engine thread did not stop within %.0f s", timeout)
+    def _cancel_everything(self) -> None:
         with self._cond:
             left = list(self._waiting)
             self._waiting.clear()
         for pending in left:
             pending.finish("cancelled")
 
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.served.adapters)
-
-    def submit(self, request: GenerationRequest) -> RequestStream:
-        if request.adapter is not None and request.adapter not in self.served.adapters:
-            raise UnknownAdapterError(request.adapter, self.adapter_names)
-        if self._stopping:
-            raise EngineError("the engine is shut down and accepts no more requests")
-        stream = QueueRequestStream(request.request_id, on_cancel=self._forget_waiting)
-        with self._cond:
-            self._waiting.append(_Pending(request, stream))
-            self._cond.notify()
-        return stream
-
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running, waiting=len(self._waiting))
 
     # -- the engine thread ------------------------------------------------------------------
-    def _forget_waiting(self, request_id: str) -> None:
+    def _on_cancel(self, request_id: str) -> None:
         """A request cancelled before its batch started never enters one."""
         with self._cond:
             for pending in self._waiting:
