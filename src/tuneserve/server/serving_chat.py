@@ -22,7 +22,7 @@ from tuneserve.server.protocol import (
     UsageInfo,
     random_id,
 )
-from tuneserve.server.streaming import merge_streams
+from tuneserve.server.streaming import collect_choices, merge_streams
 
 
 def checked_finish(delta: StreamDelta) -> FinishReason:
@@ -84,26 +84,16 @@ class OpenAIServingChat:
         return await self._whole(job)
 
     async def _whole(self, job: _Job) -> ChatCompletionResponse:
-        n = len(job.streams)
-        texts: list[list[str]] = [[] for _ in range(n)]
-        finals: list[StreamDelta | None] = [None] * n
-        async with aclosing(merge_streams(job.streams)) as merged:
-            async for index, delta in merged:
-                texts[index].append(delta.text)
-                if delta.finish_reason is not None:
-                    finals[index] = delta
-        choices = []
-        completion_tokens = 0
-        for index, final in enumerate(finals):
-            assert final is not None, "the engine ended a stream without a finish_reason"
-            choices.append(
-                ChatCompletionChoice(
-                    index=index,
-                    message=ChatResponseMessage(content="".join(texts[index])),
-                    finish_reason=checked_finish(final),
-                )
+        results = await collect_choices(job.streams)
+        choices = [
+            ChatCompletionChoice(
+                index=index,
+                message=ChatResponseMessage(content=text),
+                finish_reason=checked_finish(final),
             )
-            completion_tokens += final.completion_tokens
+            for index, (text, final) in enumerate(results)
+        ]
+        completion_tokens = sum(final.completion_tokens for _, final in results)
         return ChatCompletionResponse(
             id=job.id,
             created=job.created,

@@ -17,7 +17,7 @@ from tuneserve.server.protocol import (
     random_id,
 )
 from tuneserve.server.serving_chat import checked_finish, ensure_running
-from tuneserve.server.streaming import merge_streams
+from tuneserve.server.streaming import collect_choices, merge_streams
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,22 +65,12 @@ class OpenAIServingCompletion:
         return await self._whole(job)
 
     async def _whole(self, job: _Job) -> CompletionResponse:
-        texts = [[echo] for echo in job.echoes]
-        finals: list[StreamDelta | None] = [None] * len(job.streams)
-        async with aclosing(merge_streams(job.streams)) as merged:
-            async for index, delta in merged:
-                texts[index].append(delta.text)
-                if delta.finish_reason is not None:
-                    finals[index] = delta
-        choices = []
-        completion_tokens = 0
-        for index, final in enumerate(finals):
-            assert final is not None, "the engine ended a stream without a finish_reason"
-            reason = checked_finish(final)
-            choices.append(
-                CompletionChoice(index=index, text="".join(texts[index]), finish_reason=reason)
-            )
-            completion_tokens += final.completion_tokens
+        results = await collect_choices(job.streams)
+        choices = [
+            CompletionChoice(index=index, text=echo + text, finish_reason=checked_finish(final))
+            for index, ((text, final), echo) in enumerate(zip(results, job.echoes, strict=True))
+        ]
+        completion_tokens = sum(final.completion_tokens for _, final in results)
         return CompletionResponse(
             id=job.id,
             created=job.created,

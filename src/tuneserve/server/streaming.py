@@ -34,6 +34,24 @@ _DONE = object()
 _CANCEL_GRACE_S = 10.0
 
 
+async def collect_choices(
+    streams: Sequence[AsyncIterator[StreamDelta]],
+) -> list[tuple[str, StreamDelta]]:
+    """Run every choice to its end: (whole text, final delta) per choice, in choice order."""
+    texts: list[list[str]] = [[] for _ in streams]
+    finals: list[StreamDelta | None] = [None] * len(streams)
+    async with aclosing(merge_streams(streams)) as merged:
+        async for index, delta in merged:
+            texts[index].append(delta.text)
+            if delta.finish_reason is not None:
+                finals[index] = delta
+    results = []
+    for parts, final in zip(texts, finals, strict=True):
+        assert final is not None, "the engine ended a stream without a finish_reason"
+        results.append(("".join(parts), final))
+    return results
+
+
 async def merge_streams(
     streams: Sequence[AsyncIterator[StreamDelta]],
 ) -> AsyncIterator[tuple[int, StreamDelta]]:
