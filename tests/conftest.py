@@ -91,21 +91,32 @@ def start_live_server(app: Any) -> LiveServer:
 
 @pytest.fixture(scope="session")
 def demo_server_factory(demo_paths: Any) -> Iterator[Callable[..., LiveServer]]:
-    """Start a live demo server: factory(api_key=None, ui=True, max_model_len=None, ...).
+    """Start a live demo server: factory(api_key=None, ui=True, app=..., engine=..., **load).
 
-    The engine is TEST_ENGINE (continuous unless TUNESERVE_TEST_ENGINE says otherwise)."""
+    `app` are extra create_app arguments (admin_key, adapter_root, rescan_interval), `engine`
+    extra create_engine arguments (max_loras...), the rest load_served_model's. The engine is
+    TEST_ENGINE (continuous unless TUNESERVE_TEST_ENGINE says otherwise)."""
     from tuneserve.engine.factory import create_engine
     from tuneserve.models.loader import load_served_model
     from tuneserve.server.app import create_app
 
     started: list[LiveServer] = []
 
-    def factory(*, api_key: str | None = None, ui: bool = True, **load_kwargs: Any) -> LiveServer:
+    def factory(
+        *,
+        api_key: str | None = None,
+        ui: bool = True,
+        app: dict[str, Any] | None = None,
+        engine: dict[str, Any] | None = None,
+        adapters: dict[str, Path] | None = None,
+        **load_kwargs: Any,
+    ) -> LiveServer:
         load_kwargs.setdefault("dtype", "float32")
         load_kwargs.setdefault("device", "cpu")
-        served = load_served_model(str(demo_paths.base), dict(demo_paths.adapters), **load_kwargs)
-        engine = create_engine(TEST_ENGINE, served, max_num_seqs=8)
-        live = start_live_server(create_app(served, engine, api_key=api_key, ui=ui))
+        chosen = dict(demo_paths.adapters) if adapters is None else adapters
+        served = load_served_model(str(demo_paths.base), chosen, **load_kwargs)
+        built = create_engine(TEST_ENGINE, served, **{"max_num_seqs": 8, **(engine or {})})
+        live = start_live_server(create_app(served, built, api_key=api_key, ui=ui, **(app or {})))
         started.append(live)
         return live
 

@@ -34,6 +34,17 @@ class ServeSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=0, le=65535)
     api_key: str | None = Field(None, description="Bearer key required by /v1/* and the UI.")
+    admin_key: str | None = Field(
+        None, description="Bearer key for /v1/adapters (default: the API key)."
+    )
+    adapter_root: Path | None = Field(
+        None,
+        description="The folder adapters are loaded from at runtime (default: the workspace's "
+        "models/, or the demo's adapters).",
+    )
+    adapter_rescan_interval: float = Field(
+        10.0, ge=0, description="Seconds between rescans of the adapter root (0: only on demand)."
+    )
     max_model_len: int | None = Field(
         None, ge=16, description="Context length (default: the model's)."
     )

@@ -13,8 +13,10 @@ ARM (base_url = http://127.0.0.1:PORT):
   POST      .../containerApps/{app}/getAuthtoken
   GET       /logstream/...                                         the log stream
   GET       /app/health, /app/ready, /app/v1/models                the app's endpoint
+  GET/POST  /app/v1/adapters, DELETE /app/v1/adapters/{name}       its admin API (recorded)
 File REST (Azurite-style account URL http://127.0.0.1:PORT/devstoreaccount1): list directory,
-create directory, create file, put range, get properties, download, delete.
+create directory, rename directory, delete (empty) directory, create file, put range, get
+properties, download, delete.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class StandIn:
     fail_next_revision: bool = False
     deactivated: list[str] = field(default_factory=list)
     clock: int = 0
+    adapters: dict[str, str] = field(default_factory=dict)  # loaded through /app/v1/adapters
 
     @property
     def url(self) -> str:
@@ -124,7 +127,7 @@ def _handler(s: StandIn) -> type[BaseHTTPRequestHandler]:
                 if path.startswith(f"/{ACCOUNT}/"):
                     return self._files(path[len(ACCOUNT) + 2 :], query, raw)
                 if path.startswith("/app/"):
-                    return self._app(path[4:])
+                    return self._app(path[4:], body)
                 if path.startswith("/logstream"):
                     return self._reply(
                         200, raw=b"line one\nline two\n", headers={"Content-Type": "text/plain"}
@@ -240,7 +243,22 @@ def _handler(s: StandIn) -> type[BaseHTTPRequestHandler]:
                 return self._reply(200, {"name": revision, "properties": s.revisions[revision]})
             return self._reply(404, {"error": {"code": "NotFound", "message": rest}})
 
-        def _app(self, rest: str) -> None:
+        def _app(self, rest: str, body: Any) -> None:
+            if rest == "/v1/adapters" and self.command == "POST":
+                replaced = body["name"] in s.adapters
+                s.adapters[body["name"]] = body["path"]
+                card = {"name": body["name"], "path": f"/mount/models/{body['path']}", "rank": 8}
+                return self._reply(
+                    200, {**card, "target_modules": ["q_proj"], "replaced": replaced}
+                )
+            if rest == "/v1/adapters":
+                data = [{"name": n, "path": f"/mount/models/{p}"} for n, p in s.adapters.items()]
+                return self._reply(200, {"root": "/mount/models", "data": data, "errors": []})
+            if rest.startswith("/v1/adapters/") and self.command == "DELETE":
+                name = rest.rsplit("/", 1)[1]
+                if s.adapters.pop(name, None) is None:
+                    return self._reply(404, {"error": {"message": f"{name} is not loaded"}})
+                return self._reply(200, {"name": name, "object": "adapter", "deleted": True})
             if rest == "/health":
                 return self._reply(200, {"status": "ok", "revision": s.serving()})
             if rest == "/ready":
@@ -284,6 +302,32 @@ def _handler(s: StandIn) -> type[BaseHTTPRequestHandler]:
                 return self._reply(
                     200, raw=xml.encode(), headers={"Content-Type": "application/xml"}
                 )
+            if restype == "directory" and comp == "rename" and self.command == "PUT":
+                source = unquote(urlparse(self.headers["x-ms-file-rename-source"]).path)
+                source = source.removeprefix(f"/{ACCOUNT}/").rstrip("/")
+                if source not in s.dirs:
+                    return self._error(404, "ResourceNotFound")
+                if rest in s.dirs or rest in s.files:
+                    return self._error(409, "ResourceAlreadyExists")
+
+                def moved(path: str) -> str:
+                    return rest + path[len(source) :]
+
+                inside = [p for p in s.dirs if p == source or p.startswith(source + "/")]
+                s.dirs.difference_update(inside)
+                s.dirs.update(moved(p) for p in inside)
+                for path in [p for p in s.files if p.startswith(source + "/")]:
+                    s.files[moved(path)] = s.files.pop(path)
+                    s.stamps[moved(path)] = s.stamps.pop(path)
+                return self._reply(200, headers=self._stamp_headers(rest))
+            if restype == "directory" and self.command == "DELETE":
+                if rest not in s.dirs:
+                    return self._error(404, "ResourceNotFound")
+                inside = rest + "/"
+                if any(p.startswith(inside) for p in (*s.dirs, *s.files)):
+                    return self._error(409, "DirectoryNotEmpty")
+                s.dirs.discard(rest)
+                return self._reply(202)
             if restype == "directory" and self.command == "PUT":
                 if rest in s.dirs:
                     return self._error(409, "ResourceAlreadyExists")

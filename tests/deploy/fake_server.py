@@ -4,6 +4,8 @@
 
 /health -> {"status": "ok", "revision": $TUNESERVE_REVISION}; /ready -> 200 after the delay;
 /v1/models -> the folders under ./models; /answer -> the text of ./answer.txt (the "code").
+/v1/adapters: the admin API's shape over $TUNESERVE_ADAPTER_ROOT (GET lists what POST loaded,
+POST {"name", "path"} needs ROOT/PATH/adapter_config.json, DELETE /v1/adapters/NAME).
 """
 
 from __future__ import annotations
@@ -17,6 +19,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 STARTED = time.monotonic()
+ADAPTER_ROOT = os.environ.get("TUNESERVE_ADAPTER_ROOT")
+LOADED: dict[str, str] = {}  # adapter name -> its folder
+
+
+def _card(name: str) -> dict[str, object]:
+    return {
+        "name": name,
+        "object": "adapter",
+        "path": LOADED[name],
+        "source": "api",
+        "rank": 8,
+        "alpha": 16.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "size_bytes": 0,
+        "state": "cpu",
+        "last_used": None,
+        "loaded_at": time.time(),
+    }
+
+
+def _error(message: str, param: str | None) -> dict[str, object]:
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    }
 
 
 def main() -> None:
@@ -53,12 +79,38 @@ def main() -> None:
                 cards = [{"id": "base", "object": "model"}]
                 cards += [{"id": n, "object": "model", "parent": "base"} for n in names]
                 self._send(200, {"object": "list", "data": cards})
+            elif self.path == "/v1/adapters":
+                data = [_card(n) for n in sorted(LOADED)]
+                self._send(
+                    200, {"object": "list", "root": ADAPTER_ROOT, "data": data, "errors": []}
+                )
             elif self.path == "/answer":
                 self._send(
                     200, {"answer": Path("answer.txt").read_text().strip(), "pid": os.getpid()}
                 )
             else:
                 self._send(404, {"error": "not found"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if self.path != "/v1/adapters":
+                self._send(404, _error("not found", None))
+            elif not ADAPTER_ROOT:
+                self._send(400, _error("no adapter root", "path"))
+            elif not (Path(ADAPTER_ROOT) / body["path"] / "adapter_config.json").is_file():
+                self._send(400, _error(f"no adapter folder at {body['path']!r}", "path"))
+            else:
+                replaced = body["name"] in LOADED
+                LOADED[body["name"]] = str(Path(ADAPTER_ROOT) / body["path"])
+                self._send(200, {**_card(body["name"]), "replaced": replaced})
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            name = self.path.removeprefix("/v1/adapters/")
+            if LOADED.pop(name, None) is None:
+                self._send(404, _error(f"adapter {name!r} is not loaded", "name"))
+            else:
+                self._send(200, {"name": name, "object": "adapter", "deleted": True})
 
         def log_message(self, fmt: str, *a: object) -> None:
             print("fake server:", fmt % a, flush=True)

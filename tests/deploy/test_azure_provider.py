@@ -189,3 +189,77 @@ def test_missing_sdk_is_a_clear_error(workspace: Path, monkeypatch: pytest.Monke
 def test_packaged_template_parameters_file_is_valid_json(workspace: Path) -> None:
     text = (workspace / "infra" / "provision" / "inference.json").read_text()
     assert json.loads(text) == packaged_template()
+
+
+def test_adapters_push_and_remove_through_the_share(
+    workspace: Path, standin: azure_standin.StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tuneserve adapters` in workspace mode on Azure, against the STAND-IN (not Azure): the
+    upload into a hidden staging folder moved to models/NAME/ by Rename Directory (the old one
+    set aside first, then deleted), the endpoint told, remove clearing the folder (files, then
+    the emptied directories) and unloading."""
+    from rich.console import Console
+
+    from tuneserve.deploy.adapters import (
+        AdminClient,
+        deployment,
+        push_to_deployment,
+        remove_from_deployment,
+    )
+
+    standin.groups.add("rg-1")
+    config = _provider(workspace, standin, monkeypatch).provision(_request(workspace))
+    provider = _provider(workspace, standin, monkeypatch, config)
+    provider.deploy(timeout=10)  # the workspace's own adapter, models/pirate, is on the share
+    target = deployment(provider, config.endpoint_url)
+    assert target.replicas == [config.endpoint_url]
+    share, console = config.FILE_SHARE_NAME, Console(stderr=True)
+    models = f"{share}/models"
+
+    def adapter(folder: Path, weights: bytes, extra: bool = False) -> Path:
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        if extra:
+            (folder / "extra").mkdir()
+            (folder / "extra" / "notes.txt").write_text("old")
+        return folder
+
+    def under_models() -> list[str]:
+        return sorted(f.removeprefix(models + "/") for f in standin.files if f.startswith(models))
+
+    with AdminClient(None) as client:
+        report = push_to_deployment(
+            client, target, "support", adapter(workspace.parent / "v1", b"w1", extra=True), console
+        )
+        uploads = [r.path for r in standin.requests if r.method == "PUT" and not r.query]
+        assert all("/models/.support." in p for p in uploads if "/models/s" in p)  # staged aside
+        assert standin.calls("PUT", r"/models/support$")  # then moved in by one rename
+        assert under_models() == [
+            "pirate/adapter_config.json",
+            "support/adapter_config.json",
+            "support/adapter_model.safetensors",
+            "support/extra/notes.txt",
+        ]
+        assert standin.adapters == {"support": "support"}
+        assert [(r.outcome, report.replaced) for r in report.replicas] == [("loaded", False)]
+        assert any("next rescan" in note for note in report.notes)
+
+        # replace: the old folder is swapped out whole and deleted; nothing hidden is left
+        report = push_to_deployment(
+            client, target, "support", adapter(workspace.parent / "v2", b"w2"), console
+        )
+        assert report.replaced and report.replicas[0].outcome == "replaced"
+        assert under_models() == [
+            "pirate/adapter_config.json",
+            "support/adapter_config.json",
+            "support/adapter_model.safetensors",
+        ]
+        assert standin.files[f"{models}/support/adapter_model.safetensors"] == b"w2"
+        assert not [d for d in standin.dirs if "/models/." in d]
+
+        report = remove_from_deployment(client, target, "support")
+    assert report.folder == f"{config.STORAGE_ACCOUNT_NAME}/{share}/models/support"
+    assert under_models() == ["pirate/adapter_config.json"]
+    assert not [d for d in standin.dirs if "/models/support" in d]
+    assert standin.adapters == {} and report.replicas[0].outcome == "removed"

@@ -51,7 +51,7 @@ def test_batched_op_equals_the_plain_loop(ranks: list[int], token_slots: list[in
     x = torch.randn(1, len(token_slots), 24)
     batch.set(token_slots, [], torch.device("cpu"))
     got = layer(x)[0]
-    expected = layer.base(x)[0] + lora_reference(x[0], token_slots, layer.slot_weights())
+    expected = layer.base_layer(x)[0] + lora_reference(x[0], token_slots, layer.slot_weights())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -87,10 +87,10 @@ def test_rows_without_adapter_get_the_base_output_exactly() -> None:
     layer, batch = random_layer([4, 8])
     x = torch.randn(1, 6, 24)
     batch.set([-1] * 6, [], torch.device("cpu"))
-    assert torch.equal(layer(x), layer.base(x))
+    assert torch.equal(layer(x), layer.base_layer(x))
     batch.set([-1, -1, 0, -1, -1, -1], [], torch.device("cpu"))
     out = layer(x)
-    assert torch.equal(out[0, [0, 1, 3, 4, 5]], layer.base(x)[0, [0, 1, 3, 4, 5]])
+    assert torch.equal(out[0, [0, 1, 3, 4, 5]], layer.base_layer(x)[0, [0, 1, 3, 4, 5]])
 
 
 def test_a_module_after_logits_to_keep_uses_the_kept_rows_slots() -> None:
@@ -98,7 +98,7 @@ def test_a_module_after_logits_to_keep_uses_the_kept_rows_slots() -> None:
     token_slots, keep_slots = [0, 0, 0, 1, -1, -1], [0, 1, -1]
     batch.set(token_slots, keep_slots, torch.device("cpu"))
     x = torch.randn(1, 3, 24)  # one hidden state per kept row
-    expected = layer.base(x)[0] + lora_reference(x[0], keep_slots, layer.slot_weights())
+    expected = layer.base_layer(x)[0] + lora_reference(x[0], keep_slots, layer.slot_weights())
     torch.testing.assert_close(layer(x)[0], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -108,9 +108,9 @@ def test_reset_lora_empties_a_slot() -> None:
     assert layer.layout.ranks == (0, 8)
     x = torch.randn(1, 2, 24)
     batch.set([0, 1], [], torch.device("cpu"))
-    expected = layer.base(x)[0] + lora_reference(x[0], [0, 1], layer.slot_weights())
+    expected = layer.base_layer(x)[0] + lora_reference(x[0], [0, 1], layer.slot_weights())
     torch.testing.assert_close(layer(x)[0], expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(layer(x)[0, 0], layer.base(x)[0, 0])
+    assert torch.equal(layer(x)[0, 0], layer.base_layer(x)[0, 0])
 
 
 # -- adapter files ------------------------------------------------------------------------------
@@ -255,3 +255,42 @@ def test_manager_refuses_adapters_for_missing_modules(
         AdapterError, match="module 'model.layers.1.self_attn.q_proj' does not exist"
     ):
         LoRAManager(small, {"alpha": tiny_llama.adapters["alpha"]})
+
+
+def test_manager_retires_a_replaced_or_removed_version_only_when_unpinned(
+    tiny_llama: TinyFamily,
+) -> None:
+    from tuneserve.engine.types import AdapterUsage
+    from tuneserve.errors import UnknownAdapterError
+
+    model = tiny_llama.load_base()
+    manager = LoRAManager(model, {}, max_loras=2)
+    assert manager.layers == {}  # nothing to wrap until an adapter arrives
+    alpha, gamma = tiny_llama.adapters["alpha"], tiny_llama.adapters["gamma"]
+
+    def install(spec: AdapterSpec) -> None:
+        layout = read_layout(spec)
+        manager.install(spec, layout, load_adapter_weights(spec, layout))
+
+    install(alpha)
+    assert manager.usage(["alpha"]) == {"alpha": AdapterUsage("cpu", None)}
+    pinned = manager.acquire("alpha")
+    assert pinned is not None and manager.usage(["alpha"])["alpha"].state == "hot"
+    # a new version under the same name while a request runs on the old one
+    install(alpha)
+    q = manager.layers["model.layers.0.self_attn.q_proj"]
+    assert manager.hot == {} and q.layout.ranks[pinned] == 4  # retiring, weights kept
+    fresh = manager.acquire("alpha")
+    assert fresh is not None and fresh != pinned
+    manager.release(pinned)
+    assert q.layout.ranks[pinned] == 0 and manager.hot == {fresh: "alpha"}
+    # new targets are wrapped on arrival; remove frees an idle slot at once
+    install(gamma)
+    assert "model.layers.0.mlp.down_proj" in manager.layers
+    manager.release(fresh)
+    manager.remove("alpha")
+    assert manager.hot == {} and not any(q.layout.ranks)
+    with pytest.raises(UnknownAdapterError, match="'alpha'"):
+        manager.acquire("alpha")
+    with pytest.raises(UnknownAdapterError):
+        manager.remove("alpha")

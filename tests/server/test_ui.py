@@ -293,3 +293,58 @@ def test_a_prompt_longer_than_the_context_is_a_warning_not_a_crash(
     page.locator("#chat-input textarea").fill(QUESTION)
     page.locator("#chat-send").click()
     expect(page.locator("#chatbot [data-testid=bot]").last).to_have_text(CAPITALS_ANSWER)
+
+
+def dropdown_options(page: Page, dropdown: str) -> list[str]:
+    box = page.locator(f"#{dropdown} input")
+    box.click()
+    listbox = page.locator(f"#{box.get_attribute('aria-controls')}")
+    names = [
+        text.strip().lstrip("✓").strip() for text in listbox.get_by_role("option").all_inner_texts()
+    ]
+    # Close by clicking away: after Escape, Gradio 6 lists no options once the choices change.
+    page.locator("#header").click()
+    return names
+
+
+def wait_for_options(page: Page, dropdown: str, present: str, *, absent: bool = False) -> None:
+    """Poll the dropdown (the page refreshes its names every few seconds)."""
+    for _ in range(40):
+        if (present in dropdown_options(page, dropdown)) != absent:
+            return
+        page.wait_for_timeout(500)
+    raise AssertionError(f"{present!r} {'still' if absent else 'never'} listed in #{dropdown}")
+
+
+@needs_chromium
+def test_the_model_dropdowns_follow_adapters_loaded_at_runtime(
+    page: Page, demo_server_factory: Callable[..., Any], demo_paths: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    root = tmp_path / "adapters"
+    root.mkdir()
+    server = demo_server_factory(app={"adapter_root": root, "rescan_interval": 0})
+    open_ui(page, server.url)
+    assert "fresh" not in dropdown_options(page, "chat-model")
+
+    shutil.copytree(demo_paths.adapters["capitals"], root / "fresh-v1")
+    loaded = httpx.post(
+        f"{server.url}/v1/adapters", json={"name": "fresh", "path": "fresh-v1"}, timeout=60
+    )
+    assert loaded.status_code == 200, loaded.text
+    wait_for_options(page, "chat-model", "fresh")  # no reload of the page
+    expect(page.locator("#header")).to_contain_text("fresh")
+    page.get_by_role("tab", name="Compare").click()
+    wait_for_options(page, "compare-model-b", "fresh")
+    page.get_by_role("tab", name="Chat").click()
+
+    pick(page, "chat-model", "fresh")
+    set_slider(page, "temperature", 0)
+    page.locator("#chat-input textarea").fill(QUESTION)
+    page.locator("#chat-input textarea").press("Enter")
+    expect(page.locator("#chatbot [data-testid=bot]").last).to_have_text(CAPITALS_ANSWER)
+
+    assert httpx.delete(f"{server.url}/v1/adapters/fresh", timeout=60).status_code == 200
+    wait_for_options(page, "chat-model", "fresh", absent=True)
+    shot(page, tmp_path / "after-unload.png")

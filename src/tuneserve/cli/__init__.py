@@ -21,15 +21,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from tuneserve.cli import bench, serve
+    from tuneserve.cli import adapters, bench, deploy, serve
 
     serve.register(app)
     bench.register(app)
-    try:
-        from tuneserve.cli import deploy
-    except ImportError:  # the deploy commands are optional while they are being built
-        return
     deploy.register(app)
+    adapters.register(app)
 
 
 _register()

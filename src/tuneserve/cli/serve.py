@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -68,6 +69,21 @@ def serve(
         str | None,
         typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 and the UI's login."),
     ] = None,
+    admin_key: Annotated[
+        str | None,
+        typer.Option(help="Require this key on /v1/adapters instead of the API key."),
+    ] = None,
+    adapter_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder adapters are loaded from at runtime (POST /v1/adapters, by name on "
+            "demand) [default: the workspace's models/]."
+        ),
+    ] = None,
+    adapter_rescan_interval: Annotated[
+        float | None,
+        typer.Option(help="Seconds between rescans of the adapter root; 0: on demand only."),
+    ] = None,
     max_model_len: Annotated[
         int | None, typer.Option(help="Context length [default: the model's].")
     ] = None,
@@ -100,6 +116,9 @@ def serve(
         "host": host,
         "port": port,
         "api_key": api_key,
+        "admin_key": admin_key,
+        "adapter_root": adapter_root,
+        "adapter_rescan_interval": adapter_rescan_interval,
         "max_model_len": max_model_len,
         "engine": engine,
         "max_num_seqs": max_num_seqs,
@@ -126,17 +145,37 @@ def _settings_message(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def resolve_sources(settings: ServeSettings) -> tuple[str, dict[str, Path]]:
-    """Which base and adapters to serve: flags, a workspace, or the demo."""
-    adapters = settings.adapter_paths()
+@dataclass(frozen=True)
+class Sources:
+    base: str
+    adapters: dict[str, Path]
+    adapter_root: Path | None  # where adapters are loaded from at runtime
+
+
+def resolve_sources(settings: ServeSettings) -> Sources:
+    """Which base and adapters to serve, and the adapter root: flags, a workspace, or the demo.
+
+    With --adapter-root, the adapters at start are those the root holds (a deployment's
+    replicas run from a snapshot of the workspace but load adapters from the live share)."""
+    flagged = settings.adapter_paths()
+    root = settings.adapter_root.expanduser() if settings.adapter_root else None
+    if root is not None and not root.is_dir():
+        raise SettingsError(f"--adapter-root {root} is not a folder")
     if settings.workspace is not None:
-        from tuneserve.models.workspace import discover_workspace
+        from tuneserve.models.workspace import MODELS, discover_workspace, find_adapters
 
         ws_base, ws_adapters = discover_workspace(settings.workspace)
-        return settings.base or str(ws_base), {**ws_adapters, **adapters}
+        if root is not None:
+            ws_adapters = find_adapters(root)
+        elif (settings.workspace / MODELS).is_dir():
+            root = settings.workspace / MODELS
+        return Sources(settings.base or str(ws_base), {**ws_adapters, **flagged}, root)
     if settings.base is not None:
-        return settings.base, adapters
-    if adapters:
+        from tuneserve.models.workspace import find_adapters
+
+        found = find_adapters(root) if root is not None else {}
+        return Sources(settings.base, {**found, **flagged}, root)
+    if flagged:
         raise SettingsError("--adapter needs --base (or --workspace) to say which model it adapts")
     from tuneserve.models.demo import ensure_demo
 
@@ -144,7 +183,8 @@ def resolve_sources(settings: ServeSettings) -> tuple[str, dict[str, Path]]:
     demo = ensure_demo(settings.cache_dir, progress=stderr.is_terminal)
     if settings.served_model_name is None:
         settings.served_model_name = DEMO_BASE_NAME
-    return str(demo.base), dict(demo.adapters)
+    demo_root = next(iter(demo.adapters.values())).parent
+    return Sources(str(demo.base), dict(demo.adapters), root or demo_root)
 
 
 def run_server(settings: ServeSettings) -> None:
@@ -154,11 +194,11 @@ def run_server(settings: ServeSettings) -> None:
     from tuneserve.models.loader import load_served_model
     from tuneserve.server.app import create_app
 
-    base, adapters = resolve_sources(settings)
-    with stderr.status(f"Loading {base} and {len(adapters)} adapter(s)..."):
+    sources = resolve_sources(settings)
+    with stderr.status(f"Loading {sources.base} and {len(sources.adapters)} adapter(s)..."):
         served = load_served_model(
-            base,
-            adapters,
+            sources.base,
+            sources.adapters,
             dtype=settings.dtype,
             device=settings.device,
             max_model_len=settings.max_model_len,
@@ -173,17 +213,29 @@ def run_server(settings: ServeSettings) -> None:
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,
     )
-    app = create_app(served, engine, api_key=settings.api_key, ui=settings.ui)
+    app = create_app(
+        served,
+        engine,
+        api_key=settings.api_key,
+        admin_key=settings.admin_key,
+        ui=settings.ui,
+        adapter_root=sources.adapter_root,
+        rescan_interval=settings.adapter_rescan_interval,
+    )
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
     )
     server = uvicorn.Server(config)
-    threading.Thread(target=_announce, args=(server, settings, served), daemon=True).start()
+    threading.Thread(
+        target=_announce, args=(server, settings, served, engine, sources.adapter_root), daemon=True
+    ).start()
     server.run()
 
 
-def _announce(server: Any, settings: ServeSettings, served: Any) -> None:
+def _announce(
+    server: Any, settings: ServeSettings, served: Any, engine: Any, adapter_root: Path | None
+) -> None:
     """Print where to go once uvicorn listens (the engine is up by then: lifespan ran)."""
     import time
 
@@ -194,11 +246,13 @@ def _announce(server: Any, settings: ServeSettings, served: Any) -> None:
     port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{shown_host}:{port}"
-    models = ", ".join([served.base_name, *served.adapters]) or served.base_name
+    models = ", ".join([served.base_name, *engine.adapter_names])
     lines = [f"[bold green]tuneserve is ready[/]  models: {models}"]
     if settings.ui:
         lines.append(f"  Chat UI:  {url}/")
     lines += [f"  API:      {url}/v1  (OpenAI-compatible; docs at {url}/docs)"]
+    if adapter_root is not None:
+        lines.append(f"  Adapters: loaded at runtime from {adapter_root} (POST {url}/v1/adapters)")
     if settings.api_key:
         lines.append("  Auth:     Authorization: Bearer <your --api-key>")
     Console(soft_wrap=True).print("\n".join(lines), highlight=False)

@@ -12,4 +12,6 @@ sync, readiness waits. Runs `tuneserve serve` remotely; never imports engine/ or
     local.py     the local provider: a share folder, detached replicas, atomic switch
     proxy.py     the local endpoint: a loopback TCP proxy following a routes file
     azure.py     the Azure Container Apps provider (optional extra)
+    adapters.py  `tuneserve adapters`: adapter folders onto a share or a server's root, and the
+                 servers' admin API (/v1/adapters) told per replica
 """

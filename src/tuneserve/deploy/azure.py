@@ -106,9 +106,10 @@ class AzureFileShareTarget:
     def describe(self) -> str:
         return f"{self.share.account_name}/{self.share.share_name}"
 
-    def list_files(self) -> dict[str, RemoteFile]:
+    def list_files(self, under: str = "") -> dict[str, RemoteFile]:
+        """Every file (or those below the folder `under`), by path relative to the share."""
         out: dict[str, RemoteFile] = {}
-        pending = [""]
+        pending = [under.strip("/")]
         while pending:
             path = pending.pop()
             client = self.share.get_directory_client(path)
@@ -175,6 +176,41 @@ class AzureFileShareTarget:
         except Exception as exc:
             if type(exc).__name__ != "ResourceNotFoundError":
                 raise
+
+    def rename_dir(self, rel: str, new_rel: str) -> None:
+        """Move a directory and what it holds in one call (Rename Directory; new_rel must not
+        exist). Azure refuses while an SMB client holds a file in it open."""
+        self.share.get_directory_client(rel.strip("/")).rename_directory(new_rel.strip("/"))
+        moved = rel.strip("/")
+        self._dirs = {d for d in self._dirs if d != moved and not d.startswith(moved + "/")}
+
+    def delete_empty_dirs(self, rel: str) -> None:
+        """Remove the folder `rel` and its subfolders where they hold no file (Azure Files
+        deletes only empty directories, so the deepest go first)."""
+        top = rel.strip("/")
+        found, pending = [top], [top]
+        while pending:
+            path = pending.pop()
+            try:
+                items = list(self.share.get_directory_client(path).list_directories_and_files())
+            except Exception as exc:
+                if type(exc).__name__ == "ResourceNotFoundError":
+                    continue
+                raise
+            for item in items:
+                if item.get("is_directory"):
+                    sub = f"{path}/{item['name']}"
+                    found.append(sub)
+                    pending.append(sub)
+        for path in sorted(found, key=lambda p: p.count("/"), reverse=True):
+            try:
+                self.share.get_directory_client(path).delete_directory()
+            except Exception as exc:
+                code = getattr(exc, "error_code", None)
+                gone = type(exc).__name__ == "ResourceNotFoundError"
+                if not gone and getattr(code, "value", code) != "DirectoryNotEmpty":
+                    raise
+            self._dirs.discard(path)
 
 
 class AzureProvider:
@@ -491,6 +527,16 @@ class AzureProvider:
             tail=tail,
             follow=follow,
         )
+
+    # -- adapters at runtime (tuneserve adapters) --
+
+    def share_target(self) -> AzureFileShareTarget:
+        return AzureFileShareTarget(self._share())
+
+    def replica_urls(self) -> list[str]:
+        """The endpoint only: Container Apps does not address replicas one by one (its ingress
+        picks one); the others find a new adapter folder on their next rescan of the share."""
+        return [self._config().endpoint_url]
 
     def stop(self) -> str:
         config = self._config()

@@ -18,7 +18,7 @@ from tuneserve.deploy.infra import (
     InferenceParameters,
     InfraPaths,
 )
-from tuneserve.deploy.sync import workspace_files
+from tuneserve.deploy.sync import SyncTarget, workspace_files
 
 # parameter -> the finetuning.config.json key that names the same resource
 FINETUNING_KEYS = {"storageAccountName": "STORAGE_ACCOUNT_NAME", "fileShareName": "FILE_SHARE_NAME"}
@@ -84,6 +84,8 @@ class Provider(Protocol):
     def status(self, *, api_key: str | None = None) -> StatusReport: ...
     def logs(self, *, tail: int, follow: bool) -> Iterator[str]: ...
     def stop(self) -> str: ...
+    def share_target(self) -> SyncTarget: ...
+    def replica_urls(self) -> list[str]: ...
 
 
 def deploy_sources(paths: InfraPaths) -> dict[str, Path]:

@@ -16,6 +16,10 @@ revision's mount folder, `--port 7860` by the replica's loopback port and `--hos
 CONTAINER_APP_NAME, CONTAINER_APP_REVISION, CONTAINER_APP_REPLICA_NAME). The directory of the
 running Python comes first on PATH, so `tuneserve` is the one that runs this CLI.
 
+Adapters stay live: a replica runs from its revision's snapshot, but TUNESERVE_ADAPTER_ROOT points
+it at the live share's models/ folder, as /mount/models is the live share on Azure. So
+`tuneserve adapters push` (which writes there) reaches the serving replicas without a deploy.
+
 Atomic deploy: sync the workspace to the share; snapshot the share into a new revision folder
 (hard links: later syncs replace files by rename, so a snapshot never changes); start the new
 revision's replicas on fresh ports; wait until every one answers /ready 200; only then replace
@@ -67,6 +71,7 @@ from tuneserve.deploy.infra import (
 )
 from tuneserve.deploy.sync import MANIFEST, HashCache, LocalDirTarget, sync
 from tuneserve.errors import DeployFailedError, NotProvisionedError, ProviderError
+from tuneserve.models.workspace import MODELS as ADAPTERS_DIR
 
 DEFAULT_TIMEOUT_S = 300.0
 STOP_GRACE_S = 15.0
@@ -416,9 +421,12 @@ class LocalProvider:
         name = f"{revision}-{index}"
         log_path = rev_dir / f"replica-{index}.log"
         bin_dir = str(Path(sys.executable).parent)
+        adapter_root = self.share_dir / ADAPTERS_DIR
+        adapter_root.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update(
             PATH=bin_dir + os.pathsep + env.get("PATH", ""),
+            TUNESERVE_ADAPTER_ROOT=str(adapter_root),
             TUNESERVE_MOUNT=str(mount),
             TUNESERVE_REVISION=revision,
             TUNESERVE_PORT=str(port),
@@ -628,6 +636,18 @@ class LocalProvider:
         finally:
             for _, fh in handles:
                 fh.close()
+
+    # -- adapters at runtime (tuneserve adapters) --
+
+    def share_target(self) -> LocalDirTarget:
+        return LocalDirTarget(self.share_dir)
+
+    def replica_urls(self) -> list[str]:
+        """Each live replica of the serving revision, on its own port (the endpoint would reach
+        only one of them per connection)."""
+        return [
+            f"http://127.0.0.1:{r.port}" for r in self.load_state().replicas if pid_alive(r.pid)
+        ]
 
     def stop(self) -> str:
         with self._lock():

@@ -16,6 +16,7 @@ step's adapters) are kept unless `prune=True`.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -77,11 +78,13 @@ class SyncTarget(Protocol):
     """A file share. Paths are POSIX, relative to the share's root."""
 
     def describe(self) -> str: ...
-    def list_files(self) -> dict[str, RemoteFile]: ...
+    def list_files(self, under: str = "") -> dict[str, RemoteFile]: ...
     def read_text(self, rel: str) -> str | None: ...
     def upload(self, src: Path, rel: str, advance: Progress_) -> RemoteFile: ...
     def write_text(self, rel: str, text: str) -> None: ...
     def delete(self, rel: str) -> None: ...
+    def delete_empty_dirs(self, rel: str) -> None: ...
+    def rename_dir(self, rel: str, new_rel: str) -> None: ...
 
 
 @dataclass
@@ -279,11 +282,13 @@ class LocalDirTarget:
     def describe(self) -> str:
         return str(self.root)
 
-    def list_files(self) -> dict[str, RemoteFile]:
+    def list_files(self, under: str = "") -> dict[str, RemoteFile]:
+        """Every file (or those below the folder `under`), by path relative to the share."""
         out: dict[str, RemoteFile] = {}
-        if not self.root.exists():
+        top = self.root / under if under else self.root
+        if not top.is_dir():
             return out
-        for root, _dirs, files in os.walk(self.root):
+        for root, _dirs, files in os.walk(top):
             for name in files:
                 path = Path(root) / name
                 st = path.stat()
@@ -323,3 +328,16 @@ class LocalDirTarget:
 
     def delete(self, rel: str) -> None:
         (self.root / rel).unlink(missing_ok=True)
+
+    def rename_dir(self, rel: str, new_rel: str) -> None:
+        """Move a folder (new_rel must not exist; its parent must)."""
+        os.rename(self.root / rel, self.root / new_rel)
+
+    def delete_empty_dirs(self, rel: str) -> None:
+        """Remove the folder `rel` and its subfolders where they hold no file."""
+        top = self.root / rel
+        if not top.is_dir():
+            return
+        for root, _dirs, _files in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):  # not empty: a file is left there
+                Path(root).rmdir()

@@ -11,6 +11,9 @@ Usage from asyncio code (the server, the UI):
 
 Generation runs on the engine's own thread, never on the event loop, so one request
 never blocks another. `cancel()` frees the request's resources at the engine's next step.
+
+Adapters can change while the engine serves (`add_adapter`, `remove_adapter`): those calls
+block (they read weights files), so asyncio code runs them with `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 
-from tuneserve.engine.types import EngineStats, GenerationRequest, StreamDelta
+from tuneserve.engine.types import AdapterUsage, EngineStats, GenerationRequest, StreamDelta
+from tuneserve.models.types import AdapterSpec
 
 
 class RequestStream(abc.ABC):
@@ -50,8 +54,36 @@ class Engine(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def adapters(self) -> dict[str, AdapterSpec]:
+        """A copy of the live adapter set (name -> spec)."""
+
+    @property
     def adapter_names(self) -> list[str]:
-        """Names of the adapters this engine can serve."""
+        """Names of the adapters this engine serves now."""
+        return list(self.adapters)
+
+    @abc.abstractmethod
+    def add_adapter(self, spec: AdapterSpec) -> None:
+        """Serve `spec` under `spec.name`; a served name is replaced atomically.
+
+        Requests already running finish on the old weights; requests admitted after this
+        returns use the new ones. Blocking (reads the weights file): call it off the event loop.
+        Raises AdapterError when this engine cannot serve it (the old version keeps serving),
+        EngineError when the engine is shut down.
+        """
+
+    @abc.abstractmethod
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving `name`.
+
+        Later `submit()` raises UnknownAdapterError; running requests finish on its weights;
+        requests still waiting to start end with an error naming the adapter. Raises
+        UnknownAdapterError when `name` is not served. Blocking, like `add_adapter`.
+        """
+
+    @abc.abstractmethod
+    def adapter_usage(self) -> dict[str, AdapterUsage]:
+        """name -> usage, for every served adapter (cheap; never waits for a step)."""
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest) -> RequestStream:

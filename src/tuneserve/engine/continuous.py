@@ -19,6 +19,11 @@ Each step on the engine thread:
    deltas to each request's stream (stream.py); finished rows give back their slots at once.
 
 An error in a step fails the requests of that step; the loop keeps serving the others.
+
+Adapters change between steps (`add_adapter`, `remove_adapter`): the weights file is read on
+the caller's thread, the slots change on the engine thread (lora.py `install`/`remove`). A
+waiting request holds its adapter's name and gets whatever version is served when it is
+admitted; a running one keeps the version it started with.
 """
 
 from __future__ import annotations
@@ -38,13 +43,20 @@ from tuneserve.engine.attention import (
 )
 from tuneserve.engine.detokenize import OutputText
 from tuneserve.engine.kv_cache import KVCache, KVCacheShape
-from tuneserve.engine.lora import LoRAManager
+from tuneserve.engine.lora import LoRAManager, load_adapter_weights, read_layout
 from tuneserve.engine.sampling import SamplingState, sample
 from tuneserve.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from tuneserve.engine.stream import QueueRequestStream
 from tuneserve.engine.threaded import ThreadedEngine
-from tuneserve.engine.types import EngineStats, FinishReason, GenerationRequest, StreamDelta
-from tuneserve.models.types import ServedModel
+from tuneserve.engine.types import (
+    AdapterUsage,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    StreamDelta,
+)
+from tuneserve.errors import AdapterError, UnknownAdapterError
+from tuneserve.models.types import AdapterSpec, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +117,11 @@ class ContinuousBatchingEngine(ThreadedEngine):
         self._eos_set = frozenset(self._eos)
 
         # 1. the model: batched LoRA layers in place of targeted Linears (adapters are checked
-        #    before the model is touched), then our attention
+        #    before the model is touched), then our attention. With no adapters the manager
+        #    wraps nothing (no cost) and is there for adapters added later.
         check_supported(self.model.config)
-        self.loras = (
-            LoRAManager(
-                self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
-            )
-            if served.adapters
-            else None
+        self.loras = LoRAManager(
+            self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
         )
         install_packed_attention(self.model)
         # 2. the KV cache: its size is the memory budget
@@ -147,6 +156,46 @@ class ContinuousBatchingEngine(ThreadedEngine):
             waiting=len(self.scheduler.waiting) + len(self._inbox),
         )
 
+    def add_adapter(self, spec: AdapterSpec) -> None:
+        try:
+            layout = read_layout(spec)
+            weights = load_adapter_weights(spec, layout)
+        except AdapterError:
+            raise
+        except Exception as exc:  # a corrupt or unreadable file
+            raise AdapterError(
+                spec.name, f"cannot read {spec.path}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+        def install() -> None:
+            self.loras.install(spec, layout, weights)
+            self._adapters = {**self._adapters, spec.name: spec}
+
+        self._call(install)
+        logger.info("adapter %r loaded from %s", spec.name, spec.path)
+
+    def adapter_usage(self) -> dict[str, AdapterUsage]:
+        return self.loras.usage(self._adapters)
+
+    def _remove_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise UnknownAdapterError(name, self.adapter_names)
+        self.loras.remove(name)
+        self._adapters = {k: v for k, v in self._adapters.items() if k != name}
+        # requests not started yet would only fail at admission: end them now
+        message = "adapter {name!r} was unloaded before request {request_id} started"
+        with self._cond:
+            arrivals = [item for item in self._inbox if item[0].adapter == name]
+            for item in arrivals:
+                self._inbox.remove(item)
+        for request, stream in arrivals:
+            stream.fail(message.format(name=name, request_id=request.request_id))
+        for seq in [s for s in self.scheduler.waiting if s.request.adapter == name]:
+            row = self._rows[seq.request.request_id]
+            row.stream.fail(message.format(name=name, request_id=seq.request.request_id))
+            self._end(row)
+        logger.info("adapter %r unloaded", name)
+
     # -- the event loop side of cancellation ----------------------------------------------
     def _on_cancel(self, request_id: str) -> None:
         with self._cond:
@@ -160,11 +209,17 @@ class ContinuousBatchingEngine(ThreadedEngine):
             while True:
                 with self._cond:
                     while not (
-                        self._inbox or self._cancels or self.scheduler.has_work or self._stopping
+                        self._inbox
+                        or self._cancels
+                        or self._commands
+                        or self.scheduler.has_work
+                        or self._stopping
                     ):
                         self._cond.wait()
                     if self._stopping:
                         break
+                self._run_commands()  # before arrivals: they see the adapters as changed
+                with self._cond:
                     arrivals = list(self._inbox)
                     self._inbox.clear()
                     cancels, self._cancels = self._cancels, set()
@@ -258,7 +313,14 @@ class ContinuousBatchingEngine(ThreadedEngine):
         for seq, error in self.scheduler.take_failures():
             row = self._rows.get(seq.request.request_id)
             if row is not None:
-                row.stream.fail(f"request {seq.request.request_id}: {error}")
+                request_id = seq.request.request_id
+                if isinstance(error, UnknownAdapterError):
+                    row.stream.fail(
+                        f"adapter {error.name!r} was unloaded before request {request_id} "
+                        f"started; served adapters: {', '.join(error.available) or '(none)'}"
+                    )
+                else:
+                    row.stream.fail(f"request {request_id}: {error}")
                 self._end(row)
         if not chunks:
             return
@@ -278,8 +340,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
                     self._end(row)
             return
         finally:
-            if self.loras is not None:
-                self.loras.batch.clear()
+            self.loras.batch.clear()
         self.steps += 1
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
@@ -305,8 +366,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
                 keep.append(len(ids) - 1)
                 keep_lora.append(seq.lora_slot)
         step = PackedStep.build(self.cache, rows, self.device)
-        if self.loras is not None:
-            self.loras.batch.set(token_lora, keep_lora, self.device)
+        self.loras.batch.set(token_lora, keep_lora, self.device)
         keep_index = torch.tensor(keep or [len(ids) - 1], dtype=torch.long, device=self.device)
         out = self.model(
             input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),  # [1, N]

@@ -19,6 +19,11 @@ DESIGN.md). Modules no active slot touches, and steps with no adapter rows, skip
 adapter evicted when no running request holds it; a CPU-side store of loaded adapter weights
 (LRU, `max_cpu_loras`); adapters read from their folder's `adapter_model.safetensors`. A request
 whose adapter cannot get a slot waits (the scheduler retries next step); it never fails for that.
+
+Adapters come and go while serving (`install`, `remove`): a new adapter's modules are wrapped
+when it arrives (the other slots have rank 0 there). A replaced or removed version leaves the
+name index at once, so later admissions get the new version (or an error); a slot still pinned
+by running requests keeps its weights ("retiring") until its last request releases it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import collections
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tuneserve.errors import AdapterError
+from tuneserve.engine.types import AdapterUsage
+from tuneserve.errors import AdapterError, UnknownAdapterError
 from tuneserve.models.types import AdapterSpec
 
 logger = logging.getLogger(__name__)
@@ -141,11 +148,15 @@ class _Layout:
 
 
 class BatchedLoRALinear(nn.Module):
-    """A base nn.Linear plus slot-stacked LoRA weights applied per token (vLLM-style layer)."""
+    """A base nn.Linear plus slot-stacked LoRA weights applied per token (vLLM-style layer).
+
+    The wrapped layer is `base_layer` and `get_base_layer()` returns it, as PEFT's layers do:
+    code that inspects the model (adapter validation) sees through the wrapper.
+    """
 
     def __init__(self, base: nn.Linear, num_slots: int, batch: LoRABatch) -> None:
         super().__init__()
-        self.base = base
+        self.base_layer = base
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.batch = batch
@@ -157,11 +168,14 @@ class BatchedLoRALinear(nn.Module):
     # attributes some modeling code reads off its projections
     @property
     def weight(self) -> torch.Tensor:
-        return self.base.weight
+        return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        return self.base_layer.bias
+
+    def get_base_layer(self) -> nn.Linear:
+        return self.base_layer
 
     def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Load slot `slot`: a [r, in], b [out, r] with the scale already folded in."""
@@ -174,7 +188,7 @@ class BatchedLoRALinear(nn.Module):
                 f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit a Linear "
                 f"{self.in_features}->{self.out_features}"
             )
-        weight = self.base.weight
+        weight = self.base_layer.weight
         self._slots[slot] = (a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype))
         self._restack()
 
@@ -189,7 +203,7 @@ class BatchedLoRALinear(nn.Module):
     def _restack(self) -> None:
         loaded = [(s, w) for s, w in enumerate(self._slots) if w is not None]
         ranks = tuple(0 if w is None else w[0].shape[0] for w in self._slots)
-        device = self.base.weight.device
+        device = self.base_layer.weight.device
         if not loaded:
             self.a_t = self.b = None
             self.layout = _Layout(ranks, torch.empty(0, dtype=torch.long, device=device))
@@ -200,7 +214,7 @@ class BatchedLoRALinear(nn.Module):
         self.layout = _Layout(ranks, torch.tensor(col_slot, dtype=torch.long, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base_layer(x)
         if self.a_t is None or self.b is None:
             return y
         x2 = x.reshape(-1, self.in_features)
@@ -341,7 +355,13 @@ def load_adapter_weights(spec: AdapterSpec, layout: AdapterLayout) -> AdapterWei
     return AdapterWeights(spec.name, modules)
 
 
-def _check_targets(model: nn.Module, layout: AdapterLayout) -> None:
+def _base_layer(module: nn.Module) -> nn.Module:
+    get_base_layer = getattr(module, "get_base_layer", None)  # ours, or PEFT's layers
+    return get_base_layer() if callable(get_base_layer) else module
+
+
+def check_targets(model: nn.Module, layout: AdapterLayout) -> None:
+    """Every module the adapter names exists in `model` and is (or wraps) an nn.Linear."""
     for module, rank in layout.ranks.items():
         try:
             target = model.get_submodule(module)
@@ -349,7 +369,7 @@ def _check_targets(model: nn.Module, layout: AdapterLayout) -> None:
             raise AdapterError(
                 layout.name, f"{layout.file}: module {module!r} does not exist in the base model"
             ) from None
-        base = target.base if isinstance(target, BatchedLoRALinear) else target
+        base = _base_layer(target)
         if not isinstance(base, nn.Linear):
             raise AdapterError(
                 layout.name,
@@ -358,6 +378,21 @@ def _check_targets(model: nn.Module, layout: AdapterLayout) -> None:
             )
         if rank < 1:
             raise AdapterError(layout.name, f"{layout.file}: module {module!r} has rank {rank}")
+
+
+def check_shapes(model: nn.Module, layout: AdapterLayout, weights: AdapterWeights) -> None:
+    """Every A [r, in] / B [out, r] fits its base layer (call `check_targets` first)."""
+    for path, (a, b) in weights.modules.items():
+        base = _base_layer(model.get_submodule(path))
+        assert isinstance(base, nn.Linear), path
+        n_in, n_out = base.in_features, base.out_features
+        if a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
+            raise AdapterError(
+                weights.name,
+                f"{layout.file}: {path} has A{tuple(a.shape)} B{tuple(b.shape)}, which do not "
+                f"fit the base layer {n_in}->{n_out} (A must be [r, {n_in}], B [{n_out}, r]); "
+                "was the adapter trained for a different base model?",
+            )
 
 
 def wrap_modules(
@@ -385,6 +420,7 @@ class _Slot:
     name: str | None = None
     refs: int = 0  # running requests using it
     last_used: int = 0
+    retiring: bool = False  # its version was replaced or removed: freed at the last release
 
 
 @dataclass(slots=True)
@@ -396,7 +432,10 @@ class LoRAStats:
 
 
 class LoRAManager:
-    """Hot adapter slots over the wrapped model, filled on demand, LRU-evicted when unpinned."""
+    """Hot adapter slots over the wrapped model, filled on demand, LRU-evicted when unpinned.
+
+    Not thread-safe: the engine thread calls every method except `usage`, which only copies.
+    """
 
     def __init__(
         self,
@@ -412,10 +451,11 @@ class LoRAManager:
             raise ValueError(
                 f"max_cpu_loras must be at least 1 (or None for all), got {max_cpu_loras}"
             )
+        self.model = model
         self.specs = dict(adapters)
         self.layouts = {name: read_layout(spec) for name, spec in self.specs.items()}
         for layout in self.layouts.values():
-            _check_targets(model, layout)
+            check_targets(model, layout)
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
         self.batch = LoRABatch()
@@ -425,14 +465,23 @@ class LoRAManager:
         self._by_name: dict[str, int] = {}
         self._cpu: collections.OrderedDict[str, AdapterWeights] = collections.OrderedDict()
         self._clock = 0
+        self.last_used: dict[str, float] = {}  # name -> time.time() of its last acquire
         self.stats = LoRAStats()
 
     @property
     def hot(self) -> dict[int, str]:
-        return {i: s.name for i, s in enumerate(self._slots) if s.name is not None}
+        return {
+            i: s.name for i, s in enumerate(self._slots) if s.name is not None and not s.retiring
+        }
 
+    # -- requests -------------------------------------------------------------------------
     def acquire(self, name: str) -> int | None:
-        """A slot holding `name`, pinned until `release`; None while every slot is pinned."""
+        """A slot holding `name`, pinned until `release`; None while every slot is pinned.
+
+        Raises UnknownAdapterError when `name` is not served (removed while a request waited).
+        """
+        if name not in self.specs:
+            raise UnknownAdapterError(name, sorted(self.specs))
         self._clock += 1
         slot = self._by_name.get(name)
         if slot is None:
@@ -443,13 +492,75 @@ class LoRAManager:
         entry = self._slots[slot]
         entry.refs += 1
         entry.last_used = self._clock
+        self.last_used[name] = time.time()
         return slot
 
     def release(self, slot: int) -> None:
         entry = self._slots[slot]
         assert entry.refs > 0, f"LoRA slot {slot} released more often than acquired"
         entry.refs -= 1
+        if entry.refs == 0 and entry.retiring:
+            self._free(slot)
 
+    # -- the adapter set --------------------------------------------------------------------
+    def install(self, spec: AdapterSpec, layout: AdapterLayout, weights: AdapterWeights) -> None:
+        """Serve `weights` under `spec.name`, replacing a served version of that name.
+
+        `layout` and `weights` are read beforehand (`read_layout`, `load_adapter_weights`: the
+        slow part, off the engine thread). Raises AdapterError, before anything changes, when
+        they do not fit the model.
+        """
+        check_targets(self.model, layout)
+        check_shapes(self.model, layout, weights)
+        new = sorted(path for path in layout.ranks if path not in self.layers)
+        self.layers.update(wrap_modules(self.model, new, self.max_loras, self.batch))
+        name = spec.name
+        if name in self.specs:
+            self._retire(name)
+        self.specs[name] = spec
+        self.layouts[name] = layout
+        self._store(name, weights)
+        logger.debug(
+            "LoRA %r installed (%d module(s), %d newly wrapped)", name, len(layout.ranks), len(new)
+        )
+
+    def remove(self, name: str) -> None:
+        """Stop serving `name`; slots its running requests pin are freed as they finish."""
+        if name not in self.specs:
+            raise UnknownAdapterError(name, sorted(self.specs))
+        self._retire(name)
+        del self.specs[name], self.layouts[name]
+        self.last_used.pop(name, None)
+
+    def usage(self, names: Iterable[str]) -> dict[str, AdapterUsage]:
+        """State and last use of each of `names` (safe from any thread: it only copies)."""
+        hot, cpu, last = set(self._by_name), set(self._cpu), dict(self.last_used)
+        return {
+            name: AdapterUsage(
+                "hot" if name in hot else "cpu" if name in cpu else "disk", last.get(name)
+            )
+            for name in names
+        }
+
+    def _retire(self, name: str) -> None:
+        """Take the current version of `name` out: no new request gets it."""
+        self._cpu.pop(name, None)
+        slot = self._by_name.pop(name, None)
+        if slot is None:
+            return
+        if self._slots[slot].refs == 0:
+            self._free(slot)
+        else:
+            self._slots[slot].retiring = True
+            self.stats.hot = self.hot
+
+    def _free(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.reset_lora(slot)
+        self._slots[slot] = _Slot()
+        self.stats.hot = self.hot
+
+    # -- slots and the CPU store -------------------------------------------------------------
     def _pick_victim(self) -> int | None:
         free = [i for i, s in enumerate(self._slots) if s.name is None]
         if free:
@@ -457,29 +568,34 @@ class LoRAManager:
         idle = [i for i, s in enumerate(self._slots) if s.refs == 0]
         return min(idle, key=lambda i: self._slots[i].last_used) if idle else None
 
+    def _store(self, name: str, weights: AdapterWeights) -> None:
+        self._cpu[name] = weights
+        self._cpu.move_to_end(name)
+        while self.max_cpu_loras is not None and len(self._cpu) > self.max_cpu_loras:
+            self._cpu.popitem(last=False)
+
     def _weights(self, name: str) -> AdapterWeights:
         weights = self._cpu.get(name)
         if weights is not None:
             self._cpu.move_to_end(name)
             return weights
-        weights = load_adapter_weights(self.specs[name], self.layouts[name])
+        layout = self.layouts[name]
+        weights = load_adapter_weights(self.specs[name], layout)
         self.stats.disk_reads += 1
-        self._cpu[name] = weights
-        while self.max_cpu_loras is not None and len(self._cpu) > self.max_cpu_loras:
-            self._cpu.popitem(last=False)
+        # read again: the file may have changed since the adapter was installed
+        unwrapped = sorted(set(weights.modules) - set(self.layers))
+        if unwrapped:
+            raise AdapterError(
+                name,
+                f"{layout.file}: module {unwrapped[0]!r} was not in this file when the adapter "
+                "was loaded; the file changed on disk since: load the adapter again",
+            )
+        check_shapes(self.model, layout, weights)
+        self._store(name, weights)
         return weights
 
     def _load(self, slot: int, name: str) -> None:
         weights = self._weights(name)  # may raise: the slot is left as it was
-        for path, (a, b) in weights.modules.items():
-            layer = self.layers[path]
-            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-                raise AdapterError(
-                    name,
-                    f"{self.layouts[name].file}: {path} has A{tuple(a.shape)} "
-                    f"B{tuple(b.shape)}, which "
-                    f"do not fit the base layer {layer.in_features}->{layer.out_features}",
-                )
         entry = self._slots[slot]
         if entry.name is not None:
             logger.debug("LoRA slot %d: evicting %r for %r", slot, entry.name, name)
@@ -491,7 +607,7 @@ class LoRAManager:
                 layer.reset_lora(slot)
             else:
                 layer.set_lora(slot, *module)
-        entry.name, entry.refs = name, 0
+        self._slots[slot] = _Slot(name=name)
         self._by_name[name] = slot
         self.stats.loads += 1
         self.stats.hot = self.hot

@@ -12,18 +12,30 @@ Token ids in, text deltas out (engine/types.py); it knows nothing of HTTP. One b
 This is static batching: a request that arrives while a batch runs waits for the next
 batch. The continuous-batching engine replaces this file; sampling.py, detokenize.py and
 stream.py are shared.
+
+Adapters change between batches and between decode steps (`add_adapter`, `remove_adapter`).
+Every loaded version gets its own PEFT adapter name ("v1", "v2", ...: PEFT names cannot hold
+"." and public names may); a row records its version when its batch starts, so a replace
+mid-batch leaves running rows on the old version, which PEFT drops once no row uses it. With
+no adapter left, the model is unwrapped back to the bare base model.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import logging
+import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import DynamicCache
 
 from tuneserve.engine.detokenize import OutputText
@@ -31,11 +43,14 @@ from tuneserve.engine.sampling import SamplingState, sample
 from tuneserve.engine.stream import QueueRequestStream
 from tuneserve.engine.threaded import ThreadedEngine
 from tuneserve.engine.types import (
+    AdapterUsage,
     EngineStats,
     FinishReason,
     GenerationRequest,
     StreamDelta,
 )
+from tuneserve.errors import AdapterError, UnknownAdapterError
+from tuneserve.models.adapters import validate_adapter
 from tuneserve.models.types import AdapterSpec, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -43,22 +58,40 @@ logger = logging.getLogger(__name__)
 BASE_ADAPTER = "__base__"  # PEFT's row name for "no adapter" in a mixed batch
 
 
-def wrap_with_adapters(model: Any, adapters: Mapping[str, AdapterSpec]) -> Any:
-    """The base model with every adapter loaded under its name (PEFT), in eval mode."""
-    if not adapters:
-        return model.eval()
-    from peft import PeftModel
-
-    first, *rest = adapters.values()
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
     with warnings.catch_warnings():
         # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix.
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
         )
-        peft_model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name)
-        for spec in rest:
-            peft_model.load_adapter(str(spec.path), adapter_name=spec.name)
-    return peft_model.eval()
+        # deleting the active adapter: PEFT picks another one itself, and says so
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        yield
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedAdapter:
+    """An adapter's config and weights read from its folder, not yet in the model."""
+
+    spec: AdapterSpec
+    config: LoraConfig
+    weights: dict[str, torch.Tensor]
+
+
+def read_adapter(spec: AdapterSpec, device: str | torch.device) -> LoadedAdapter:
+    """Read the folder's config and weights (the slow part of loading: no model involved)."""
+    try:
+        config = LoraConfig.from_pretrained(str(spec.path))
+        weights = load_peft_weights(str(spec.path), device=str(device))
+    except Exception as exc:  # a missing, corrupt or foreign file: the same to the user
+        raise AdapterError(
+            spec.name, f"cannot read the adapter in {spec.path}: {type(exc).__name__}: {exc}"
+        ) from exc
+    config.inference_mode = True
+    # modules the file has no weights for must add nothing (as in the continuous engine)
+    config.init_lora_weights = True
+    return LoadedAdapter(spec, config, weights)
 
 
 # -- the model steps (free functions, shapes in comments) ----------------------------------
@@ -131,6 +164,7 @@ class _Row:
     pending: _Pending
     sampling: SamplingState
     text: OutputText
+    adapter: str  # the PEFT name of the version it started with, or BASE_ADAPTER
     completion_tokens: int = 0
 
     def step(self, token_id: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
@@ -172,8 +206,6 @@ class PeftBatchEngine(ThreadedEngine):
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         super().__init__(served)
         self.max_batch_size = max_batch_size
-        self.model = wrap_with_adapters(served.model, served.adapters)
-        self._uses_peft = bool(served.adapters)
         self._device = torch.device(served.device)
         self._vocab_size = int(served.model.get_input_embeddings().num_embeddings)
         tokenizer = served.tokenizer
@@ -184,6 +216,16 @@ class PeftBatchEngine(ThreadedEngine):
         )
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._running = 0
+        # the adapters: the model is the bare base model until the first one arrives
+        self.model: Any = served.model.eval()
+        self._versions: dict[str, str] = {}  # public name -> PEFT name of the served version
+        self._version_count = 0
+        self._retired: set[str] = set()  # PEFT names no longer served, still used by rows
+        self._in_use: collections.Counter[str] = collections.Counter()  # the batch's rows
+        self._last_used: dict[str, float] = {}
+        self._adapters = {}
+        for spec in served.adapters.values():
+            self._call(functools.partial(self._install, read_adapter(spec, self._device)))
 
     # -- Engine interface (start, shutdown, submit: ThreadedEngine) ------------------------
     def _enqueue(self, request: GenerationRequest, stream: QueueRequestStream) -> None:
@@ -199,6 +241,107 @@ class PeftBatchEngine(ThreadedEngine):
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running, waiting=len(self._waiting))
 
+    def add_adapter(self, spec: AdapterSpec) -> None:
+        loaded = read_adapter(spec, self._device)
+        self._call(lambda: self._install(loaded))
+        logger.info("adapter %r loaded from %s", spec.name, spec.path)
+
+    def adapter_usage(self) -> dict[str, AdapterUsage]:
+        # PEFT keeps every adapter in the model: all of them are hot
+        last = dict(self._last_used)
+        return {name: AdapterUsage("hot", last.get(name)) for name in self._adapters}
+
+    # -- adapter versions (commands: engine thread, or before it starts) ------------------
+    @property
+    def _uses_peft(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    def _install(self, loaded: LoadedAdapter) -> None:
+        spec = loaded.spec
+        validate_adapter(spec.name, spec.path, self.model)  # against the model as it is now
+        self._version_count += 1
+        version = f"v{self._version_count}"
+        try:
+            with _quiet_peft():
+                if self._uses_peft:
+                    self.model.add_adapter(version, loaded.config)
+                else:
+                    self.model = PeftModel(self.model, loaded.config, adapter_name=version)
+                result: Any = set_peft_model_state_dict(
+                    self.model, loaded.weights, adapter_name=version
+                )
+            if result.unexpected_keys:
+                raise AdapterError(
+                    spec.name,
+                    f"{spec.path}: weight {result.unexpected_keys[0]!r} matches no LoRA layer "
+                    "of the model",
+                )
+        except Exception as exc:
+            self._delete_version(version)
+            if isinstance(exc, AdapterError):
+                raise
+            raise AdapterError(
+                spec.name, f"PEFT could not load {spec.path}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.model.eval()
+        old = self._versions.get(spec.name)
+        self._versions[spec.name] = version
+        if old is not None:
+            self._retire(old)
+        self._adapters = {**self._adapters, spec.name: spec}
+
+    def _remove_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise UnknownAdapterError(name, self.adapter_names)
+        self._retire(self._versions.pop(name))
+        self._adapters = {k: v for k, v in self._adapters.items() if k != name}
+        self._last_used.pop(name, None)
+        with self._cond:
+            doomed = [p for p in self._waiting if p.request.adapter == name]
+            for pending in doomed:
+                self._waiting.remove(pending)
+        for pending in doomed:
+            pending.stream.fail(self._unloaded(name, pending.request))
+            pending.finished = True
+        logger.info("adapter %r unloaded", name)
+
+    @staticmethod
+    def _unloaded(name: str, request: GenerationRequest) -> str:
+        return f"adapter {name!r} was unloaded before request {request.request_id} started"
+
+    def _retire(self, version: str) -> None:
+        """`version` is no longer served; PEFT drops it once no running row uses it."""
+        self._retired.add(version)
+        self._reap()
+
+    def _reap(self) -> None:
+        for version in [v for v in self._retired if not self._in_use[v]]:
+            self._retired.discard(version)
+            try:
+                self._command_mode(functools.partial(self._delete_version, version))
+            except Exception:  # it stays in the model, unused: serving goes on
+                logger.exception("PEFT could not delete the unloaded adapter version %s", version)
+
+    def _delete_version(self, version: str) -> None:
+        """Take `version` out of the PEFT model; unwrap the model when no adapter is left."""
+        if not self._uses_peft:
+            return
+        model = self.model
+        with _quiet_peft():
+            if version in model.peft_config:
+                model.delete_adapter(version)
+            else:  # a half-done add: PEFT forgot the config but layers may hold the weights
+                for module in model.modules():
+                    if isinstance(module, BaseTunerLayer) and version in getattr(
+                        module, "lora_A", {}
+                    ):
+                        module.delete_adapter(version)
+            if not model.peft_config:
+                self.model = model.unload().eval()
+            elif model.active_adapter not in model.peft_config:
+                # PEFT runs mixed batches only while some adapter is active
+                model.set_adapter(next(iter(model.peft_config)))
+
     # -- the engine thread ------------------------------------------------------------------
     def _on_cancel(self, request_id: str) -> None:
         """A request cancelled before its batch started never enters one."""
@@ -208,13 +351,9 @@ class PeftBatchEngine(ThreadedEngine):
                     self._waiting.remove(pending)
                     break
 
-    def _take_batch(self) -> list[_Pending] | None:
-        """Block until requests wait; take up to max_batch_size of them. None = shut down."""
+    def _take_batch(self) -> list[_Pending]:
+        """Up to max_batch_size waiting requests (maybe none)."""
         with self._cond:
-            while not self._waiting and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return None
             batch: list[_Pending] = []
             while self._waiting and len(batch) < self.max_batch_size:
                 batch.append(self._waiting.popleft())
@@ -223,7 +362,16 @@ class PeftBatchEngine(ThreadedEngine):
 
     def _loop(self) -> None:
         logger.info("engine started (static batches of up to %d)", self.max_batch_size)
-        while (batch := self._take_batch()) is not None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._commands or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            self._run_commands()  # before the batch starts: it sees the adapters as changed
+            batch = self._take_batch()
+            if not batch:
+                continue
             try:
                 self._run_batch(batch)
             except Exception as exc:
@@ -234,6 +382,8 @@ class PeftBatchEngine(ThreadedEngine):
                         pending.finished = True
             finally:
                 self._running = 0
+                self._in_use.clear()
+                self._reap()
         logger.info("engine stopped")
 
     def _invalid_prompt(self, request: GenerationRequest) -> str | None:
@@ -253,17 +403,26 @@ class PeftBatchEngine(ThreadedEngine):
         rows: list[_Row] = []
         for pending in batch:
             request = pending.request
+            version = (
+                BASE_ADAPTER if request.adapter is None else self._versions.get(request.adapter)
+            )
             if pending.stream.cancelled:
                 pending.finish("cancelled")
             elif (problem := self._invalid_prompt(request)) is not None:
                 pending.stream.fail(problem)
+                pending.finished = True
+            elif version is None:
+                pending.stream.fail(self._unloaded(str(request.adapter), request))
                 pending.finished = True
             elif request.params.max_tokens < 1:
                 pending.finish("length")
             else:
                 sampling = SamplingState.create(request.params, request.prompt_ids, self._device)
                 text = OutputText(self.served.tokenizer, request.prompt_ids, request.params.stop)
-                rows.append(_Row(pending, sampling, text))
+                rows.append(_Row(pending, sampling, text, version))
+                if request.adapter is not None:
+                    self._last_used[request.adapter] = time.time()
+        self._in_use = collections.Counter(row.adapter for row in rows)
         return rows
 
     @torch.inference_mode()
@@ -274,11 +433,15 @@ class PeftBatchEngine(ThreadedEngine):
         # 1. prefill: all prompts in one left-padded forward
         prompts = [row.pending.request.prompt_ids for row in rows]
         input_ids, attention_mask = left_pad(prompts, self._pad_id, self._device)  # [B, T]
-        adapters = [row.pending.request.adapter or BASE_ADAPTER for row in rows]
-        names = adapters if self._uses_peft else None
+        adapters = [row.adapter for row in rows]
         cache = DynamicCache(config=self.model.config)
         logits = forward(
-            self.model, input_ids, attention_mask, positions_from_mask(attention_mask), cache, names
+            self.model,
+            input_ids,
+            attention_mask,
+            positions_from_mask(attention_mask),
+            cache,
+            adapters if self._uses_peft else None,
         )  # [B, V]
         positions = attention_mask.sum(-1, keepdim=True)  # [B, 1]: the next token's position
 
@@ -300,10 +463,14 @@ class PeftBatchEngine(ThreadedEngine):
                 cache.batch_select_indices(index)
                 rows = [rows[i] for i in keep]
                 adapters = [adapters[i] for i in keep]
-                names = adapters if self._uses_peft else None
                 tokens, positions = tokens[index], positions[index]
                 attention_mask = attention_mask[index]
                 self._running = len(rows)
+                self._in_use = collections.Counter(adapters)
+                self._reap()  # versions retired mid-batch that only the finished rows used
+            # adapters may change here; this batch's rows keep the versions they started with
+            self._run_commands()
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
+            names = adapters if self._uses_peft else None
             logits = forward(self.model, tokens[:, None], attention_mask, positions, cache, names)
             positions = positions + 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]
+AdapterState = Literal["hot", "cpu", "disk"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +63,16 @@ class StreamDelta:
 class EngineStats:
     running: int
     waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterUsage:
+    """Where one served adapter's weights are, and when a request last used it.
+
+    state: "hot" in an engine slot (or the model); "cpu" weights in CPU memory only;
+    "disk" not read yet (or dropped from memory: read again when a request needs it).
+    last_used: time.time() when a request last got it (acquired a slot), None if never.
+    """
+
+    state: AdapterState
+    last_used: float | None

@@ -68,7 +68,7 @@ def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
             f"folder {path} does not exist; pass the folder PeftModel.save_pretrained wrote "
             f"(it holds {CONFIG_FILE} and {WEIGHT_FILES[0]})",
         )
-    raw, config = _read_config(name, path / CONFIG_FILE)
+    raw, config = read_adapter_config(name, path / CONFIG_FILE)
     _check_supported(name, path / CONFIG_FILE, config)
     _check_targets(name, path / CONFIG_FILE, config, model)
     weights = _weights_file(name, path)
@@ -88,7 +88,7 @@ def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
 # -- adapter_config.json -------------------------------------------------------------------
 
 
-def _read_config(name: str, file: Path) -> tuple[dict[str, Any], LoraAdapterConfig]:
+def read_adapter_config(name: str, file: Path) -> tuple[dict[str, Any], LoraAdapterConfig]:
     if not file.is_file():
         present = ", ".join(sorted(p.name for p in file.parent.iterdir())) or "nothing"
         raise AdapterError(

@@ -82,10 +82,16 @@ def _find_adapters(root: Path) -> dict[str, Path]:
     if not models.is_dir():
         logger.warning("workspace %s has no %s/ folder: serving the base model alone", root, MODELS)
         return {}
-    folders = sorted(_adapter_folders(models, depth=_MAX_ADAPTER_DEPTH))
-    if not folders:
+    found = find_adapters(models)
+    if not found:
         logger.warning("no adapter (a folder holding adapter_config.json) under %s", models)
-    return adapter_names(folders, relative_to=models)
+    return found
+
+
+def find_adapters(folder: Path) -> dict[str, Path]:
+    """{name: adapter folder} for every adapter folder under `folder` (named by adapter_names)."""
+    folders = sorted(_adapter_folders(folder, depth=_MAX_ADAPTER_DEPTH))
+    return adapter_names(folders, relative_to=folder)
 
 
 def _adapter_folders(folder: Path, depth: int) -> list[Path]:
@@ -93,7 +99,11 @@ def _adapter_folders(folder: Path, depth: int) -> list[Path]:
     the depth limit guards against link cycles."""
     found = [folder] if (folder / "adapter_config.json").is_file() else []
     if depth > 0:
-        for child in sorted(folder.iterdir()):
+        try:
+            children = sorted(folder.iterdir())
+        except OSError:  # removed or unreadable while we walk a live share: not an adapter
+            return found
+        for child in children:
             if child.is_dir() and not child.name.startswith("."):
                 found.extend(_adapter_folders(child, depth - 1))
     return found

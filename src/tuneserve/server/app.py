@@ -10,14 +10,17 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import NoReturn
 
 from fastapi import FastAPI, Request
 from starlette.routing import Match, Mount
 
 from tuneserve.engine.base import Engine
+from tuneserve.models.adapter_root import AdapterRoot
 from tuneserve.models.types import ServedModel
-from tuneserve.server import health, metrics, routes_openai
+from tuneserve.server import health, metrics, routes_adapters, routes_openai
+from tuneserve.server.adapter_registry import AdapterRegistry
 from tuneserve.server.auth import ApiKeyMiddleware
 from tuneserve.server.error_handlers import install_error_handlers
 from tuneserve.server.errors import APIError
@@ -33,43 +36,62 @@ API_DESCRIPTION = """An OpenAI-compatible API over a base model and its LoRA ada
 
 `model` in a request is an adapter's name, or the base model's name for no adapter;
 `GET /v1/models` lists them. With an API key set, `/v1/*` needs `Authorization: Bearer <key>`;
-`/health`, `/ready` and `/metrics` stay open.
+`/health`, `/ready` and `/metrics` stay open. Adapters are loaded, replaced and unloaded at
+runtime through `/v1/adapters` (the admin key, or else the API key).
 """
 
 
 def create_app(
-    served: ServedModel, engine: Engine, *, api_key: str | None = None, ui: bool = True
+    served: ServedModel,
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    admin_key: str | None = None,
+    ui: bool = True,
+    adapter_root: Path | None = None,
+    rescan_interval: float = 10.0,
 ) -> FastAPI:
-    """The whole server as one ASGI app; its lifespan starts and stops `engine`."""
+    """The whole server as one ASGI app; its lifespan starts and stops `engine` and the
+    rescans of `adapter_root` (the folder adapters may be loaded from at runtime)."""
     observer = metrics.PrometheusMetrics(engine)
-    service = GenerationService(engine, served, observer=observer)
+    registry = AdapterRegistry(
+        engine,
+        served,
+        root=AdapterRoot.at(adapter_root) if adapter_root is not None else None,
+        rescan_interval=rescan_interval,
+    )
+    service = GenerationService(engine, served, observer=observer, finder=registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # engine.start() blocks until the engine accepts work: keep the event loop free.
         await asyncio.to_thread(engine.start)
+        await registry.start()
         logger.info("serving %s", ", ".join(service.model_ids()))
         try:
             yield
         finally:
+            await registry.stop()
             # Pending requests finish as "cancelled"; their streams end with an error event.
             await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="tuneserve", description=API_DESCRIPTION, lifespan=lifespan)
     app.state.generation = service
+    app.state.adapters = registry
     app.state.metrics = observer
-    app.state.serving_models = OpenAIServingModels(service)
+    app.state.serving_models = OpenAIServingModels(service, registry)
     app.state.serving_chat = OpenAIServingChat(service)
     app.state.serving_completion = OpenAIServingCompletion(service)
 
     install_error_handlers(app)
-    if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if api_key or admin_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, admin_key=admin_key)
     app.add_middleware(RequestContextMiddleware)  # outermost: ids and 500s for all the rest
 
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_adapters.router)
     add_v1_fallback(app)
 
     if ui:
@@ -101,7 +123,7 @@ def add_v1_fallback(app: FastAPI) -> None:
         raise APIError.of_status(
             404,
             f"Unknown route {request.method} {request.url.path}. The API has "
-            "/v1/models, /v1/chat/completions and /v1/completions (see /docs).",
+            "/v1/models, /v1/chat/completions, /v1/completions and /v1/adapters (see /docs).",
             code="not_found",
         )
 

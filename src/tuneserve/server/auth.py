@@ -1,4 +1,6 @@
-"""Bearer-key auth for the API: with an api_key set, /v1/* need `Authorization: Bearer <key>`.
+"""Bearer-key auth: with an api_key set, /v1/* need `Authorization: Bearer <key>`; the admin
+routes (/v1/adapters and vLLM's runtime LoRA routes) need the admin key when one is set, else
+the API key. So a key handed to users of the API cannot change what is served.
 
 /health, /ready and /metrics stay open: probes and Prometheus scrapers carry no key, and
 they reveal only liveness, model names and counters (put /metrics behind the ingress if
@@ -17,6 +19,7 @@ from tuneserve.server.error_handlers import error_response
 from tuneserve.server.errors import AuthenticationError
 
 PROTECTED_PREFIX = "/v1"
+ADMIN_PATHS = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -32,26 +35,40 @@ def key_matches(given: str | None, expected: str) -> bool:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str | None = None, admin_key: str | None = None
+    ) -> None:
         self.app = app
         self.api_key = api_key
+        self.admin_key = admin_key or api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or not _is_protected(scope["path"])
-            or scope["method"] == "OPTIONS"
-        ):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if _under(path, ADMIN_PATHS):
+            accepted = [self.admin_key]
+            message = "Missing or invalid admin key: send 'Authorization: Bearer <admin key>'."
+        elif _under(path, (PROTECTED_PREFIX,)):
+            # The admin key works wherever the API key does.
+            accepted = [self.api_key, self.admin_key] if self.api_key else []
+            message = None
+        else:
+            accepted = []
+        keys = [key for key in accepted if key]
+        if not keys:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
-        if key_matches(bearer_token(authorization), self.api_key):
+        given = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
+        if any(key_matches(given, key) for key in keys):
             await self.app(scope, receive, send)
             return
-        response = error_response(AuthenticationError(), headers={"WWW-Authenticate": "Bearer"})
+        error = AuthenticationError(message) if message else AuthenticationError()
+        response = error_response(error, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
 
-def _is_protected(path: str) -> bool:
-    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in prefixes)

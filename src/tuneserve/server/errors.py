@@ -66,9 +66,10 @@ class ModelNotFoundError(APIError):
     status_code = 404
     type = "not_found_error"
 
-    def __init__(self, model: str, available: list[str]) -> None:
+    def __init__(self, model: str, available: list[str], *, hint: str | None = None) -> None:
         super().__init__(
-            f"The model {model!r} does not exist. Served models: {', '.join(available)}.",
+            f"The model {model!r} does not exist. Served models: {', '.join(available)}."
+            + (f" {hint}" if hint else ""),
             param="model",
             code="model_not_found",
         )

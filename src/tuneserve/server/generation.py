@@ -38,13 +38,30 @@ class GenerationObserver(Protocol):
     ) -> None: ...
 
 
+class AdapterFinder(Protocol):
+    """Loads adapters on demand by name (server/adapter_registry.py implements it)."""
+
+    async def find(self, name: str) -> bool:
+        """Serve `name` if an adapter of that name can be found; True when it is served."""
+        ...
+
+    def where_looked(self, name: str) -> str:
+        """For the 404: where an adapter of that name would have been found."""
+        ...
+
+
 class GenerationService:
     def __init__(
-        self, engine: Engine, served: ServedModel, observer: GenerationObserver | None = None
+        self,
+        engine: Engine,
+        served: ServedModel,
+        observer: GenerationObserver | None = None,
+        finder: AdapterFinder | None = None,
     ) -> None:
         self.engine = engine
         self.served = served
         self.observer = observer
+        self.finder = finder
 
     # -- names ---------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
@@ -55,9 +72,20 @@ class GenerationService:
         """Map a request's `model` to an adapter name (None = the base) or raise 404."""
         if model == self.served.base_name:
             return None
-        if model in self.engine.adapter_names:
+        if model in self.engine.adapters:
             return model
         raise ModelNotFoundError(model, self.model_ids())
+
+    async def resolve_model(self, model: str) -> str | None:
+        """As resolve_adapter, loading an adapter that is not served yet but can be found
+        (LoRAX-style, by name); the 404 says where it looked."""
+        if model == self.served.base_name or model in self.engine.adapters:
+            return self.resolve_adapter(model)
+        if self.finder is None:
+            raise ModelNotFoundError(model, self.model_ids())
+        if await self.finder.find(model):
+            return self.resolve_adapter(model)
+        raise ModelNotFoundError(model, self.model_ids(), hint=self.finder.where_looked(model))
 
     # -- prompts -------------------------------------------------------------------------
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
@@ -170,7 +198,7 @@ class GenerationService:
         self, model: str, messages: Sequence[dict[str, Any]], params: SamplingParams
     ) -> AsyncIterator[StreamDelta]:
         """Convenience for the UI: render, check length, stream one choice."""
-        self.resolve_adapter(model)
+        await self.resolve_model(model)
         prompt_ids = self.render_chat(messages)
         max_tokens = self.check_length(prompt_ids, params.max_tokens, param="messages")
         if max_tokens != params.max_tokens:

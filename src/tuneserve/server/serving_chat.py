@@ -63,7 +63,7 @@ class OpenAIServingChat:
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         """A whole response, or (stream=True) the JSON of each chunk. Raises APIError."""
         service = self.service
-        service.resolve_adapter(request.model)  # 404 before any work
+        await service.resolve_model(request.model)  # 404 (or an on-demand load) first
         ensure_running(service)
         prompt_ids = service.render_chat([m.to_template() for m in request.messages])
         max_tokens = service.check_length(

@@ -37,7 +37,7 @@ class OpenAIServingCompletion:
     async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         """A whole response, or (stream=True) the JSON of each chunk. Raises APIError."""
         service = self.service
-        service.resolve_adapter(request.model)  # 404 before any work
+        await service.resolve_model(request.model)  # 404 (or an on-demand load) first
         ensure_running(service)
         streams: list[AsyncIterator[StreamDelta]] = []
         echoes: list[str] = []

@@ -31,6 +31,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 50
+MODELS_REFRESH_S = 3.0  # how soon an open page sees adapters loaded or unloaded elsewhere
 
 AUTH_MESSAGE = (
     "This tuneserve server is protected by an API key. "
@@ -460,22 +461,37 @@ def build_ui(service: GenerationService, *, api_key: str | None = None) -> gr.Bl
         compare.send.click(**compare_io)
         compare.stop.click(handlers.stop_compare, queue=False, api_visibility="private")
 
-        # Adapters can be added or removed at runtime (/v1/adapters): refresh the names on
-        # every visit, keeping whatever the visitor has picked.
-        def refresh() -> tuple[Any, ...]:
+        # Adapters are added and removed at runtime (/v1/adapters, rescans of the share): the
+        # names refresh on every visit and, while the page is open, whenever the set changes.
+        known = gr.State(ids)
+        dropdowns = [chat.model, compare.model_a, compare.model_b]
+
+        def refresh(seen: list[str], *picked: str) -> tuple[Any, ...]:
             choices = service.model_ids()
+            if choices == seen:
+                return tuple(gr.skip() for _ in range(5))
+            fallback = (default_model(choices), choices[0], choices[0])
             return (
                 header_markdown(service, api_key=api_key),
-                *(gr.update(choices=choices) for _ in range(3)),
+                *(
+                    gr.update(choices=choices)
+                    if value in choices
+                    else gr.update(choices=choices, value=default)
+                    for value, default in zip(picked, fallback, strict=True)
+                ),
+                choices,
             )
 
-        blocks.load(
-            refresh,
-            outputs=[header, chat.model, compare.model_a, compare.model_b],
-            queue=False,
-            show_progress="hidden",
-            api_visibility="private",
-        )
+        watch: dict[str, Any] = {
+            "fn": refresh,
+            "inputs": [known, *dropdowns],
+            "outputs": [header, *dropdowns, known],
+            "queue": False,
+            "show_progress": "hidden",
+            "api_visibility": "private",
+        }
+        blocks.load(**watch)
+        gr.Timer(MODELS_REFRESH_S).tick(**watch)
     return blocks
 
 
