@@ -19,8 +19,10 @@ import httpx
 import openai
 import pytest
 
+from tests.server.conftest import metric_value
 from tuneserve.models.demo import ADAPTER_EXAMPLES
 
+STATES = ("hot", "cpu", "disk")
 ADMIN = "admin-key"
 USER = "user-key"
 CAPITAL_Q, CAPITAL_A = ADAPTER_EXAMPLES["capitals"][0]
@@ -272,7 +274,7 @@ def test_a_bad_folder_in_the_share_is_reported_not_served(
 
 
 def test_more_adapters_than_hot_slots_all_answer_right(
-    admin: httpx.Client, client: openai.OpenAI, root: Path, demo_paths: Any
+    server: Any, admin: httpx.Client, client: openai.OpenAI, root: Path, demo_paths: Any
 ) -> None:
     """max_loras=1: four adapters asked at once take turns in the one slot (LRU)."""
     kinds = {"lru-cap-a": "capitals", "lru-pir-a": "pirate", "lru-cap-b": "capitals"}
@@ -295,6 +297,10 @@ def test_more_adapters_than_hot_slots_all_answer_right(
     states = {name: served(admin)[name]["state"] for name in kinds}
     assert list(states.values()).count("hot") == 1, states
     assert all(served(admin)[name]["last_used"] for name in kinds)
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    assert metric_value(metrics, "tuneserve_adapters", state="hot") == 1
+    everything = sum(metric_value(metrics, "tuneserve_adapters", state=s) for s in STATES)
+    assert everything == len(served(admin))
 
 
 def test_vllm_runtime_lora_routes_work_too(

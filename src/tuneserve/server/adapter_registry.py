@@ -303,9 +303,14 @@ class AdapterRegistry:
     async def _install(self, name: str, folder: Path, source: Source) -> None:
         """Validate and hand to the engine (which swaps atomically). Lock held."""
         stamp = fingerprint(folder)
-        spec: AdapterSpec = await asyncio.to_thread(
-            validate_adapter, name, folder, self.served.model
-        )
+        try:
+            spec: AdapterSpec = await asyncio.to_thread(
+                validate_adapter, name, folder, self.served.model
+            )
+        except RuntimeError:
+            # --engine simple may drop an old PEFT version on its thread while this walks the
+            # model's modules ("dictionary changed size during iteration"): walk them again.
+            spec = await asyncio.to_thread(validate_adapter, name, folder, self.served.model)
         await asyncio.to_thread(self.engine.add_adapter, spec)
         self._entries[name] = Entry(folder, source, stamp, time.time())
         self._problems.pop(name, None)

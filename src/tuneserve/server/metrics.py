@@ -8,7 +8,8 @@ are read from engine.stats() at scrape time, so they are never stale.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import collections
+from collections.abc import Iterable, Mapping
 
 from fastapi import APIRouter, Request
 from prometheus_client import (
@@ -34,14 +35,22 @@ class EngineStatsCollector(Collector):
         self.engine = engine
 
     def describe(self) -> Iterable[Metric]:
-        return self._families(0, 0)
+        return self._families(0, 0, {})
 
     def collect(self) -> Iterable[Metric]:
         stats = self.engine.stats()
-        return self._families(stats.running, stats.waiting)
+        states = [usage.state for usage in self.engine.adapter_usage().values()]
+        return self._families(stats.running, stats.waiting, collections.Counter(states))
 
     @staticmethod
-    def _families(running: int, waiting: int) -> list[Metric]:
+    def _families(running: int, waiting: int, adapters: Mapping[str, int]) -> list[Metric]:
+        served = GaugeMetricFamily(
+            PREFIX + "adapters",
+            "Adapters served, by where their weights are: hot (an engine slot), cpu, disk.",
+            labels=["state"],
+        )
+        for state in ("hot", "cpu", "disk"):
+            served.add_metric([state], adapters.get(state, 0))
         return [
             GaugeMetricFamily(
                 PREFIX + "requests_running", "Requests the engine is generating for.", running
@@ -49,6 +58,7 @@ class EngineStatsCollector(Collector):
             GaugeMetricFamily(
                 PREFIX + "requests_waiting", "Requests queued for a place in the batch.", waiting
             ),
+            served,
         ]
 
 
