@@ -43,11 +43,12 @@ def test_serve_demo_prints_urls_and_serves(demo_paths: Any, demo_cache: Path) ->
             if not line:
                 break
             seen.append(line)
-            if "API:" in line:
+            if "Adapters:" in line:  # the last line of the announcement here
                 break
         output = "".join(seen)
         assert f"http://127.0.0.1:{port}/v1" in output, output
         assert f"Chat UI:  http://127.0.0.1:{port}/" in output, output
+        assert "Adapters: loaded at runtime from" in output, output  # the demo's adapter folder
 
         ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10)
         assert ready.status_code == 200
@@ -69,6 +70,14 @@ def test_serve_demo_prints_urls_and_serves(demo_paths: Any, demo_cache: Path) ->
         pytest.param(["--dtype", "float64"], "--dtype", id="bad-dtype"),
         pytest.param(["--base", "/does/not/exist"], "/does/not/exist", id="missing-base"),
         pytest.param(["--workspace", "/does/not/exist"], "/does/not/exist", id="missing-workspace"),
+        pytest.param(
+            ["--base", "/x", "--adapter-root", "/no/such/root"],
+            "--adapter-root /no/such/root is not a folder",
+            id="missing-adapter-root",
+        ),
+        pytest.param(
+            ["--adapter-rescan-interval", "-1"], "--adapter-rescan-interval", id="bad-interval"
+        ),
     ],
 )
 def test_serve_bad_input_is_one_clear_line(args: list[str], expected: str) -> None:

@@ -28,6 +28,8 @@ Examples:
   tuneserve serve --base ./Phi-3-mini --adapter support=./out/adapter
 
   tuneserve serve --workspace ./my-aitk-project --api-key $KEY --host 0.0.0.0
+
+  tuneserve serve --base ./Phi-3-mini --adapter-root ./adapters --admin-key $ADMIN_KEY
 """
 
 
