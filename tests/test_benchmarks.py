@@ -158,3 +158,39 @@ def test_tuneserve_bench_finds_the_harness() -> None:
     from tuneserve.cli.bench import find_checkout
 
     assert (find_checkout() / "benchmarks" / "__main__.py").is_file()
+
+
+def test_runtime_adapters_writes_every_metric(tmp_path: Path) -> None:
+    """benchmarks/runtime_adapters.py against one real server, the tiny model, short windows."""
+    from benchmarks.runtime_adapters import METRICS
+
+    out = tmp_path / "out"
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.runtime_adapters",
+        "--quick",
+        "--size",
+        "tiny",
+        "--window",
+        "2",
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "models"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["date"] and res["command"].startswith("python -m benchmarks.runtime_adapters")
+    assert {"cpu", "cpus_logical", "torch", "transformers", "peft"} <= set(res["machine"])
+    assert set(res["metrics"]) == set(METRICS)
+    for metric in METRICS:
+        value = res["metrics"][metric]
+        assert isinstance(value, (int, float)) and value > 0, (metric, value)
+    assert res["traffic"]["error_count"] == 0, res["traffic"]["errors"]
+    assert [w["kind"] for w in res["windows"]] == ["A", "B", "B", "A"]
+    assert all(w["replaces"] >= 2 for w in res["windows"][1:3])  # one every 0.5 s in 2 s
+    assert len(res["samples"]["load_s"]) == 5 and len(res["samples"]["ttft_on_demand_s"]) == 3
+    assert "| load (POST, new name) p50 / p90 |" in (out / "report.md").read_text()

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tuneserve.cli.deploy import _errors  # the same one-line errors as the deploy commands
+from tuneserve.deploy.sync import human_size
 from tuneserve.errors import NotProvisionedError
 
 stdout = Console(highlight=False, soft_wrap=True, markup=False)
@@ -98,14 +99,6 @@ def _ago(when: float | None, now: float) -> str:
     return f"{seconds:.0f} s ago"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 @app.command("list", help="The adapters a server (the first --url, or the endpoint) serves.")
 @_errors
 def list_adapters(
@@ -133,7 +126,7 @@ def list_adapters(
             str(adapter.get("state", "")),
             str(adapter.get("rank", "")),
             ", ".join(adapter.get("target_modules") or []),
-            _size(adapter.get("size_bytes") or 0),
+            human_size(adapter.get("size_bytes") or 0),
             _ago(adapter.get("last_used"), now),
             str(adapter.get("source", "")),
         )

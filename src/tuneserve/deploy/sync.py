@@ -96,13 +96,13 @@ class SyncResult:
 
     def summary(self) -> str:
         text = (
-            f"{len(self.uploaded)} file(s) uploaded ({_human(self.bytes_uploaded)}), "
+            f"{len(self.uploaded)} file(s) uploaded ({human_size(self.bytes_uploaded)}), "
             f"{self.unchanged} unchanged"
         )
         return text + (f", {len(self.deleted)} deleted" if self.deleted else "")
 
 
-def _human(n: float) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
