@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import TEST_ENGINE
 from tests.server.conftest import metric_value
 from tuneserve.models.demo import ADAPTER_EXAMPLES
 
@@ -295,10 +296,12 @@ def test_more_adapters_than_hot_slots_all_answer_right(
         thread.join(120)
     assert answers == {name: questions[kind][1] for name, kind in kinds.items()}
     states = {name: served(admin)[name]["state"] for name in kinds}
-    assert list(states.values()).count("hot") == 1, states
+    # the simple engine (PEFT) keeps every adapter in the model: all hot, no slots
+    hot = 1 if TEST_ENGINE == "continuous" else len(served(admin))
+    assert list(states.values()).count("hot") == min(hot, len(kinds)), states
     assert all(served(admin)[name]["last_used"] for name in kinds)
     metrics = httpx.get(server.url + "/metrics", timeout=30).text
-    assert metric_value(metrics, "tuneserve_adapters", state="hot") == 1
+    assert metric_value(metrics, "tuneserve_adapters", state="hot") == hot
     everything = sum(metric_value(metrics, "tuneserve_adapters", state=s) for s in STATES)
     assert everything == len(served(admin))
 
