@@ -257,6 +257,23 @@ def test_rescan_follows_the_share_add_change_and_delete(
         ask(client, "rolling", PIRATE_Q)
 
 
+def test_an_unreachable_root_unloads_nothing(
+    admin: httpx.Client, client: openai.OpenAI, root: Path, demo_paths: Any
+) -> None:
+    put(demo_paths, "capitals", root / "kept")
+    assert "kept" in {card["name"] for card in admin.post("/adapters/rescan").json()["data"]}
+    away = root.with_name("models-away")
+    root.rename(away)  # the share drops out for a moment
+    try:
+        assert "kept" in {c["name"] for c in admin.post("/adapters/rescan").json()["data"]}
+        assert ask(client, "kept", CAPITAL_Q) == CAPITAL_A
+    finally:
+        away.rename(root)
+    shutil.rmtree(root / "kept")
+    admin.post("/adapters/rescan")
+    assert "kept" not in served(admin)
+
+
 def test_a_bad_folder_in_the_share_is_reported_not_served(
     admin: httpx.Client, root: Path, demo_paths: Any
 ) -> None:

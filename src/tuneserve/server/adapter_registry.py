@@ -255,6 +255,10 @@ class AdapterRegistry:
     async def _rescan_once(self) -> None:
         root = self.root
         assert root is not None
+        if not await asyncio.to_thread(root.path.is_dir):
+            # A share that is briefly unreachable must not unload everything it served.
+            logger.warning("adapter root %s is not reachable; the adapters stay as they are", root)
+            return
         served_folders = [entry.path for entry in self._entries.values()]
         found, stamps = await asyncio.to_thread(_look, root, served_folders)
         async with self._lock:
