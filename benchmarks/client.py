@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,30 @@ def words(text: str) -> int:
     return len(text.split())
 
 
+def completion_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """A streaming /v1/completions request: greedy, EOS ignored, usage in the last chunk."""
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of an OpenAI-style SSE stream, up to `data: [DONE]`."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        yield json.loads(payload)
+
+
 async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
     result = RequestResult()
     seen_words = 0
@@ -67,13 +91,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
                 detail = (await response.aread()).decode(errors="replace")[:300]
                 result.error = f"HTTP {response.status_code}: {detail}"
                 return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                event = json.loads(payload)
+            async for event in sse_events(response):
                 if "error" in event:
                     result.error = f"stream error: {str(event['error'])[:300]}"
                     return result

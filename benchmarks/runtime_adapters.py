@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.client import chunk_text, one_request, words
+from benchmarks.client import chunk_text, completion_body, one_request, sse_events, words
 from benchmarks.model import BenchModel, ensure_bench_model, prompt_text
 from benchmarks.procs import ServerProcess, free_port
 from benchmarks.results import machine_info, now_iso
@@ -90,18 +90,6 @@ class Config:
 
 
 # -- HTTP --------------------------------------------------------------------------------------
-def completion_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    return {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-    }
-
-
 async def timed(
     client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None = None
 ) -> tuple[float, dict[str, Any]]:
@@ -151,13 +139,7 @@ async def stream_once(
         if response.status_code != 200:
             detail = (await response.aread()).decode(errors="replace")[:300]
             raise RuntimeError(f"HTTP {response.status_code}: {detail}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                break
-            event = json.loads(payload)
+        async for event in sse_events(response):
             if "error" in event:
                 raise RuntimeError(f"stream error: {str(event['error'])[:300]}")
             n = words(chunk_text(event))

@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from benchmarks.client import completion_body
 from benchmarks.model import BenchModel
 from benchmarks.results import BenchConfig
 
@@ -41,16 +42,7 @@ class HttpSystem:
         raise NotImplementedError
 
     def body(self, prompt: str, adapter: str, cfg: BenchConfig, max_tokens: int) -> dict[str, Any]:
-        """A streaming /v1/completions request: greedy, EOS ignored, usage in the last chunk."""
-        return {
-            "model": adapter,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "ignore_eos": True,
-        }
+        return completion_body(adapter, prompt, max_tokens)
 
 
 def _adapter_flags(bench: BenchModel, k: int) -> list[str]:
