@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -96,7 +97,7 @@ class Results(BaseModel):
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        path.write_text(portable(self.model_dump_json(indent=2)) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> Results:
@@ -107,6 +108,16 @@ class Results(BaseModel):
             if (p.system, p.adapters, p.concurrency) == (system, adapters, concurrency):
                 return p if p.status == "ok" else None
         return None
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def portable(text: str) -> str:
+    """Results name paths relative to the checkout (and $TMPDIR for temporary folders), so
+    the files say nothing of the machine they were measured on beyond what `machine` records."""
+    text = text.replace(str(REPO) + "/", "")
+    return text.replace(tempfile.gettempdir().rstrip("/") + "/", "$TMPDIR/")
 
 
 def now_iso() -> str:

@@ -44,7 +44,7 @@ import httpx
 from benchmarks.client import chunk_text, completion_body, one_request, sse_events, words
 from benchmarks.model import BenchModel, ensure_bench_model, prompt_text
 from benchmarks.procs import ServerProcess, free_port
-from benchmarks.results import machine_info, now_iso
+from benchmarks.results import machine_info, now_iso, portable
 from benchmarks.runner import percentile
 
 HERE = Path(__file__).resolve().parent
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": round(time.perf_counter() - began, 1),
     }
     report = markdown(res)
-    (out_dir / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out_dir / "results.json").write_text(portable(json.dumps(res, indent=2)) + "\n")
     (out_dir / "report.md").write_text(report)
     print(report, end="")
     log(f"wrote {out_dir / 'results.json'} and report.md in {res['duration_s']:.0f} s")
