@@ -50,7 +50,7 @@ from tuneserve.engine.types import (
     StreamDelta,
 )
 from tuneserve.errors import AdapterError, UnknownAdapterError
-from tuneserve.models.adapters import validate_adapter
+from tuneserve.models.adapters import BaseLayers, validate_adapter
 from tuneserve.models.types import AdapterSpec, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -218,6 +218,7 @@ class PeftBatchEngine(ThreadedEngine):
         self._running = 0
         # the adapters: the model is the bare base model until the first one arrives
         self.model: Any = served.model.eval()
+        self._base = BaseLayers.of(self.model)  # its layers, read before PEFT wraps them
         self._versions: dict[str, str] = {}  # public name -> PEFT name of the served version
         self._version_count = 0
         self._retired: set[str] = set()  # PEFT names no longer served, still used by rows
@@ -258,7 +259,7 @@ class PeftBatchEngine(ThreadedEngine):
 
     def _install(self, loaded: LoadedAdapter) -> None:
         spec = loaded.spec
-        validate_adapter(spec.name, spec.path, self.model)  # against the model as it is now
+        validate_adapter(spec.name, spec.path, self._base)  # the engine's own guard: cheap
         self._version_count += 1
         version = f"v{self._version_count}"
         try:

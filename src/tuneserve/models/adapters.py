@@ -53,15 +53,41 @@ class LoraAdapterConfig(BaseModel):
     base_model_name_or_path: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BaseLayers:
+    """What validation needs of the base model, read from it once: its adaptable layers by full
+    name, every module name, its class and where it came from.
+
+    Engines wrap layers but never change their shapes, so one snapshot serves every later
+    validation, without walking a model that the engine thread may be rewrapping at that moment.
+    """
+
+    modules: dict[str, Any]  # full name -> the Linear / Conv1D / Embedding a LoRA can wrap
+    names: frozenset[str]  # every submodule's full name
+    class_name: str
+    name_or_path: str
+
+    @classmethod
+    def of(cls, model: Any) -> BaseLayers:
+        get_base_model = getattr(model, "get_base_model", None)  # an engine's PeftModel wrapper
+        if callable(get_base_model):
+            model = get_base_model()
+        return cls(
+            modules=_adaptable_modules(model),
+            names=frozenset(name for name, _ in model.named_modules()),
+            class_name=type(model).__name__,
+            name_or_path=str(getattr(model, "name_or_path", "") or ""),
+        )
+
+
 def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
-    """Validate the adapter folder `path` against `model` (the bare transformers base model).
+    """Validate the adapter folder `path` against `model`: the bare transformers base model
+    (or one an engine wrapped), or its `BaseLayers` taken once for many validations.
 
     Raises AdapterError naming the adapter and the offending file.
     """
     path = Path(path).expanduser()
-    get_base_model = getattr(model, "get_base_model", None)  # an engine's PeftModel wrapper
-    if callable(get_base_model):
-        model = get_base_model()
+    base = model if isinstance(model, BaseLayers) else BaseLayers.of(model)
     if not path.is_dir():
         raise AdapterError(
             name,
@@ -70,10 +96,10 @@ def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
         )
     raw, config = read_adapter_config(name, path / CONFIG_FILE)
     _check_supported(name, path / CONFIG_FILE, config)
-    _check_targets(name, path / CONFIG_FILE, config, model)
+    _check_targets(name, path / CONFIG_FILE, config, base)
     weights = _weights_file(name, path)
-    _check_weights(name, weights, _read_shapes(name, weights), config, model)
-    _check_base_hint(name, path / CONFIG_FILE, config, model)
+    _check_weights(name, weights, _read_shapes(name, weights), config, base)
+    _check_base_hint(name, path / CONFIG_FILE, config, base)
     targets = config.target_modules
     return AdapterSpec(
         name=name,
@@ -173,11 +199,11 @@ def _adaptable_modules(model: Any) -> dict[str, Any]:
     return found
 
 
-def _check_targets(name: str, file: Path, config: LoraAdapterConfig, model: Any) -> None:
+def _check_targets(name: str, file: Path, config: LoraAdapterConfig, base: BaseLayers) -> None:
     targets = config.target_modules
     if targets is None or targets == "all-linear" or targets == ["all-linear"]:
         return
-    modules = list(_adaptable_modules(model))
+    modules = list(base.modules)
     if isinstance(targets, str):
         if any(re.fullmatch(targets, module) for module in modules):
             return
@@ -189,15 +215,15 @@ def _check_targets(name: str, file: Path, config: LoraAdapterConfig, model: Any)
         raise AdapterError(
             name,
             f"{file}: target_modules {missing} match no layer of the base model "
-            f"({type(model).__name__}); its layers are named: {', '.join(available)}. "
+            f"({base.class_name}); its layers are named: {', '.join(available)}. "
             "Was the adapter trained for a different base model?",
         )
 
 
-def _check_base_hint(name: str, file: Path, config: LoraAdapterConfig, model: Any) -> None:
+def _check_base_hint(name: str, file: Path, config: LoraAdapterConfig, layers: BaseLayers) -> None:
     """base_model_name_or_path is only a hint: the base may have moved or been renamed."""
     hint = (config.base_model_name_or_path or "").rstrip("/")
-    base = str(getattr(model, "name_or_path", "") or "").rstrip("/")
+    base = layers.name_or_path.rstrip("/")
     if not hint or not base or _same_model(hint, base):
         return
     logger.warning(
@@ -265,16 +291,15 @@ def _check_weights(
     file: Path,
     shapes: dict[str, tuple[int, ...]],
     config: LoraAdapterConfig,
-    model: Any,
+    base: BaseLayers,
 ) -> None:
     if not shapes:
         raise AdapterError(name, f"{file} holds no tensors")
-    modules = _adaptable_modules(model)
     seen: dict[str, set[str]] = {}
     hint = config.base_model_name_or_path
     trained_on = f" (adapter_config.json says it was trained on {hint!r})" if hint else ""
     for key, shape in shapes.items():
-        expected = _expected_shape(name, file, key, config, model, modules, trained_on)
+        expected = _expected_shape(name, file, key, config, base, trained_on)
         if shape != expected.shape:
             rank_at = 0 if expected.is_a else 1
             only_rank_differs = (
@@ -304,8 +329,7 @@ def _expected_shape(
     file: Path,
     key: str,
     config: LoraAdapterConfig,
-    model: Any,
-    modules: dict[str, Any],
+    base: BaseLayers,
     trained_on: str,
 ) -> _Expected:
     match = _KEY.fullmatch(key.removeprefix(_PEFT_PREFIX)) if key.startswith(_PEFT_PREFIX) else None
@@ -317,14 +341,14 @@ def _expected_shape(
         )
     module_name = match["module"] or match["emodule"]
     kind = match["kind"] or match["ekind"]
-    module = modules.get(module_name)
+    module = base.modules.get(module_name)
     if module is None:
-        exists = _has_submodule(model, module_name)
+        exists = module_name in base.names
         what = "is not a Linear or Embedding layer" if exists else "does not exist"
         raise AdapterError(
             name,
             f"{file}: {key} is for the module {module_name!r}, which {what} in the base model "
-            f"({type(model).__name__}); the adapter was trained for a different base model"
+            f"({base.class_name}); the adapter was trained for a different base model"
             f"{trained_on}",
         )
     rank = _pattern_value(config.rank_pattern, module_name, config.r)
@@ -351,14 +375,6 @@ def _in_out(module: Any) -> tuple[int, int]:
         return int(module.in_features), int(module.out_features)
     n_in, n_out = module.weight.shape  # transformers' Conv1D stores [in, out]
     return int(n_in), int(n_out)
-
-
-def _has_submodule(model: Any, module_name: str) -> bool:
-    try:
-        model.get_submodule(module_name)
-    except AttributeError:
-        return False
-    return True
 
 
 def lora_scale(config: dict[str, Any], module_name: str) -> float:

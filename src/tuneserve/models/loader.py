@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve.errors import AdapterError, ModelLoadError
-from tuneserve.models.adapters import validate_adapter
+from tuneserve.models.adapters import BaseLayers, validate_adapter
 from tuneserve.models.chat_template import ensure_chat_template
 from tuneserve.models.types import AdapterSpec, ServedModel
 
@@ -50,9 +50,10 @@ def load_served_model(
 
     specs: dict[str, AdapterSpec] = {}
     errors: dict[str, str] = {}
+    base = BaseLayers.of(model)  # one walk of the model for every adapter
     for name, path in adapters.items():
         try:
-            specs[name] = validate_adapter(name, Path(path), model)
+            specs[name] = validate_adapter(name, Path(path), base)
         except AdapterError as exc:
             logger.error("not serving %s", exc)
             errors[name] = str(exc)

@@ -14,8 +14,9 @@ A rescan serves every new adapter folder under the root, reloads an adapter whos
 is reported in `GET /v1/adapters` (errors) and, if an older version of it was serving, that one
 keeps serving. `DELETE` hides a folder from rescans until its files change or it is loaded again.
 
-Changes happen one at a time (one lock): validating an adapter walks the model's modules, which
-a concurrent load could be rewrapping, and a load is fast next to a request.
+Changes happen one at a time (one lock), so a name's load, replace and unload apply in the order
+asked; a load is fast next to a request. Validation uses the base model's layers read once at
+start (models/adapters.py `BaseLayers`), never the live model the engine thread rewraps.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from tuneserve.models.adapter_root import (
     check_adapter_name,
     fingerprint,
 )
-from tuneserve.models.adapters import CONFIG_FILE, WEIGHT_FILES, validate_adapter
+from tuneserve.models.adapters import CONFIG_FILE, WEIGHT_FILES, BaseLayers, validate_adapter
 from tuneserve.models.types import AdapterSpec, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class AdapterRegistry:
             name: Entry(spec.path.resolve(), "startup", fingerprint(spec.path), now)
             for name, spec in engine.adapters.items()
         }
+        # Read once: later validations must not walk a model the engine may be rewrapping.
+        self._base = BaseLayers.of(served.model)
         self._problems: dict[str, Problem] = {}
         self._hidden: dict[Path, Fingerprint] = {}  # unloaded by DELETE, while unchanged
         self._lock = asyncio.Lock()
@@ -307,14 +310,7 @@ class AdapterRegistry:
     async def _install(self, name: str, folder: Path, source: Source) -> None:
         """Validate and hand to the engine (which swaps atomically). Lock held."""
         stamp = fingerprint(folder)
-        try:
-            spec: AdapterSpec = await asyncio.to_thread(
-                validate_adapter, name, folder, self.served.model
-            )
-        except RuntimeError:
-            # --engine simple may drop an old PEFT version on its thread while this walks the
-            # model's modules ("dictionary changed size during iteration"): walk them again.
-            spec = await asyncio.to_thread(validate_adapter, name, folder, self.served.model)
+        spec: AdapterSpec = await asyncio.to_thread(validate_adapter, name, folder, self._base)
         await asyncio.to_thread(self.engine.add_adapter, spec)
         self._entries[name] = Entry(folder, source, stamp, time.time())
         self._problems.pop(name, None)
