@@ -55,7 +55,7 @@ from tuneserve.engine.types import (
     GenerationRequest,
     StreamDelta,
 )
-from tuneserve.errors import AdapterError, UnknownAdapterError
+from tuneserve.errors import AdapterError
 from tuneserve.models.types import AdapterSpec, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -178,23 +178,18 @@ class ContinuousBatchingEngine(ThreadedEngine):
         return self.loras.usage(self._adapters)
 
     def _remove_adapter(self, name: str) -> None:
-        if name not in self._adapters:
-            raise UnknownAdapterError(name, self.adapter_names)
         self.loras.remove(name)
-        self._adapters = {k: v for k, v in self._adapters.items() if k != name}
         # requests not started yet would only fail at admission: end them now
-        message = "adapter {name!r} was unloaded before request {request_id} started"
         with self._cond:
             arrivals = [item for item in self._inbox if item[0].adapter == name]
             for item in arrivals:
                 self._inbox.remove(item)
         for request, stream in arrivals:
-            stream.fail(message.format(name=name, request_id=request.request_id))
+            stream.fail(self._unloaded(name, request.request_id))
         for seq in [s for s in self.scheduler.waiting if s.request.adapter == name]:
             row = self._rows[seq.request.request_id]
-            row.stream.fail(message.format(name=name, request_id=seq.request.request_id))
+            row.stream.fail(self._unloaded(name, seq.request.request_id))
             self._end(row)
-        logger.info("adapter %r unloaded", name)
 
     # -- the event loop side of cancellation ----------------------------------------------
     def _on_cancel(self, request_id: str) -> None:
@@ -313,14 +308,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         for seq, error in self.scheduler.take_failures():
             row = self._rows.get(seq.request.request_id)
             if row is not None:
-                request_id = seq.request.request_id
-                if isinstance(error, UnknownAdapterError):
-                    row.stream.fail(
-                        f"adapter {error.name!r} was unloaded before request {request_id} "
-                        f"started; served adapters: {', '.join(error.available) or '(none)'}"
-                    )
-                else:
-                    row.stream.fail(f"request {request_id}: {error}")
+                row.stream.fail(f"request {seq.request.request_id}: {error}")
                 self._end(row)
         if not chunks:
             return

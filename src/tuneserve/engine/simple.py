@@ -49,7 +49,7 @@ from tuneserve.engine.types import (
     GenerationRequest,
     StreamDelta,
 )
-from tuneserve.errors import AdapterError, UnknownAdapterError
+from tuneserve.errors import AdapterError
 from tuneserve.models.adapters import BaseLayers, validate_adapter
 from tuneserve.models.types import AdapterSpec, ServedModel
 
@@ -292,23 +292,15 @@ class PeftBatchEngine(ThreadedEngine):
         self._adapters = {**self._adapters, spec.name: spec}
 
     def _remove_adapter(self, name: str) -> None:
-        if name not in self._adapters:
-            raise UnknownAdapterError(name, self.adapter_names)
         self._retire(self._versions.pop(name))
-        self._adapters = {k: v for k, v in self._adapters.items() if k != name}
         self._last_used.pop(name, None)
         with self._cond:
             doomed = [p for p in self._waiting if p.request.adapter == name]
             for pending in doomed:
                 self._waiting.remove(pending)
         for pending in doomed:
-            pending.stream.fail(self._unloaded(name, pending.request))
+            pending.stream.fail(self._unloaded(name, pending.request.request_id))
             pending.finished = True
-        logger.info("adapter %r unloaded", name)
-
-    @staticmethod
-    def _unloaded(name: str, request: GenerationRequest) -> str:
-        return f"adapter {name!r} was unloaded before request {request.request_id} started"
 
     def _retire(self, version: str) -> None:
         """`version` is no longer served; PEFT drops it once no running row uses it."""

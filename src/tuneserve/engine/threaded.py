@@ -94,7 +94,19 @@ class ThreadedEngine(Engine):
     def remove_adapter(self, name: str) -> None:
         if name not in self._adapters:
             raise UnknownAdapterError(name, self.adapter_names)
-        self._call(lambda: self._remove_adapter(name))
+        self._call(lambda: self._remove(name))
+
+    def _remove(self, name: str) -> None:
+        if name not in self._adapters:  # another command removed it since the caller looked
+            raise UnknownAdapterError(name, self.adapter_names)
+        self._remove_adapter(name)
+        self._adapters = {k: v for k, v in self._adapters.items() if k != name}
+        logger.info("adapter %r unloaded", name)
+
+    @staticmethod
+    def _unloaded(name: str, request_id: str) -> str:
+        """Why a request that had not started yet ends when its adapter is removed."""
+        return f"adapter {name!r} was unloaded before request {request_id} started"
 
     # -- commands: run on the engine thread between steps -------------------------------------
     def _call(self, fn: Callable[[], T]) -> T:
@@ -157,11 +169,8 @@ class ThreadedEngine(Engine):
 
     @abc.abstractmethod
     def _remove_adapter(self, name: str) -> None:
-        """Stop serving `name` (a command: engine thread, or before it starts).
-
-        Raises UnknownAdapterError when `name` is not in `_adapters` (another command may
-        have removed it since the caller looked).
-        """
+        """Take `name` (served) out of the model and end its requests that have not started
+        (a command: engine thread, or before it starts); `_adapters` is updated after."""
 
     @abc.abstractmethod
     def _enqueue(self, request: GenerationRequest, stream: QueueRequestStream) -> None:
