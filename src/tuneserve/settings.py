@@ -55,6 +55,16 @@ class ServeSettings(BaseSettings):
     max_loras: int = Field(8, ge=1, description="Adapters held hot in the engine's LoRA slots.")
     max_cpu_loras: int | None = Field(None, ge=1, description="Adapters kept in CPU memory.")
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    open_admin: bool = Field(
+        False,
+        description="Open the admin routes (/v1/adapters) without a key, for a trusted network.",
+    )
+    shutdown_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds running requests may take to finish after SIGTERM (the platform's "
+        "grace period).",
+    )
     ui: bool = Field(True, description="Mount the Gradio chat UI at /.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

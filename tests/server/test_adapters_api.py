@@ -336,11 +336,37 @@ def test_vllm_runtime_lora_routes_work_too(
     assert missing.status_code == 404
 
 
-def test_without_a_root_runtime_loads_are_refused_clearly(demo_server: Any) -> None:
-    response = httpx.post(
-        demo_server.api_url + "/adapters", json={"name": "x", "path": "x"}, timeout=30
-    )
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/adapters"),
+        ("POST", "/adapters"),
+        ("DELETE", "/adapters/capitals"),
+        ("POST", "/adapters/rescan"),
+        ("POST", "/load_lora_adapter"),
+        ("POST", "/unload_lora_adapter"),
+    ],
+)
+def test_with_no_key_the_admin_routes_are_closed(demo_server: Any, method: str, path: str) -> None:
+    """Secure by default: a server started without keys cannot be changed by anyone."""
+    body = {"name": "x", "path": "x"} if method == "POST" else None
+    response = httpx.request(method, demo_server.api_url + path, json=body, timeout=30)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["type"] == "authentication_error"
+    assert "--admin-key" in error["message"] and "--open-admin" in error["message"]
+    # nothing changed, and the API itself stays open on a keyless server
+    models = httpx.get(demo_server.api_url + "/models", timeout=30).json()["data"]
+    assert "capitals" in {m["id"] for m in models}
+
+
+def test_open_admin_opens_them_and_without_a_root_loads_are_refused_clearly(
+    demo_server_factory: Callable[..., Any],
+) -> None:
+    opened = demo_server_factory(ui=False, app={"open_admin": True})
+    response = httpx.post(opened.api_url + "/adapters", json={"name": "x", "path": "x"}, timeout=30)
     assert response.status_code == 400
     assert "--adapter-root" in response.json()["error"]["message"]
-    listing = httpx.get(demo_server.api_url + "/adapters", timeout=30).json()
+    listing = httpx.get(opened.api_url + "/adapters", timeout=30).json()
     assert listing["root"] is None and {c["name"] for c in listing["data"]} >= {"capitals"}
+    opened.stop()

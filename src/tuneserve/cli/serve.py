@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -75,6 +76,21 @@ def serve(
         str | None,
         typer.Option(help="Require this key on /v1/adapters instead of the API key."),
     ] = None,
+    open_admin: Annotated[
+        bool | None,
+        typer.Option(
+            "--open-admin",
+            help="Open the admin routes (/v1/adapters) without a key, for a trusted network "
+            "(by default they need --admin-key or --api-key).",
+        ),
+    ] = None,
+    shutdown_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="On SIGTERM, seconds running requests may take to finish (the platform's "
+            "grace period) [default: 30]."
+        ),
+    ] = None,
     adapter_root: Annotated[
         Path | None,
         typer.Option(
@@ -119,6 +135,8 @@ def serve(
         "port": port,
         "api_key": api_key,
         "admin_key": admin_key,
+        "open_admin": open_admin,
+        "shutdown_timeout": shutdown_timeout,
         "adapter_root": adapter_root,
         "adapter_rescan_interval": adapter_rescan_interval,
         "max_model_len": max_model_len,
@@ -195,6 +213,7 @@ def run_server(settings: ServeSettings) -> None:
     from tuneserve.engine.factory import create_engine
     from tuneserve.models.loader import load_served_model
     from tuneserve.server.app import create_app
+    from tuneserve.server.lifecycle import DrainingServer
 
     sources = resolve_sources(settings)
     with stderr.status(f"Loading {sources.base} and {len(sources.adapters)} adapter(s)..."):
@@ -215,24 +234,50 @@ def run_server(settings: ServeSettings) -> None:
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,
     )
+    notice = open_to_network(settings)
+    if notice:
+        log.warning("%s", notice)
+        stderr.print(f"[bold red]warning:[/] {notice}", highlight=False)
     app = create_app(
         served,
         engine,
         api_key=settings.api_key,
         admin_key=settings.admin_key,
+        open_admin=settings.open_admin,
         ui=settings.ui,
         adapter_root=sources.adapter_root,
         rescan_interval=settings.adapter_rescan_interval,
+        notice=notice,
     )
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.lifecycle, settings.shutdown_timeout)
     threading.Thread(
         target=_announce, args=(server, settings, served, engine, sources.adapter_root), daemon=True
     ).start()
     server.run()
+
+
+def open_to_network(settings: ServeSettings) -> str | None:
+    """The warning for a server others can reach with no API key (None when it is fine)."""
+    if settings.api_key or is_loopback(settings.host):
+        return None
+    opened = " and anyone can change its adapters (--open-admin)" if settings.open_admin else ""
+    return (
+        f"no API key: anyone who can reach {settings.host}:{settings.port} can use this "
+        f"model{opened}. Set --api-key (or TUNESERVE_API_KEY)."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _announce(
@@ -257,4 +302,6 @@ def _announce(
         lines.append(f"  Adapters: loaded at runtime from {adapter_root} (POST {url}/v1/adapters)")
     if settings.api_key:
         lines.append("  Auth:     Authorization: Bearer <your --api-key>")
+    if not (settings.api_key or settings.admin_key or settings.open_admin):
+        lines.append("  Admin:    closed (no key): --admin-key KEY opens /v1/adapters")
     Console(soft_wrap=True).print("\n".join(lines), highlight=False)

@@ -25,6 +25,7 @@ from tuneserve.server.auth import ApiKeyMiddleware
 from tuneserve.server.error_handlers import install_error_handlers
 from tuneserve.server.errors import APIError
 from tuneserve.server.generation import GenerationService
+from tuneserve.server.lifecycle import DrainMiddleware, Lifecycle
 from tuneserve.server.request_context import RequestContextMiddleware
 from tuneserve.server.serving_chat import OpenAIServingChat
 from tuneserve.server.serving_completions import OpenAIServingCompletion
@@ -50,17 +51,26 @@ def create_app(
     ui: bool = True,
     adapter_root: Path | None = None,
     rescan_interval: float = 10.0,
+    open_admin: bool = False,
+    notice: str | None = None,
 ) -> FastAPI:
     """The whole server as one ASGI app; its lifespan starts and stops `engine` and the
-    rescans of `adapter_root` (the folder adapters may be loaded from at runtime)."""
+    rescans of `adapter_root` (the folder adapters may be loaded from at runtime).
+
+    The admin routes are closed unless `admin_key` or `api_key` is set, or `open_admin` opens
+    them for a trusted network. `notice` is a warning for the UI's header.
+    `app.state.lifecycle` is what a DrainingServer drains."""
     observer = metrics.PrometheusMetrics(engine)
+    lifecycle = Lifecycle()
     registry = AdapterRegistry(
         engine,
         served,
         root=AdapterRoot.at(adapter_root) if adapter_root is not None else None,
         rescan_interval=rescan_interval,
     )
-    service = GenerationService(engine, served, observer=observer, finder=registry)
+    service = GenerationService(
+        engine, served, observer=observer, finder=registry, lifecycle=lifecycle
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,6 +87,7 @@ def create_app(
 
     app = FastAPI(title="tuneserve", description=API_DESCRIPTION, lifespan=lifespan)
     app.state.generation = service
+    app.state.lifecycle = lifecycle
     app.state.adapters = registry
     app.state.metrics = observer
     app.state.serving_models = OpenAIServingModels(service, registry)
@@ -84,8 +95,10 @@ def create_app(
     app.state.serving_completion = OpenAIServingCompletion(service)
 
     install_error_handlers(app)
-    if api_key or admin_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key, admin_key=admin_key)
+    app.add_middleware(DrainMiddleware, lifecycle=lifecycle)
+    app.add_middleware(
+        ApiKeyMiddleware, api_key=api_key, admin_key=admin_key, open_admin=open_admin
+    )
     app.add_middleware(RequestContextMiddleware)  # outermost: ids and 500s for all the rest
 
     app.include_router(health.router)
@@ -97,7 +110,7 @@ def create_app(
     if ui:
         from tuneserve.server.ui import mount_ui
 
-        mount_ui(app, service, api_key=api_key)
+        mount_ui(app, service, api_key=api_key, notice=notice)
     return app
 
 

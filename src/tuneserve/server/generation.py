@@ -18,6 +18,7 @@ from tuneserve.engine.base import Engine
 from tuneserve.engine.types import GenerationRequest, SamplingParams, StreamDelta
 from tuneserve.models.types import ServedModel
 from tuneserve.server.errors import InvalidRequestError, ModelNotFoundError
+from tuneserve.server.lifecycle import Lifecycle, draining_error
 
 
 class GenerationObserver(Protocol):
@@ -57,11 +58,13 @@ class GenerationService:
         served: ServedModel,
         observer: GenerationObserver | None = None,
         finder: AdapterFinder | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.engine = engine
         self.served = served
         self.observer = observer
         self.finder = finder
+        self.lifecycle = lifecycle or Lifecycle()
 
     # -- names ---------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
@@ -197,7 +200,17 @@ class GenerationService:
     async def chat_stream(
         self, model: str, messages: Sequence[dict[str, Any]], params: SamplingParams
     ) -> AsyncIterator[StreamDelta]:
-        """Convenience for the UI: render, check length, stream one choice."""
+        """Convenience for the UI: render, check length, stream one choice. (API requests are
+        refused and counted while draining by DrainMiddleware; the UI's are here.)"""
+        if self.lifecycle.draining:
+            raise draining_error()
+        with self.lifecycle.track():
+            async for delta in self._chat_stream(model, messages, params):
+                yield delta
+
+    async def _chat_stream(
+        self, model: str, messages: Sequence[dict[str, Any]], params: SamplingParams
+    ) -> AsyncIterator[StreamDelta]:
         await self.resolve_model(model)
         prompt_ids = self.render_chat(messages)
         max_tokens = self.check_length(prompt_ids, params.max_tokens, param="messages")

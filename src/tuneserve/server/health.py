@@ -32,10 +32,16 @@ async def health() -> dict[str, Any]:
 @router.get(
     "/ready",
     summary="Readiness: the engine accepts requests",
-    responses={503: {"description": "The engine is not running (starting or stopping)."}},
+    responses={
+        503: {"description": "Not ready: the engine is starting, or the server is draining."}
+    },
 )
 async def ready(request: Request) -> dict[str, Any]:
     service: GenerationService = request.app.state.generation
+    if request.app.state.lifecycle.draining:
+        raise ServiceUnavailableError(
+            "The server is shutting down (draining running requests).", code="draining"
+        )
     if not service.engine.is_running:
         raise ServiceUnavailableError(
             "The engine is not running yet (or any more).", code="not_ready"

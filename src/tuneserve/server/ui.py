@@ -101,7 +101,9 @@ def error_text(exc: BaseException) -> str:
     return f"Generation failed ({type(exc).__name__}); see the server log."
 
 
-def header_markdown(service: GenerationService, *, api_key: str | None) -> str:
+def header_markdown(
+    service: GenerationService, *, api_key: str | None, notice: str | None = None
+) -> str:
     served = service.served
     adapters = service.engine.adapter_names
     listed = ", ".join(f"`{name}`" for name in adapters) if adapters else "none"
@@ -109,6 +111,8 @@ def header_markdown(service: GenerationService, *, api_key: str | None) -> str:
         "## tuneserve",
         f"**Base model:** `{served.base_name}` · **Adapters:** {listed}",
     ]
+    if notice:
+        lines.append(f"**⚠ {notice}**")
     if served.adapter_errors:
         skipped = "; ".join(f"`{name}`: {why}" for name, why in served.adapter_errors.items())
         lines.append(f"**Not served:** {skipped}")
@@ -413,7 +417,9 @@ def _settings() -> list[gr.Component]:
     ]  # fmt: skip
 
 
-def build_ui(service: GenerationService, *, api_key: str | None = None) -> gr.Blocks:
+def build_ui(
+    service: GenerationService, *, api_key: str | None = None, notice: str | None = None
+) -> gr.Blocks:
     """The Blocks (not yet mounted): header, Chat and Compare tabs, shared settings."""
     handlers = ChatHandlers(service)
     ids = service.model_ids()
@@ -425,7 +431,9 @@ def build_ui(service: GenerationService, *, api_key: str | None = None) -> gr.Bl
     }
 
     with gr.Blocks(title="tuneserve", analytics_enabled=False) as blocks:
-        header = gr.Markdown(header_markdown(service, api_key=api_key), elem_id="header")
+        header = gr.Markdown(
+            header_markdown(service, api_key=api_key, notice=notice), elem_id="header"
+        )
         with gr.Row():
             with gr.Column(scale=3), gr.Tabs():
                 with gr.Tab("Chat", id="chat"):
@@ -472,7 +480,7 @@ def build_ui(service: GenerationService, *, api_key: str | None = None) -> gr.Bl
                 return tuple(gr.skip() for _ in range(5))
             fallback = (default_model(choices), choices[0], choices[0])
             return (
-                header_markdown(service, api_key=api_key),
+                header_markdown(service, api_key=api_key, notice=notice),
                 *(
                     gr.update(choices=choices)
                     if value in choices
@@ -503,13 +511,20 @@ def _key_checker(api_key: str) -> Callable[[str, str], bool]:
     return check
 
 
-def mount_ui(app: FastAPI, service: GenerationService, *, api_key: str | None = None) -> FastAPI:
+def mount_ui(
+    app: FastAPI,
+    service: GenerationService,
+    *,
+    api_key: str | None = None,
+    notice: str | None = None,
+) -> FastAPI:
     """Build the UI and mount it at "/" (call last: it catches every path not routed before).
+    `notice` is a warning for the header (e.g. an open server on a network).
 
     With an API key the UI sits behind Gradio's login (any username, password = the key);
     Gradio's own queue and config routes then refuse requests without the login cookie.
     """
-    blocks = build_ui(service, api_key=api_key)
+    blocks = build_ui(service, api_key=api_key, notice=notice)
     return gr.mount_gradio_app(
         app,
         blocks,
