@@ -87,3 +87,40 @@ def test_serve_bad_input_is_one_clear_line(args: list[str], expected: str) -> No
     assert result.returncode == 1, result.stdout + result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "api_key", "open_admin", "warned"),
+    [
+        pytest.param("127.0.0.1", None, False, None, id="loopback"),
+        pytest.param("localhost", None, False, None, id="localhost"),
+        pytest.param("::1", None, False, None, id="ipv6-loopback"),
+        pytest.param("0.0.0.0", "k", False, None, id="network-with-key"),
+        pytest.param("0.0.0.0", None, False, "anyone who can reach 0.0.0.0:7860", id="network"),
+        pytest.param("10.1.2.3", None, True, "change its adapters", id="network-open-admin"),
+    ],
+)
+def test_a_keyless_server_on_a_network_is_warned_about(
+    host: str, api_key: str | None, open_admin: bool, warned: str | None
+) -> None:
+    """Checked without binding: tests listen on loopback only."""
+    from tuneserve.cli.serve import open_to_network
+    from tuneserve.settings import ServeSettings
+
+    notice = open_to_network(ServeSettings(host=host, api_key=api_key, open_admin=open_admin))
+    if warned is None:
+        assert notice is None
+    else:
+        assert notice is not None and warned in notice and "--api-key" in notice
+
+
+def test_the_ui_header_carries_the_warning(load_demo: Any) -> None:
+    from tuneserve.engine.factory import create_engine
+    from tuneserve.server.generation import GenerationService
+    from tuneserve.server.ui import header_markdown
+
+    served = load_demo()
+    service = GenerationService(create_engine("simple", served), served)
+    shown = header_markdown(service, api_key=None, notice="no API key: anyone can use it")
+    assert "⚠ no API key: anyone can use it" in shown
+    assert "⚠" not in header_markdown(service, api_key=None)

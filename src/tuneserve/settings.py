@@ -9,6 +9,9 @@ import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# How long `tuneserve serve` drains after SIGTERM; the deploy templates' grace periods follow it.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -60,7 +63,7 @@ class ServeSettings(BaseSettings):
         description="Open the admin routes (/v1/adapters) without a key, for a trusted network.",
     )
     shutdown_timeout: float = Field(
-        30.0,
+        DEFAULT_SHUTDOWN_TIMEOUT_S,
         ge=0,
         description="Seconds running requests may take to finish after SIGTERM (the platform's "
         "grace period).",

@@ -3,7 +3,8 @@
     python fake_server.py --port 7860 [--ready-after SECONDS] [--fail]
 
 /health -> {"status": "ok", "revision": $TUNESERVE_REVISION}; /ready -> 200 after the delay;
-/v1/models -> the folders under ./models; /answer -> the text of ./answer.txt (the "code").
+/v1/models -> the folders under ./models; /answer -> the text of ./answer.txt (the "code"), the
+pid and the keys in the environment.
 /v1/adapters: the admin API's shape over $TUNESERVE_ADAPTER_ROOT (GET lists what POST loaded,
 POST {"name", "path"} needs ROOT/PATH/adapter_config.json, DELETE /v1/adapters/NAME).
 """
@@ -86,7 +87,16 @@ def main() -> None:
                 )
             elif self.path == "/answer":
                 self._send(
-                    200, {"answer": Path("answer.txt").read_text().strip(), "pid": os.getpid()}
+                    200,
+                    {
+                        "answer": Path("answer.txt").read_text().strip(),
+                        "pid": os.getpid(),
+                        # the keys the platform handed the replica (the test checks them)
+                        "keys": [
+                            os.environ.get("TUNESERVE_API_KEY"),
+                            os.environ.get("TUNESERVE_ADMIN_KEY"),
+                        ],
+                    },
                 )
             else:
                 self._send(404, {"error": "not found"})

@@ -128,8 +128,10 @@ def test_push_to_a_local_demo_deployment_end_to_end(
     started_workspaces.append(ws)
     cli("provision", "-w", ws, "--provider", "local", "--port", free_port())
     endpoint = cli("deploy", "-w", ws, "--timeout", "180").stdout.strip().splitlines()[-1]
+    key = cli("endpoint", "-w", ws, "--show-key").stdout.strip()
 
-    client = openai.OpenAI(base_url=endpoint + "/v1", api_key="unused", timeout=60, max_retries=0)
+    # `adapters push/remove` use the workspace's admin key; the chat, the API key
+    client = openai.OpenAI(base_url=endpoint + "/v1", api_key=key, timeout=60, max_retries=0)
     messages, answer = ADAPTER_EXAMPLES["capitals"][0]
     try:
         result = adapters("push", "geo", demo_paths.adapters["capitals"], "-w", ws)

@@ -90,7 +90,9 @@ class Stream(threading.Thread):
             "temperature": 0,
         }
         try:
-            with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            with httpx.stream(
+                "POST", self.url + "/v1/chat/completions", json=body, timeout=120
+            ) as r:
                 r.raise_for_status()
                 for line in r.iter_lines():
                     if not line.startswith("data:"):
@@ -185,3 +187,41 @@ def test_a_drain_ends_at_the_timeout_or_a_second_ctrl_c(serve: Any, how: str) ->
     else:
         assert took < 3.0, (took, server.log_text())
     assert not any(s.done for s in streams), "they could not have finished: they were cut"
+
+
+def test_the_chat_ui_generations_count_and_are_refused_while_draining(load_demo: Any) -> None:
+    """The UI calls GenerationService in-process (no /v1 request to count): its generations
+    keep the drain waiting, and new ones are refused with the drain's message."""
+    import asyncio
+
+    from tuneserve.engine.factory import create_engine
+    from tuneserve.engine.types import SamplingParams
+    from tuneserve.server.errors import ServiceUnavailableError
+    from tuneserve.server.generation import GenerationService
+
+    served = load_demo()
+    engine = create_engine("continuous", served, max_num_seqs=2)
+    service = GenerationService(engine, served)
+    messages = [{"role": "user", "content": "Hello"}]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+
+    async def scenario() -> tuple[list[int], str]:
+        seen = []
+        async for _ in service.chat_stream(served.base_name, messages, params):
+            seen.append(service.lifecycle.running)
+            service.lifecycle.begin_drain()  # a SIGTERM mid-generation: it goes on
+        seen.append(service.lifecycle.running)
+        try:
+            async for _ in service.chat_stream(served.base_name, messages, params):
+                pass
+        except ServiceUnavailableError as exc:
+            return seen, exc.message
+        return seen, "not refused"
+
+    engine.start()
+    try:
+        seen, refused = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert seen[0] == 1 and seen[-1] == 0 and len(seen) > 2
+    assert "shutting down" in refused

@@ -47,7 +47,8 @@ ApiKey = Annotated[
     typer.Option(
         "--api-key",
         envvar=["TUNESERVE_ADMIN_KEY", "TUNESERVE_API_KEY"],
-        help="The servers' admin key (their --admin-key, else their --api-key).",
+        help="The servers' admin key (their --admin-key, else their --api-key). Default for a "
+        "deployment: the workspace's admin key (.tuneserve/keys.json, made by provision).",
     ),
 ]
 
@@ -83,6 +84,16 @@ def _deployment(workspace: Path) -> Any:
     return deployment(provider, config.endpoint_url)
 
 
+def _key(api_key: str | None, url: list[str] | None, workspace: Path) -> str | None:
+    """The key given, else (for the workspace's deployment) the admin key provision made."""
+    if api_key or url:
+        return api_key
+    from tuneserve.deploy.infra import InfraPaths
+    from tuneserve.deploy.keys import resolve_key
+
+    return resolve_key(InfraPaths(workspace.expanduser().resolve()), admin=True)
+
+
 def _urls(urls: list[str] | None) -> list[str]:
     from tuneserve.deploy.adapters import normalize_url
 
@@ -110,7 +121,7 @@ def list_adapters(
     from tuneserve.deploy.adapters import AdminClient
 
     target = _urls(url)[0] if url else _deployment(workspace).endpoint
-    with AdminClient(api_key) as client:
+    with AdminClient(_key(api_key, url, workspace)) as client:
         listing = client.listing(target)
     if as_json:
         typer.echo(json.dumps(listing, indent=2))
@@ -174,7 +185,7 @@ def push(
 ) -> None:
     from tuneserve.deploy.adapters import AdminClient, push_to_deployment, push_to_urls
 
-    with AdminClient(api_key) as client:
+    with AdminClient(_key(api_key, url, workspace)) as client:
         if url:
             report = push_to_urls(client, _urls(url), name, path, stderr)
         else:
@@ -204,7 +215,7 @@ def remove(
         remove_from_urls,
     )
 
-    with AdminClient(api_key) as client:
+    with AdminClient(_key(api_key, url, workspace)) as client:
         if url:
             report = remove_from_urls(client, _urls(url), name)
         else:

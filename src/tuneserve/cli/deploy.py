@@ -77,7 +77,15 @@ def register(app: typer.Typer) -> None:
         "the previous one serves until the new one is ready."
         + _examples("tuneserve deploy", "tuneserve deploy --timeout 1800"),
     )(deploy)
-    app.command("endpoint", help="Print the inference endpoint's URL.")(endpoint)
+    app.command(
+        "endpoint",
+        help="Print the inference endpoint's URL (or its key)."
+        + _examples(
+            "tuneserve endpoint",
+            'curl $(tuneserve endpoint)/v1/models -H "Authorization: Bearer '
+            '$(tuneserve endpoint --show-key)"',
+        ),
+    )(endpoint)
     app.command("status", help="Provider, revision, replicas, readiness and adapters served.")(
         status
     )
@@ -176,6 +184,19 @@ def provision(
             "storage account (default: .tuneserve/storage)."
         ),
     ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The endpoint's API key (default: the workspace's, else a new random one)."
+        ),
+    ] = None,
+    admin_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The endpoint's admin key, which can also change adapters (default: the "
+            "workspace's, else a new random one)."
+        ),
+    ] = None,
 ) -> None:
     from tuneserve.deploy.infra import load_config
     from tuneserve.deploy.workflow import provision as run_provision
@@ -186,7 +207,7 @@ def provision(
         if paths.config.exists():
             config = load_config(paths.config, shown=paths.rel(paths.config))
             provider = config.PROVIDER or "azure"
-    config = run_provision(
+    config, keys, new_keys = run_provision(
         paths,
         provider=provider,
         subscription=subscription,
@@ -194,9 +215,15 @@ def provision(
         location=location,
         port=port,
         share_dir=share_dir,
+        api_key=api_key,
+        admin_key=admin_key,
         ask=_ask(),
         console=stderr,
     )
+    if new_keys:
+        # shown once; later: `tuneserve endpoint --show-key`
+        stderr.print(f"[bold]API key:[/]   {keys.api_key}", highlight=False, markup=True)
+        stderr.print(f"[bold]Admin key:[/] {keys.admin_key}  (also loads/unloads adapters)")
     stderr.print(f"Wrote {paths.rel(paths.config)} ({provider}). Next: 'tuneserve deploy'.")
     stdout.print(config.to_json().rstrip())
 
@@ -225,11 +252,34 @@ def deploy(
             "deploy did not upload (e.g. the fine-tuning step's outputs).",
         ),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace share files that deploy did not upload itself (the fine-tuning "
+            "step's adapters, pushed adapters) where the workspace has a different file at the "
+            "same path; without it they are kept and listed.",
+        ),
+    ] = False,
+    include_model_cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--include-model-cache/--no-model-cache",
+            help="Upload model-cache/ (the base model; its size is shown first) or leave the "
+            "share's as it is. Default: uploaded only when the share has no base model yet and "
+            "it is at most 1 GiB.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     from tuneserve.deploy.workflow import provider_for
 
     result = provider_for(_paths(workspace), stderr).deploy(
-        timeout=timeout, replicas=replicas, prune=prune
+        timeout=timeout,
+        replicas=replicas,
+        prune=prune,
+        force=force,
+        include_model_cache=include_model_cache,
     )
     stderr.print(
         f"[green]Deployed[/] revision {result.revision} ({result.replicas} replica(s) ready; "
@@ -239,10 +289,28 @@ def deploy(
 
 
 @_errors
-def endpoint(workspace: Workspace = Path(".")) -> None:
+def endpoint(
+    workspace: Workspace = Path("."),
+    show_key: Annotated[
+        bool,
+        typer.Option("--show-key", help="Print the API key (for scripts: KEY=$(... --show-key))."),
+    ] = False,
+    show_admin_key: Annotated[
+        bool, typer.Option("--show-admin-key", help="Print the admin key.")
+    ] = False,
+) -> None:
     from tuneserve.deploy.infra import load_complete_config
+    from tuneserve.deploy.keys import keys_path, load_keys
 
     paths = _paths(workspace)
+    if show_key or show_admin_key:
+        keys = load_keys(paths)
+        if keys is None:
+            raise TuneserveError(
+                f"{paths.rel(keys_path(paths))} not found: 'tuneserve provision' makes the keys"
+            )
+        stdout.print(keys.admin_key if show_admin_key else keys.api_key)
+        return
     config = load_complete_config(paths.config, shown=paths.rel(paths.config))
     stdout.print(config.endpoint_url)
 
@@ -252,13 +320,18 @@ def status(
     workspace: Workspace = Path("."),
     api_key: Annotated[
         str | None,
-        typer.Option(envvar="TUNESERVE_API_KEY", help="The server's API key, to list its models."),
+        typer.Option(
+            envvar="TUNESERVE_API_KEY",
+            help="The server's API key, to list its models (default: the workspace's keys).",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
+    from tuneserve.deploy.keys import resolve_key
     from tuneserve.deploy.workflow import provider_for
 
-    report = provider_for(_paths(workspace), stderr).status(api_key=api_key)
+    paths = _paths(workspace)
+    report = provider_for(paths, stderr).status(api_key=resolve_key(paths, api_key))
     if as_json:
         stdout.print_json(json.dumps(report.as_dict()))
         return

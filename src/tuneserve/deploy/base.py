@@ -18,7 +18,8 @@ from tuneserve.deploy.infra import (
     InferenceParameters,
     InfraPaths,
 )
-from tuneserve.deploy.sync import SyncTarget, workspace_files
+from tuneserve.deploy.keys import EndpointKeys
+from tuneserve.deploy.sync import HashCache, SyncResult, SyncTarget, sync, workspace_files
 
 # parameter -> the finetuning.config.json key that names the same resource
 FINETUNING_KEYS = {"storageAccountName": "STORAGE_ACCOUNT_NAME", "fileShareName": "FILE_SHARE_NAME"}
@@ -33,21 +34,49 @@ class ProvisionRequest:
     location: str | None = None  # for creating a missing resource group (azure)
     port: int | None = None  # local: the endpoint's port
     share_root: Path | None = None  # local: the folder standing in for the storage account
+    keys: EndpointKeys | None = None  # the endpoint's keys, kept by the platform as secrets
+    # custom names from infra/provision/finetuning.parameters.json (infra.load_finetuning_names)
+    finetuning_names: dict[str, str] = field(default_factory=dict)
 
-    def explicit_names(self) -> dict[str, str]:
-        """Names set in the parameters file or taken from the fine-tuning step (not derived)."""
-        names = {k: v for k, v in self.parameters.names().items() if v is not None}
+    def finetuning_in_scope(self) -> bool:
+        """Whether this request provisions into the fine-tuning step's subscription and resource
+        group (as infra/finetuning.config.json names them)."""
+        ft = self.finetuning
+        return (
+            ft is not None
+            and ft.SUBSCRIPTION_ID == self.subscription_id
+            and ft.RESOURCE_GROUP_NAME == self.resource_group
+        )
+
+    def finetuning_defaults(self) -> dict[str, str]:
+        """The fine-tuning step's names, the defaults for null names: the storage account and
+        share of infra/finetuning.config.json (its deployment's outputs), else the custom names
+        of infra/provision/finetuning.parameters.json."""
+        names = dict(self.finetuning_names)
         if self.finetuning is not None:
             for param, key in FINETUNING_KEYS.items():
-                value = getattr(self.finetuning, key)
-                if param not in names and value:
+                if value := getattr(self.finetuning, key):
                     names[param] = value
         return names
 
-    def resolved_names(self) -> dict[str, str]:
+    def explicit_names(self, *, require_same_scope: bool = False) -> dict[str, str]:
+        """Names set in the parameters file or taken from the fine-tuning step (not derived).
+
+        With `require_same_scope` (Azure) the fine-tuning step's names are taken only when this
+        request provisions into its subscription and resource group: storage account names are
+        global, so reusing one from elsewhere would fail or reach another subscription's
+        account; the local provider reuses them by name wherever it runs."""
+        names = {k: v for k, v in self.parameters.names().items() if v is not None}
+        if require_same_scope and not self.finetuning_in_scope():
+            return names
+        for param, value in self.finetuning_defaults().items():
+            names.setdefault(param, value)
+        return names
+
+    def resolved_names(self, *, require_same_scope: bool = False) -> dict[str, str]:
         """Every resource name: explicit, else the template's derived default (approximation)."""
         derived = naming.derived_names(self.subscription_id, self.resource_group)
-        return {**derived.__dict__, **self.explicit_names()}
+        return {**derived.__dict__, **self.explicit_names(require_same_scope=require_same_scope)}
 
 
 @dataclass
@@ -79,7 +108,13 @@ class Provider(Protocol):
 
     def provision(self, request: ProvisionRequest) -> InferenceConfig: ...
     def deploy(
-        self, *, timeout: float | None, replicas: int | None, prune: bool
+        self,
+        *,
+        timeout: float | None,
+        replicas: int | None,
+        prune: bool,
+        force: bool = False,
+        include_model_cache: bool | None = None,
     ) -> DeployResult: ...
     def status(self, *, api_key: str | None = None) -> StatusReport: ...
     def logs(self, *, tail: int, follow: bool) -> Iterator[str]: ...
@@ -94,6 +129,30 @@ def deploy_sources(paths: InfraPaths) -> dict[str, Path]:
     build = write_build(paths.state / "build")
     sources.update({f"{BUILD_DIR}/{rel}": p for rel, p in build.items()})
     return sources
+
+
+def sync_to_share(
+    paths: InfraPaths,
+    target: SyncTarget,
+    *,
+    prune: bool = False,
+    force: bool = False,
+    include_model_cache: bool | None = None,
+    console: Console | None = None,
+) -> SyncResult:
+    """Every provider's first deploy step (one place, so the container start rehearsal lays out
+    the share exactly as deploy does): the workspace and the tuneserve build to the share.
+    The rules (what is kept, model-cache/) are sync.sync's."""
+    return sync(
+        deploy_sources(paths),
+        target,
+        hash_cache=HashCache(paths.state / "hashes.json"),
+        prune=prune,
+        keep=[BUILD_DIR],
+        force=force,
+        include_model_cache=include_model_cache,
+        console=console,
+    )
 
 
 def stderr_console() -> Console:

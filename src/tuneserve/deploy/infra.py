@@ -5,6 +5,7 @@ file, line and field.
     infra/provision/inference.bicep             the template (and inference.json, its ARM twin)
     infra/inference.config.json                 six keys written by provision, read by deploy
     infra/finetuning.config.json                from the fine-tuning step; read for defaults
+    infra/provision/finetuning.parameters.json  the fine-tuning step's names; read for defaults
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneserve.deploy import naming
 from tuneserve.errors import InfraFileError, NotProvisionedError
+from tuneserve.settings import DEFAULT_SHUTDOWN_TIMEOUT_S
 
 PARAMETERS_SCHEMA = (
     "https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#"
@@ -57,7 +59,64 @@ DEFAULT_COMMANDS: list[str] = [
     f"pip install --no-cache-dir --quiet --root-user-action=ignore {MOUNT}/{BUILD_DIR}",
     f"exec tuneserve serve --workspace {MOUNT} --host 0.0.0.0 --port {TARGET_PORT}",
 ]
-DEFAULT_MAXIMUM_INSTANCE_COUNT = 1
+# The most GPU instances (NC24-A100 nodes) by default: 2, so that a deploy has a node free for the
+# new revision while the old one still serves (see gpu_plan).
+DEFAULT_MAXIMUM_INSTANCE_COUNT = 2
+
+# --- the container (Azure) ---------------------------------------------------------------------
+# The image both templates run (inference.bicep and inference.json; tests/deploy/test_templates.py
+# checks that they name exactly this image and that its torch and Python satisfy pyproject.toml's
+# `torch>=` floor and `requires-python`, and the installed transformers' own floors).
+# - torch >= 2.6: transformers 5 disables PyTorch below 2.6 (transformers/utils/import_utils.py,
+#   is_torch_available: "Disabling PyTorch because PyTorch >= 2.6 is required") and declares
+#   `torch>=2.6` for its torch extra; 2.6.0 is the oldest release that passes.
+# - Python >= 3.11 (transformers 5's Requires-Python). The official images install Python with
+#   conda at the Dockerfile's PYTHON_VERSION: 3.11 in pytorch/pytorch's Dockerfile
+#   (`ARG PYTHON_VERSION=3.11`); for this very tag the Python is 3.11.11, as recorded by
+#   rlan/notebooks build/Dockerfile.pytorch2.6.0-cuda12.4 ("PyTorch 2.6.0 / Python 3.11.11",
+#   base digest sha256:2428b92ebbaeceba5572b98c18c8a94e43162bead6e88588ad54471147c58a20).
+# - CUDA 12.4, the CUDA of the image the template ran before, so the NC24-A100 nodes' driver is
+#   the one that image already needed.
+CONTAINER_IMAGE = "docker.io/pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime"
+CONTAINER_IMAGE_TORCH = "2.6.0"
+CONTAINER_IMAGE_PYTHON = "3.11.11"
+
+# How long a replica may drain running requests after SIGTERM: `tuneserve serve
+# --shutdown-timeout`'s default.
+SHUTDOWN_TIMEOUT_S = DEFAULT_SHUTDOWN_TIMEOUT_S
+# How long the platform waits after SIGTERM before it kills: the drain, plus the seconds a
+# replica takes to exit once drained (about one here: uvicorn's shutdown, the engine's stop).
+# The templates' terminationGracePeriodSeconds and the local provider's stop (tests check).
+TERMINATION_GRACE_S = SHUTDOWN_TIMEOUT_S + 10
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """How many GPU nodes the environment's GPU workload profile may hold and how many replicas
+    the app may run. Each replica takes a whole NC24-A100 node (24 CPU / 220 Gi), and in single
+    revision mode a new revision's replica must start beside the old one's before traffic moves:
+    a deploy rolls without a gap only when a node is left over beyond the replicas."""
+
+    nodes: int  # the GPU profile's maximumCount
+    max_replicas: int  # the app's scale.maxReplicas
+
+    @property
+    def rolls(self) -> bool:
+        """Whether a new revision can come up beside the old one (else: restart in place)."""
+        return self.nodes > self.max_replicas
+
+
+def gpu_plan(maximum_instance_count: int, profile_maximum_count: int | None = None) -> GpuPlan:
+    """The templates' arithmetic (they compute the same; tests/deploy/test_templates.py checks):
+    maximumInstanceCount is the most GPU instances (nodes); the app's replicas are capped at one
+    fewer (at least 1) so a deploy always finds a free node; an environment shared with
+    fine-tuning keeps a larger GPU profile (`profile_maximum_count`, the template's
+    gpuProfileMaximumCount) rather than being lowered."""
+    if maximum_instance_count < 1:
+        raise ValueError(f"maximumInstanceCount must be at least 1 (got {maximum_instance_count})")
+    nodes = max(maximum_instance_count, profile_maximum_count or 0)
+    return GpuPlan(nodes=nodes, max_replicas=max(1, maximum_instance_count - 1))
+
 
 Provider = Literal["local", "azure"]
 T = TypeVar("T")
@@ -96,6 +155,11 @@ class InfraPaths:
     @property
     def finetuning_config(self) -> Path:
         return self.infra / "finetuning.config.json"
+
+    @property
+    def finetuning_parameters(self) -> Path:
+        """The fine-tuning step's ARM parameters (read for its custom resource names)."""
+        return self.provision_dir / "finetuning.parameters.json"
 
     @property
     def state(self) -> Path:
@@ -403,6 +467,54 @@ def load_finetuning_config(path: Path) -> FinetuningConfig | None:
         return FinetuningConfig.model_validate(data)
     except ValidationError as exc:
         raise InfraFileError(path, _format_errors(exc, known=(), what="finetuning")) from None
+
+
+# the fine-tuning step's parameters that name resources inference can share (its acaJobName
+# names a job, not something inference reuses)
+FINETUNING_NAME_PARAMETERS: tuple[str, ...] = (
+    "storageAccountName",
+    "fileShareName",
+    "acaEnvironmentName",
+    "acaEnvironmentStorageName",
+    "acaLogAnalyticsName",
+)
+
+
+def load_finetuning_names(path: Path, *, shown: str | None = None) -> dict[str, str]:
+    """The custom names in infra/provision/finetuning.parameters.json (the fine-tuning step's ARM
+    parameters file, the same shape as ours): {parameter: name} for those that are not null; {}
+    when the file is absent. Another tool's file: other parameters are ignored, but a name that
+    is there must be a string (or null) that Azure accepts."""
+    if not path.exists():
+        return {}
+    data, text = _read_json(path, shown=shown)
+    where = shown or str(path)
+    params = data.get("parameters")
+    if not isinstance(params, dict):
+        raise InfraFileError(
+            where,
+            "'parameters' must be an object of parameter entries like "
+            f'{{"value": ...}}, found {_kind(params)}',
+        )
+    names: dict[str, str] = {}
+    for name in FINETUNING_NAME_PARAMETERS:
+        entry = params.get(name)
+        if entry is None:
+            continue
+        value = entry.get("value") if isinstance(entry, dict) else entry
+        line = _line_of(text, ["parameters", name])
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InfraFileError(
+                where,
+                f"{line}parameters.{name}.value: expected a name (a string) or null, found "
+                f"{_kind(value)}: {json.dumps(value)[:60]}",
+            )
+        if problem := naming.RULES_BY_PARAMETER[name].check(value):
+            raise InfraFileError(where, f"{line}parameters.{name}.value: {problem}")
+        names[name] = value
+    return names
 
 
 def write_text_atomic(path: Path, text: str) -> None:

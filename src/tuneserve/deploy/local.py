@@ -54,27 +54,29 @@ from tuneserve.deploy.base import (
     DeployResult,
     ProvisionRequest,
     StatusReport,
-    deploy_sources,
     stderr_console,
+    sync_to_share,
 )
 from tuneserve.deploy.http import free_port, get_json, http_get, is_ready, port_open
 from tuneserve.deploy.infra import (
-    BUILD_DIR,
     DEFAULT_COMMANDS,
     DEFAULT_MAXIMUM_INSTANCE_COUNT,
     MOUNT,
     TARGET_PORT,
+    TERMINATION_GRACE_S,
     InferenceConfig,
     InfraPaths,
     load_parameters,
     write_text_atomic,
 )
-from tuneserve.deploy.sync import MANIFEST, HashCache, LocalDirTarget, sync
+from tuneserve.deploy.keys import EndpointKeys, keys_path, load_keys, provision_keys
+from tuneserve.deploy.sync import MANIFEST, LocalDirTarget
 from tuneserve.errors import DeployFailedError, NotProvisionedError, ProviderError
 from tuneserve.models.workspace import MODELS as ADAPTERS_DIR
 
 DEFAULT_TIMEOUT_S = 300.0
-STOP_GRACE_S = 15.0
+# A replica drains running requests after SIGTERM: it gets what the templates give it.
+STOP_GRACE_S = float(TERMINATION_GRACE_S)
 KEEP_REVISIONS = 3
 LOCAL_STORAGE = ".tuneserve/storage"
 
@@ -153,25 +155,34 @@ def _group_alive(pgid: int) -> bool:
 
 def terminate_group(pid: int, grace: float = STOP_GRACE_S) -> None:
     """SIGTERM the process group we started (pid = its session leader), SIGKILL after `grace`."""
-    if not _group_alive(pid):
-        return
-    try:
-        if os.getsid(pid) != pid:  # not a session leader: not one of ours (pid reused)
-            return
-    except ProcessLookupError:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+    terminate_groups([pid], grace)
+
+
+def terminate_groups(pids: list[int], grace: float = STOP_GRACE_S) -> None:
+    """terminate_group for several groups at once: all drain at the same time, as the
+    platforms stop replicas."""
+    ours = [pid for pid in pids if _group_alive(pid) and _session_leader(pid)]
+    for pid in ours:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _group_alive(pid):
-            return
+    while time.monotonic() < deadline and any(_group_alive(pid) for pid in ours):
         time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    for pid in ours:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _group_alive(pid):
+    while time.monotonic() < deadline and any(_group_alive(pid) for pid in ours):
         time.sleep(0.05)
+
+
+def _session_leader(pid: int) -> bool:
+    """Whether `pid` leads its own session, as every process we start does (else the pid was
+    reused by a process that is not ours)."""
+    try:
+        return os.getsid(pid) == pid
+    except ProcessLookupError:
+        return True  # gone meanwhile (a zombie leader of a live group): still ours to signal
 
 
 def tail_lines(path: Path, n: int, *, end: int | None = None) -> list[str]:
@@ -347,6 +358,8 @@ class LocalProvider:
         timeout: float | None = None,
         replicas: int | None = None,
         prune: bool = False,
+        force: bool = False,
+        include_model_cache: bool | None = None,
         grace: float = STOP_GRACE_S,
     ) -> DeployResult:
         timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
@@ -363,12 +376,12 @@ class LocalProvider:
 
             # 1. sync the workspace to the share
             self.console.print(f"Syncing {self.paths.workspace} to the share {self.share_dir}")
-            result = sync(
-                deploy_sources(self.paths),
+            result = sync_to_share(
+                self.paths,
                 LocalDirTarget(self.share_dir),
-                hash_cache=HashCache(self.paths.state / "hashes.json"),
                 prune=prune,
-                keep=[BUILD_DIR],
+                force=force,
+                include_model_cache=include_model_cache,
                 console=self.console,
             )
             self.console.print(f"  {result.summary()}")
@@ -400,7 +413,8 @@ class LocalProvider:
                 self._save_state(state)
                 raise
 
-            # 4. switch the endpoint, then retire the old revision
+            # 4. switch the endpoint, then retire the old revision: its replicas drain (they
+            # finish what runs; new connections already reach the new revision) and exit
             new, old = state.pending, state.replicas
             write_text_atomic(
                 self._routes_path(),
@@ -409,8 +423,14 @@ class LocalProvider:
             state.revision, state.replicas, state.pending = revision, new, []
             self._save_state(state)
             self._confirm_switch(revision)
-            for replica in old:
-                terminate_group(replica.pid, grace=grace)
+            if old:
+                self.console.print(
+                    f"Retiring the previous revision: {len(old)} replica(s) finish their running "
+                    f"requests (up to {grace:.0f} s)"
+                )
+                started = time.monotonic()
+                terminate_groups([r.pid for r in old], grace=grace)
+                self.console.print(f"  retired in {time.monotonic() - started:.1f} s")
             self._prune_revisions(keep={revision, state.last_failed})
             return DeployResult(revision, self.endpoint, result.summary(), replicas=len(new))
 
@@ -424,6 +444,7 @@ class LocalProvider:
         adapter_root = self.share_dir / ADAPTERS_DIR
         adapter_root.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        env.update(self._keys().env())  # as Container Apps passes its secrets
         env.update(
             PATH=bin_dir + os.pathsep + env.get("PATH", ""),
             TUNESERVE_ADAPTER_ROOT=str(adapter_root),
@@ -451,6 +472,17 @@ class LocalProvider:
                 start_new_session=True,
             )
         return Replica(name=name, pid=proc.pid, port=port, log=str(log_path)), proc
+
+    def _keys(self) -> EndpointKeys:
+        """The workspace's keys; a hand-filled config (no provision) gets new ones here."""
+        keys = load_keys(self.paths)
+        if keys is None:
+            keys, _ = provision_keys(self.paths)
+            self.console.print(
+                f"Made the endpoint's keys: {self.paths.rel(keys_path(self.paths))} "
+                "('tuneserve endpoint --show-key' prints the API key)"
+            )
+        return keys
 
     def _wait_ready(
         self,
@@ -652,11 +684,10 @@ class LocalProvider:
     def stop(self) -> str:
         with self._lock():
             state = self.load_state()
-            stopped = 0
-            for replica in [*state.replicas, *state.pending]:
-                if pid_alive(replica.pid):
-                    stopped += 1
-                terminate_group(replica.pid, grace=STOP_GRACE_S)
+            replicas = [*state.replicas, *state.pending]
+            stopped = sum(pid_alive(r.pid) for r in replicas)
+            # the replicas drain first (the proxy still pipes their open connections)
+            terminate_groups([r.pid for r in replicas], grace=STOP_GRACE_S)
             if state.proxy_pid:
                 terminate_group(state.proxy_pid, grace=2)
             self._routes_path().unlink(missing_ok=True)

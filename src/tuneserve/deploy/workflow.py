@@ -16,12 +16,14 @@ from tuneserve.deploy.infra import (
     InfraPaths,
     load_complete_config,
     load_finetuning_config,
+    load_finetuning_names,
     load_parameters,
     write_text_atomic,
 )
 from tuneserve.deploy.infra import (
     Provider as ProviderName,
 )
+from tuneserve.deploy.keys import EndpointKeys, keys_path, provision_keys
 from tuneserve.errors import DeployError, NotProvisionedError
 
 Ask = Callable[[str, str | None], str]  # (question, default) -> answer
@@ -75,9 +77,13 @@ def provision(
     location: str | None = None,
     port: int | None = None,
     share_dir: Path | None = None,
+    api_key: str | None = None,
+    admin_key: str | None = None,
     ask: Ask | None = None,
     console: Console | None = None,
-) -> InferenceConfig:
+) -> tuple[InferenceConfig, EndpointKeys, bool]:
+    """Create or update the resources; returns the config, the endpoint's keys, and whether
+    the keys are new (the caller shows new keys once)."""
     console = console or stderr_console()
     if not paths.parameters.exists():
         raise NotProvisionedError(
@@ -97,14 +103,19 @@ def provision(
         rg = _pick(
             resource_group, ft_rg, question="Resource group", option="--resource-group", ask=ask
         )
+    keys, new_keys = provision_keys(paths, api_key=api_key, admin_key=admin_key)
     request = ProvisionRequest(
         subscription_id=sub,
         resource_group=rg,
         parameters=parameters,
         finetuning=finetuning,
+        finetuning_names=load_finetuning_names(
+            paths.finetuning_parameters, shown=paths.rel(paths.finetuning_parameters)
+        ),
         location=location,
         port=port,
         share_root=share_dir,
+        keys=keys,
     )
     derived = sorted(set(request.resolved_names()) - set(request.explicit_names()))
     if provider == "local" and derived:
@@ -115,4 +126,6 @@ def provision(
         )
     config = open_provider(paths, provider, None, console).provision(request)
     write_text_atomic(paths.config, config.to_json())
-    return config
+    if new_keys:
+        console.print(f"Keys kept in {paths.rel(keys_path(paths))} (readable by you only).")
+    return config, keys, new_keys

@@ -31,10 +31,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tuneserve.server.error_handlers import error_response
 from tuneserve.server.errors import ServiceUnavailableError
+from tuneserve.settings import DEFAULT_SHUTDOWN_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 2  # long enough for a platform to route a retry elsewhere
 
 

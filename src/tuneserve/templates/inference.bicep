@@ -5,9 +5,21 @@
 @description('Commands that start the web API, joined with "; " and run by /bin/bash -c. The file share is mounted at /mount.')
 param defaultCommands array
 
-@description('The most GPU instances (replicas) the app scales out to.')
+@description('The most GPU instances: NC24-A100 nodes in the environment\'s GPU profile. Each replica takes a whole node, so the app runs at most max(1, maximumInstanceCount - 1) replicas and a deploy always has a free node for the new revision; with 1, deploy restarts the replica in place (the endpoint is down until it is ready).')
 @minValue(1)
-param maximumInstanceCount int = 1
+param maximumInstanceCount int = 2
+
+@description('Nodes the GPU workload profile may hold, if more than maximumInstanceCount: tuneserve passes the current count of an existing environment (one shared with fine-tuning) so provisioning never lowers it.')
+@minValue(1)
+param gpuProfileMaximumCount int = maximumInstanceCount
+
+@description('The endpoint\'s API key (/v1 and the chat UI). Kept as a Container Apps secret; no default, so a deployment by hand asks for it.')
+@secure()
+param apiKey string
+
+@description('The endpoint\'s admin key (also loads and unloads adapters). Kept as a Container Apps secret; no default.')
+@secure()
+param adminKey string
 
 @description('Where the resources go; default: the resource group\'s location.')
 param location string = resourceGroup().location
@@ -37,6 +49,8 @@ param acaAppName string = 'aiacaapp${substring(uniqueString(resourceGroup().id),
 param acaLogAnalyticsName string = 'ailog${substring(uniqueString(resourceGroup().id), 0, 5)}'
 
 var targetPort = 7860
+// replicas: one node fewer than the GPU profile holds, so a new revision can start beside the old
+var maxReplicas = max(1, maximumInstanceCount - 1)
 var command = join(defaultCommands, '; ')
 var volumeName = 'share'
 
@@ -103,7 +117,7 @@ resource environment 'Microsoft.App/managedEnvironments@2024-03-01' = {
         workloadProfileType: 'NC24-A100'
         name: 'GPU'
         minimumCount: 0
-        maximumCount: maximumInstanceCount
+        maximumCount: max(gpuProfileMaximumCount, maximumInstanceCount)
       }
     ]
   }
@@ -130,6 +144,16 @@ resource acaApp 'Microsoft.App/containerApps@2024-03-01' = {
     workloadProfileName: 'GPU'
     configuration: {
       activeRevisionsMode: 'Single'
+      secrets: [
+        {
+          name: 'api-key'
+          value: apiKey
+        }
+        {
+          name: 'admin-key'
+          value: adminKey
+        }
+      ]
       ingress: {
         external: true
         allowInsecure: false
@@ -144,11 +168,16 @@ resource acaApp 'Microsoft.App/containerApps@2024-03-01' = {
       }
     }
     template: {
-      terminationGracePeriodSeconds: 30
+      // on SIGTERM a replica drains running requests for up to tuneserve serve --shutdown-timeout
+      // (default 30 s), then exits; Container Apps kills the container this long after SIGTERM:
+      // the drain plus 10 s to exit (tuneserve.deploy.infra.TERMINATION_GRACE_S, as the local
+      // provider's stop), so a full drain is never cut short
+      terminationGracePeriodSeconds: 40
       containers: [
         {
           name: 'inference'
-          image: 'docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime'
+          // torch >= 2.6 and Python >= 3.11, which transformers 5 needs (tuneserve.deploy.infra.CONTAINER_IMAGE)
+          image: 'docker.io/pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime'
           command: [
             '/bin/bash'
             '-c'
@@ -166,6 +195,14 @@ resource acaApp 'Microsoft.App/containerApps@2024-03-01' = {
             {
               name: 'HF_HOME'
               value: '/mount/cache/huggingface'
+            }
+            {
+              name: 'TUNESERVE_API_KEY'
+              secretRef: 'api-key'
+            }
+            {
+              name: 'TUNESERVE_ADMIN_KEY'
+              secretRef: 'admin-key'
             }
           ]
           resources: {
@@ -219,7 +256,7 @@ resource acaApp 'Microsoft.App/containerApps@2024-03-01' = {
       ]
       scale: {
         minReplicas: 1
-        maxReplicas: maximumInstanceCount
+        maxReplicas: maxReplicas
         rules: [
           {
             name: 'http-concurrency'
@@ -247,4 +284,5 @@ output RESOURCE_GROUP_NAME string = resourceGroup().name
 output STORAGE_ACCOUNT_NAME string = storageAccount.name
 output FILE_SHARE_NAME string = fileShare.name
 output ACA_APP_NAME string = acaApp.name
-output ACA_APP_ENDPOINT string = 'https://${acaApp.properties.configuration.ingress.fqdn}'
+// the ingress FQDN, as the AI Toolkit's template writes it (https is implied: ingress is HTTPS only)
+output ACA_APP_ENDPOINT string = acaApp.properties.configuration.ingress.fqdn
