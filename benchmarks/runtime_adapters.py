@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import shlex
 import shutil
 import sys
@@ -55,6 +56,7 @@ LOAD_SOURCES = ["a4", "a5"]  # copied into the root for loads and on-demand requ
 SWAP_SOURCES = ["a6", "a7"]  # the two versions a replace alternates between
 SOURCE_ADAPTERS = 8  # a0..a7 built in the cache
 MAX_LORAS = 8
+ADMIN_KEY = secrets.token_urlsafe(16)  # the admin routes are closed without one
 
 
 @dataclass
@@ -212,7 +214,11 @@ async def measure(
         max_connections=cfg.concurrency + 8, max_keepalive_connections=cfg.concurrency + 4
     )
     timeout = httpx.Timeout(120.0, connect=30.0)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+    # the admin routes need a key (the server's --admin-key); it opens /v1 as well
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(
+        base_url=base_url, limits=limits, timeout=timeout, headers=headers
+    ) as client:
         # warm-up: every traffic adapter in a slot, the code paths of a load and an on-demand load
         warm_prompt = prompt_text(0, cfg.prompt_len, vocab)
         for model in [BASE_NAME, *TRAFFIC_ADAPTERS]:
@@ -538,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         BASE_NAME,
         "--adapter-root",
         str(root),
+        "--admin-key",
+        ADMIN_KEY,
         "--adapter-rescan-interval",
         "0",
         "--engine",

@@ -31,6 +31,7 @@ def test_keys_are_made_once_kept_private_and_reused(tmp_path: Path) -> None:
     assert new and keys.api_key != keys.admin_key and len(keys.api_key) > 40
     mode = stat.S_IMODE(keys_path(paths).stat().st_mode)
     assert mode == 0o600, oct(mode)
+    assert "*" in (keys_path(paths).parent / ".gitignore").read_text().splitlines()
     again, new_again = provision_keys(paths)
     assert again == keys and not new_again
     given, changed = provision_keys(paths, api_key="mine-1234567890")

@@ -324,13 +324,19 @@ def test_the_model_dropdowns_follow_adapters_loaded_at_runtime(
 
     root = tmp_path / "adapters"
     root.mkdir()
-    server = demo_server_factory(app={"adapter_root": root, "rescan_interval": 0})
+    admin = {"Authorization": "Bearer admin-key"}  # the UI needs no key, the admin routes do
+    server = demo_server_factory(
+        app={"adapter_root": root, "rescan_interval": 0, "admin_key": "admin-key"}
+    )
     open_ui(page, server.url)
     assert "fresh" not in dropdown_options(page, "chat-model")
 
     shutil.copytree(demo_paths.adapters["capitals"], root / "fresh-v1")
     loaded = httpx.post(
-        f"{server.url}/v1/adapters", json={"name": "fresh", "path": "fresh-v1"}, timeout=60
+        f"{server.url}/v1/adapters",
+        json={"name": "fresh", "path": "fresh-v1"},
+        headers=admin,
+        timeout=60,
     )
     assert loaded.status_code == 200, loaded.text
     wait_for_options(page, "chat-model", "fresh")  # no reload of the page
@@ -345,6 +351,7 @@ def test_the_model_dropdowns_follow_adapters_loaded_at_runtime(
     page.locator("#chat-input textarea").press("Enter")
     expect(page.locator("#chatbot [data-testid=bot]").last).to_have_text(CAPITALS_ANSWER)
 
-    assert httpx.delete(f"{server.url}/v1/adapters/fresh", timeout=60).status_code == 200
+    deleted = httpx.delete(f"{server.url}/v1/adapters/fresh", headers=admin, timeout=60)
+    assert deleted.status_code == 200
     wait_for_options(page, "chat-model", "fresh", absent=True)
     shot(page, tmp_path / "after-unload.png")

@@ -3,9 +3,10 @@ served (/v1/adapters, vLLM's load/unload routes).
 
 `tuneserve provision` makes them (unless given), hands them to the platform as secrets (Container
 Apps secrets; the local provider's replica environment), prints them once, and keeps them for the
-user in the workspace's `.tuneserve/keys.json`, readable by the user only (0600). deploy never
-syncs `.tuneserve/`, so the keys do not reach the share. Every command that talks to the endpoint
-(status, adapters, the readiness checks) reads them from there unless a key is given.
+user in the workspace's `.tuneserve/keys.json`, readable by the user only (0600), in a folder
+that ignores itself in git. deploy never syncs `.tuneserve/`, so the keys do not reach the
+share. Every command that talks to the endpoint (status, adapters, the readiness checks) reads
+them from there unless a key is given.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def save_keys(paths: InfraPaths, keys: EndpointKeys) -> Path:
     """Write the keys file readable and writable by the user only (created so: never 0644)."""
     path = keys_path(paths)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ignore = path.parent / ".gitignore"
+    if not ignore.exists():  # a workspace is often a git repository: keep the keys out of it
+        ignore.write_text("# tuneserve's local state and the endpoint's keys: not for git\n*\n")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
