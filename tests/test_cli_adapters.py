@@ -75,7 +75,7 @@ def replicas(
                     subprocess.Popen(
                         [
                             *(sys.executable, "-m", "tuneserve", "serve"),
-                            *("--cache-dir", str(demo_cache), "--port", str(port), "--no-ui"),
+                            *("--base", str(demo_paths.base), "--port", str(port), "--no-ui"),
                             *("--adapter-root", str(root), "--api-key", KEY),
                             *("--adapter-rescan-interval", "0", "--log-level", "warning"),
                         ],

@@ -124,7 +124,7 @@ def test_push_to_a_local_demo_deployment_end_to_end(
     from tuneserve.models.demo import ADAPTER_EXAMPLES
 
     ws = tmp_path / "project"
-    cli("init", ws, "--demo", "--cache-dir", demo_cache)
+    cli("init", ws, "--demo", "--toy", "--cache-dir", demo_cache)
     started_workspaces.append(ws)
     cli("provision", "-w", ws, "--provider", "local", "--port", free_port())
     endpoint = cli("deploy", "-w", ws, "--timeout", "180").stdout.strip().splitlines()[-1]

@@ -140,7 +140,7 @@ def test_default_commands_install_the_synced_build_and_serve(
 
     # the share, laid out by deploy's sync: the workspace, its base model, the build
     ws, mount = tmp_path / "project", tmp_path / "mount"
-    cli("init", ws, "--demo", "--cache-dir", demo_cache)
+    cli("init", ws, "--demo", "--toy", "--cache-dir", demo_cache)
     sync_to_share(InfraPaths(ws), LocalDirTarget(mount), include_model_cache=True)
     assert (mount / BUILD_DIR / "pyproject.toml").is_file()
     assert list(mount.glob("model-cache/*/*/config.json"))

@@ -52,7 +52,7 @@ def test_local_workflow_end_to_end(
     from tuneserve.models.demo import CAPITALS, PIRATE_TALK
 
     ws = tmp_path / "project"
-    cli("init", ws, "--demo", "--cache-dir", demo_cache)
+    cli("init", ws, "--demo", "--toy", "--cache-dir", demo_cache)
     assert list((ws / "model-cache").glob("*/*/config.json"))
     started_workspaces.append(ws)
     cli("provision", "-w", ws, "--provider", "local", "--port", free_port())
@@ -109,7 +109,7 @@ def test_a_local_deploy_loses_no_request(
     import time
 
     ws = tmp_path / "project"
-    cli("init", ws, "--demo", "--cache-dir", demo_cache)
+    cli("init", ws, "--demo", "--toy", "--cache-dir", demo_cache)
     started_workspaces.append(ws)
     cli("provision", "-w", ws, "--provider", "local", "--port", free_port())
     endpoint = cli("deploy", "-w", ws, "--timeout", "180").stdout.strip().splitlines()[-1]

@@ -44,7 +44,9 @@ def serve(demo_paths: Any, demo_cache: Path, tmp_path: Path) -> Iterator[Any]:
         port = free_port()
         log = tmp_path / f"serve-{port}.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tuneserve", "serve", "--cache-dir", str(demo_cache)]
+            # the toy demo: these tests are about the process, not the model
+            [sys.executable, "-m", "tuneserve", "serve", "--base", str(demo_paths.base)]
+            + ["--served-model-name", BASE]
             + ["--port", str(port), "--no-ui", "--log-level", "warning", *flags],
             env=_env(),
             stdout=log.open("wb"),

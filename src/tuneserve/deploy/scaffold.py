@@ -69,13 +69,23 @@ def init_workspace(workspace: Path, *, force: bool = False) -> list[Action]:
     return actions
 
 
-def lay_out_demo(workspace: Path, cache_dir: Path, *, force: bool = False) -> list[Action]:
-    """Copy the demo base to model-cache/<org>/<model> and its adapters to models/<name>/..."""
-    from tuneserve.models.demo import ensure_demo  # builds it on first use (~40 s)
+def lay_out_demo(
+    workspace: Path, cache_dir: Path, *, force: bool = False, toy: bool = False
+) -> list[Action]:
+    """Copy the demo base to model-cache/<org>/<model> and its adapters to models/<name>/...
 
-    demo = ensure_demo(cache_dir)
+    The real demo (SmolLM2-135M-Instruct) unless `toy` or its wheel is missing (then the toy
+    demo: a few MB, what the deploy tests use). Built on first use (about a minute)."""
+    from tuneserve.models import real_demo
+    from tuneserve.models.demo import ensure_demo
+
+    if toy or real_demo.smollm2_gguf() is None:
+        demo, org, model = ensure_demo(cache_dir), DEMO_ORG, DEMO_MODEL
+    else:
+        demo = real_demo.ensure_real_demo(cache_dir)
+        org, model = real_demo.ORG, real_demo.MODEL_NAME
     actions: list[Action] = []
-    targets = [(demo.base, workspace / "model-cache" / DEMO_ORG / DEMO_MODEL)]
+    targets = [(demo.base, workspace / "model-cache" / org / model)]
     targets += [
         (src, workspace / "models" / name / ADAPTER_SUBPATH) for name, src in demo.adapters.items()
     ]

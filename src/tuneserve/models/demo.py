@@ -199,12 +199,13 @@ def _fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def _is_current(root: Path) -> bool:
+def _is_current(root: Path, fingerprint: str | None = None) -> bool:
     try:
         manifest = json.loads((root / "demo.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and manifest.get("fingerprint") == _fingerprint()
+    expected = fingerprint or _fingerprint()
+    return isinstance(manifest, dict) and manifest.get("fingerprint") == expected
 
 
 def _paths(root: Path) -> DemoPaths:
@@ -214,32 +215,37 @@ def _paths(root: Path) -> DemoPaths:
 
 
 def ensure_demo(cache_dir: Path, *, progress: bool = False) -> DemoPaths:
-    """Return the demo's folders under `cache_dir`, building them first if needed.
-
-    The build happens in a temporary folder beside the final one and is renamed into place
-    when complete, so an interrupted build never leaves a half demo behind.
-    """
+    """Return the demo's folders under `cache_dir`, building them first if needed."""
     root = Path(cache_dir).expanduser() / DEMO_VERSION
-    if _is_current(root):
-        return _paths(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(root.parent)
-    started = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}-build-", dir=root.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the demo is a cache others may share
-    try:
-        with _reporter(progress) as report:
-            _build(staging, report)
-        _move_into_place(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("built the demo model in %s in %.1f s", root, time.perf_counter() - started)
+    ensure_built(root, _fingerprint(), _build, progress=progress)
     return _paths(root)
 
 
-def _remove_abandoned(cache_dir: Path, older_than_s: float = 3600) -> None:
+def ensure_built(
+    root: Path, fingerprint: str, build: Callable[[Path, Report], None], *, progress: bool
+) -> None:
+    """Build `root` with `build(staging, report)` unless its demo.json has `fingerprint` (which
+    `build` must write). The build happens in a temporary folder beside the final one and is
+    renamed into place when complete, so an interrupted build never leaves a half demo behind."""
+    if _is_current(root, fingerprint):
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(root)
+    started = time.perf_counter()
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-build-", dir=root.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the demo is a cache others may share
+    try:
+        with _reporter(progress) as report:
+            build(staging, report)
+        _move_into_place(staging, root, fingerprint)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("built %s in %.1f s", root, time.perf_counter() - started)
+
+
+def _remove_abandoned(root: Path, older_than_s: float = 3600) -> None:
     """Staging folders of builds that were killed (a build takes seconds; an hour is safe)."""
-    for leftover in cache_dir.glob(f".{DEMO_VERSION}-*"):
+    for leftover in root.parent.glob(f".{root.name}-*"):
         try:
             if time.time() - leftover.stat().st_mtime > older_than_s:
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -247,17 +253,17 @@ def _remove_abandoned(cache_dir: Path, older_than_s: float = 3600) -> None:
             continue
 
 
-def _move_into_place(staging: Path, root: Path) -> None:
-    if root.exists() and not _is_current(root):
+def _move_into_place(staging: Path, root: Path, fingerprint: str) -> None:
+    if root.exists() and not _is_current(root, fingerprint):
         # A stale or half-made demo (older tuneserve, or made by hand): set it aside first,
         # since a rename cannot replace a non-empty folder.
-        stale = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}-stale-", dir=root.parent))
+        stale = Path(tempfile.mkdtemp(prefix=f".{root.name}-stale-", dir=root.parent))
         os.rename(root, stale / "demo")
         shutil.rmtree(stale, ignore_errors=True)
     try:
         os.rename(staging, root)
     except OSError:
-        if not _is_current(root):  # unless another process built it meanwhile
+        if not _is_current(root, fingerprint):  # unless another process built it meanwhile
             raise
 
 

@@ -53,12 +53,14 @@ def create_app(
     rescan_interval: float = 10.0,
     open_admin: bool = False,
     notice: str | None = None,
+    about: str | None = None,
 ) -> FastAPI:
     """The whole server as one ASGI app; its lifespan starts and stops `engine` and the
     rescans of `adapter_root` (the folder adapters may be loaded from at runtime).
 
     The admin routes are closed unless `admin_key` or `api_key` is set, or `open_admin` opens
-    them for a trusted network. `notice` is a warning for the UI's header.
+    them for a trusted network. `notice` is a warning for the UI's header, `about` a line
+    saying what is served (the demo says what it is).
     `app.state.lifecycle` is what a DrainingServer drains."""
     observer = metrics.PrometheusMetrics(engine)
     lifecycle = Lifecycle()
@@ -110,7 +112,7 @@ def create_app(
     if ui:
         from tuneserve.server.ui import mount_ui
 
-        mount_ui(app, service, api_key=api_key, notice=notice)
+        mount_ui(app, service, api_key=api_key, notice=notice, about=about)
     return app
 
 

@@ -102,7 +102,11 @@ def error_text(exc: BaseException) -> str:
 
 
 def header_markdown(
-    service: GenerationService, *, api_key: str | None, notice: str | None = None
+    service: GenerationService,
+    *,
+    api_key: str | None,
+    notice: str | None = None,
+    about: str | None = None,
 ) -> str:
     served = service.served
     adapters = service.engine.adapter_names
@@ -111,6 +115,8 @@ def header_markdown(
         "## tuneserve",
         f"**Base model:** `{served.base_name}` · **Adapters:** {listed}",
     ]
+    if about:
+        lines.append(about)
     if notice:
         lines.append(f"**⚠ {notice}**")
     if served.adapter_errors:
@@ -418,7 +424,11 @@ def _settings() -> list[gr.Component]:
 
 
 def build_ui(
-    service: GenerationService, *, api_key: str | None = None, notice: str | None = None
+    service: GenerationService,
+    *,
+    api_key: str | None = None,
+    notice: str | None = None,
+    about: str | None = None,
 ) -> gr.Blocks:
     """The Blocks (not yet mounted): header, Chat and Compare tabs, shared settings."""
     handlers = ChatHandlers(service)
@@ -432,7 +442,7 @@ def build_ui(
 
     with gr.Blocks(title="tuneserve", analytics_enabled=False) as blocks:
         header = gr.Markdown(
-            header_markdown(service, api_key=api_key, notice=notice), elem_id="header"
+            header_markdown(service, api_key=api_key, notice=notice, about=about), elem_id="header"
         )
         with gr.Row():
             with gr.Column(scale=3), gr.Tabs():
@@ -480,7 +490,7 @@ def build_ui(
                 return tuple(gr.skip() for _ in range(5))
             fallback = (default_model(choices), choices[0], choices[0])
             return (
-                header_markdown(service, api_key=api_key, notice=notice),
+                header_markdown(service, api_key=api_key, notice=notice, about=about),
                 *(
                     gr.update(choices=choices)
                     if value in choices
@@ -517,14 +527,16 @@ def mount_ui(
     *,
     api_key: str | None = None,
     notice: str | None = None,
+    about: str | None = None,
 ) -> FastAPI:
     """Build the UI and mount it at "/" (call last: it catches every path not routed before).
-    `notice` is a warning for the header (e.g. an open server on a network).
+    `notice` is a warning for the header (e.g. an open server on a network), `about` a line
+    saying what is served.
 
     With an API key the UI sits behind Gradio's login (any username, password = the key);
     Gradio's own queue and config routes then refuse requests without the login cookie.
     """
-    blocks = build_ui(service, api_key=api_key, notice=notice)
+    blocks = build_ui(service, api_key=api_key, notice=notice, about=about)
     return gr.mount_gradio_app(
         app,
         blocks,
