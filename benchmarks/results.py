@@ -24,7 +24,7 @@ class BenchConfig(BaseModel):
     requests: int = Field(64, ge=1, description="requests per point")
     prompt_len: int = Field(128, ge=1, description="prompt tokens per request")
     max_tokens: int = Field(128, ge=2, description="new tokens per request (EOS ignored)")
-    size: str = Field("bench", description="bench model size: bench | tiny | large")
+    size: str = Field("bench", description="bench model size: bench | tiny | large | smollm2")
     seed: int = 0
     warmup_requests: int = Field(2, ge=0, description="untimed requests after each server start")
     tuneserve_engine: str | None = Field(

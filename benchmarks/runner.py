@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.client import PointRun, run_closed_loop
-from benchmarks.model import SIZES, BenchModel, ensure_bench_model, prompt_text
+from benchmarks.model import SIZES, BenchModel, ensure_bench_model
 from benchmarks.procs import RssSampler, ServerProcess, StartError, free_port, tail
 from benchmarks.results import BenchConfig, Point, Results, SystemRun, machine_info, now_iso
 from benchmarks.systems import REPO, HttpSystem, http_system
@@ -113,10 +113,11 @@ def run_http_system(system: HttpSystem, bench: BenchModel, cfg: BenchConfig, out
                 server.start(cfg.startup_timeout_s)
                 names = bench.adapter_names(k)
                 url = base_url + "/v1/completions"
+                warm_prompts = [bench.prompt_text(10**12 + j, cfg.prompt_len, cfg.seed)
+                                for j in range(cfg.warmup_requests)]
                 warm = run_closed_loop(
-                    url, lambda j, names=names: system.body(
-                        prompt_text(10**12 + j, cfg.prompt_len, bench.vocab, cfg.seed),
-                        names[j % len(names)], cfg, 8),
+                    url, lambda j, names=names, texts=warm_prompts: system.body(
+                        texts[j], names[j % len(names)], cfg, 8),
                     cfg.warmup_requests, 1, cfg.request_timeout_s) if cfg.warmup_requests else None
                 if warm and not any(r.ok for r in warm.results):
                     raise StartError(f"warm-up failed: {warm.results[0].error}; log {log_path}:\n"
@@ -145,9 +146,12 @@ def measure(system: HttpSystem, bench: BenchModel, cfg: BenchConfig, url: str, k
     rng = random.Random(f"{cfg.seed}-{k}-{c}")
     picks = [names[rng.randrange(len(names))] for _ in range(cfg.requests)]
 
+    # made before the clock starts: real-text prompts take a few ms each to fit to length
+    prompts = [bench.prompt_text(prompt_index(k, c, i), cfg.prompt_len, cfg.seed)
+               for i in range(cfg.requests)]
+
     def body_for(i: int) -> dict[str, Any]:
-        prompt = prompt_text(prompt_index(k, c, i), cfg.prompt_len, bench.vocab, cfg.seed)
-        return system.body(prompt, picks[i], cfg, cfg.max_tokens)
+        return system.body(prompts[i], picks[i], cfg, cfg.max_tokens)
 
     result = run_closed_loop(url, body_for, cfg.requests, c, cfg.request_timeout_s)
     return summarize(system.name, k, c, cfg, result, rss.peak_mb)
@@ -157,7 +161,8 @@ def run_ceiling(bench: BenchModel, cfg: BenchConfig, out_dir: Path,
                 log: Log) -> tuple[SystemRun, list[Point]]:
     argv = [sys.executable, "-m", "benchmarks.peers.ceiling", "--base", str(bench.base),
             "--concurrency", ",".join(map(str, cfg.concurrency)), "--requests", str(cfg.requests),
-            "--prompt-len", str(cfg.prompt_len), "--max-tokens", str(cfg.max_tokens)]
+            "--prompt-len", str(cfg.prompt_len), "--max-tokens", str(cfg.max_tokens),
+            "--size", cfg.size]
     run = SystemRun(system="ceiling", commands=[" ".join(argv)],
                     description="the bare model's forward in a loop at batch C, HF DynamicCache, "
                                 "argmax, no HTTP, no LoRA")

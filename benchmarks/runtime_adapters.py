@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 
 from benchmarks.client import chunk_text, completion_body, one_request, sse_events, words
-from benchmarks.model import BenchModel, ensure_bench_model, prompt_text
+from benchmarks.model import SIZES, BenchModel, ensure_bench_model
 from benchmarks.procs import ServerProcess, free_port
 from benchmarks.results import machine_info, now_iso, portable
 from benchmarks.runner import percentile
@@ -155,13 +155,13 @@ async def stream_once(
 
 
 async def traffic_client(
-    client: httpx.AsyncClient, cfg: Config, vocab: int, client_id: int, traffic: Traffic
+    client: httpx.AsyncClient, cfg: Config, bench: BenchModel, client_id: int, traffic: Traffic
 ) -> None:
     """A closed loop on one adapter until cancelled."""
     adapter = TRAFFIC_ADAPTERS[client_id % len(TRAFFIC_ADAPTERS)]
     i = 0
     while True:
-        prompt = prompt_text(1_000_000 + client_id * 10_000 + i, cfg.prompt_len, vocab)
+        prompt = bench.prompt_text(1_000_000 + client_id * 10_000 + i, cfg.prompt_len)
         i += 1
         traffic.requests += 1
         try:
@@ -208,7 +208,6 @@ def window_stats(traffic: Traffic, bounds: list[tuple[float, float]]) -> dict[st
 async def measure(
     cfg: Config, base_url: str, root: Path, bench: BenchModel, log: Any
 ) -> dict[str, Any]:
-    vocab = bench.vocab
     samples: dict[str, list[float]] = {}
     limits = httpx.Limits(
         max_connections=cfg.concurrency + 8, max_keepalive_connections=cfg.concurrency + 4
@@ -220,7 +219,7 @@ async def measure(
         base_url=base_url, limits=limits, timeout=timeout, headers=headers
     ) as client:
         # warm-up: every traffic adapter in a slot, the code paths of a load and an on-demand load
-        warm_prompt = prompt_text(0, cfg.prompt_len, vocab)
+        warm_prompt = bench.prompt_text(0, cfg.prompt_len)
         for model in [BASE_NAME, *TRAFFIC_ADAPTERS]:
             await ttft(client, model, warm_prompt, cfg.ttft_max_tokens)
         copy_adapter(bench.adapters[LOAD_SOURCES[0]], root, "warm-load")
@@ -236,7 +235,7 @@ async def measure(
         log(f"TTFT: {cfg.ondemand} adapters loaded on demand")
         for i in range(cfg.ondemand):
             name = f"od{i}"
-            prompt = prompt_text(100 + i, cfg.prompt_len, vocab)
+            prompt = bench.prompt_text(100 + i, cfg.prompt_len)
             copy_adapter(bench.adapters[LOAD_SOURCES[i % 2]], root, name)
             samples.setdefault("ttft_base_s", []).append(
                 await ttft(client, BASE_NAME, prompt, cfg.ttft_max_tokens)
@@ -300,7 +299,7 @@ async def measure(
         log(f"traffic: C={cfg.concurrency}, windows {cfg.plan} of {cfg.window_s:g} s")
         traffic = Traffic()
         clients = [
-            asyncio.create_task(traffic_client(client, cfg, vocab, c, traffic))
+            asyncio.create_task(traffic_client(client, cfg, bench, c, traffic))
             for c in range(cfg.concurrency)
         ]
         windows: list[dict[str, Any]] = []
@@ -485,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="5 loads, 5 replaces, 3 on-demand names, 4 windows (ABBA) of 8 s",
     )
-    parser.add_argument("--size", choices=["bench", "tiny", "large"], default="bench")
+    parser.add_argument("--size", choices=list(SIZES), default="bench")
     parser.add_argument(
         "--cache",
         "--cache-dir",

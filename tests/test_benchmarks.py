@@ -194,3 +194,45 @@ def test_runtime_adapters_writes_every_metric(tmp_path: Path) -> None:
     assert all(w["replaces"] >= 2 for w in res["windows"][1:3])  # one every 0.5 s in 2 s
     assert len(res["samples"]["load_s"]) == 5 and len(res["samples"]["ttft_on_demand_s"]) == 3
     assert "| load (POST, new name) p50 / p90 |" in (out / "report.md").read_text()
+
+
+def test_sizes_on_the_command_line() -> None:
+    """Every size, the real one included, is a --size choice (and `tuneserve bench` passes it)."""
+    cfg = config_from(_parser().parse_args(["run", "--quick", "--size", "smollm2"]))
+    assert cfg.size == "smollm2" and cfg.quick
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["run", "--size", "huge"])
+
+
+@pytest.mark.real_model
+def test_smollm2_size_resolves_and_its_adapters_load(demo_cache: Path, smollm2_base: Path) -> None:
+    """--size smollm2: the converted SmolLM2 as the base (the run's one copy, found by its hash),
+    the harness's random adapters built for it and served, real-text prompts of exact length."""
+    from benchmarks.model import LORA_TARGETS, ensure_bench_model, load_tokenizer
+    from benchmarks.peers.ceiling import prompt_source
+
+    from tuneserve.models.loader import load_served_model
+
+    bench = ensure_bench_model(demo_cache, "smollm2", adapters=2)
+    assert bench.base == smollm2_base and bench.real
+    assert list(bench.adapters) == ["a0", "a1"]
+    merged = json.loads((bench.merged / "config.json").read_text())
+    assert merged["eos_token_id"] is None  # for transformers serve, which has no ignore_eos
+
+    served = load_served_model(
+        str(bench.base), dict(bench.adapters), dtype="float32", device="cpu", max_model_len=256
+    )
+    assert served.adapter_errors == {}
+    for spec in served.adapters.values():
+        assert (spec.rank, spec.alpha) == (16, 32.0)
+        assert sorted(spec.target_modules) == sorted(LORA_TARGETS)
+
+    tokenizer = load_tokenizer(bench.base)
+    texts = [bench.prompt_text(i, 64) for i in range(3)]
+    assert len(set(texts)) == 3
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == 64 and ids == bench.prompt_ids(i, 64)
+        assert " the " in text  # English, not the bench model's "w17 w3"
+    # the ceiling peer gets the same kind of prompts as ids
+    assert prompt_source(bench.base, "smollm2", 49152)(0, 64) == bench.prompt_ids(0, 64)

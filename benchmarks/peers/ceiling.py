@@ -16,14 +16,15 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+PromptIds = Callable[[int, int], list[int]]  # (request index, length) -> token ids
 
-def run_point(model: object, vocab: int, concurrency: int, requests: int, prompt_len: int,
-              max_tokens: int) -> dict[str, object]:
+
+def run_point(model: object, prompt: PromptIds, concurrency: int, requests: int,
+              prompt_len: int, max_tokens: int) -> dict[str, object]:
     import torch
-
-    from benchmarks.model import prompt_ids
 
     ttft: list[float] = []
     itl: list[float] = []
@@ -32,7 +33,7 @@ def run_point(model: object, vocab: int, concurrency: int, requests: int, prompt
     start = time.perf_counter()
     for first in range(0, requests, concurrency):
         rows = range(first, min(first + concurrency, requests))
-        ids = torch.tensor([prompt_ids(i, prompt_len, vocab) for i in rows])  # [B, T]
+        ids = torch.tensor([prompt(i, prompt_len) for i in rows])  # [B, T]
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # type: ignore[operator]
@@ -64,6 +65,15 @@ def run_point(model: object, vocab: int, concurrency: int, requests: int, prompt
     }
 
 
+def prompt_source(base: Path, size: str | None, vocab: int) -> PromptIds:
+    """Prompts as token ids, made as the HTTP systems' are (real text for a real model)."""
+    from benchmarks.model import prompt_ids, prompt_ids_for
+
+    if size is None:
+        return lambda i, length: prompt_ids(i, length, vocab)
+    return lambda i, length: prompt_ids_for(size, base, i, length)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +82,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, required=True)
     parser.add_argument("--prompt-len", type=int, required=True)
     parser.add_argument("--max-tokens", type=int, required=True)
+    parser.add_argument("--size", help="the bench model's size: a real model gets real-text "
+                        "prompts [random words over the model's vocabulary]")
     args = parser.parse_args()
 
     import torch
@@ -80,11 +92,11 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
-    vocab = model.config.vocab_size
-    run_point(model, vocab, 1, 1, args.prompt_len, 4)  # warm-up
+    prompt = prompt_source(args.base, args.size, model.config.vocab_size)
+    run_point(model, prompt, 1, 1, args.prompt_len, 4)  # warm-up
     print(json.dumps({"ready": True}), flush=True)
     for c in (int(x) for x in args.concurrency.split(",")):
-        result = run_point(model, vocab, c, args.requests, args.prompt_len, args.max_tokens)
+        result = run_point(model, prompt, c, args.requests, args.prompt_len, args.max_tokens)
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
 

@@ -10,7 +10,9 @@ serving several adapters at once.
         --max-batch-size N
 
 Speaks streaming `/v1/completions` only (what the harness sends). Text is detokenized one
-token at a time (right for the bench model's word-level tokenizer, not for BPE in general).
+token at a time: the bench model's word-level tokens get a space between them, a byte-level
+BPE's (the real model's) carry their own (a character split across tokens would come out
+garbled; the harness only counts the chunks).
 """
 
 from __future__ import annotations
@@ -134,6 +136,12 @@ class Batcher(threading.Thread):
             streamer.end()
 
 
+def decode_joins_with_space(tokenizer: Any) -> bool:
+    """Whether decoding puts a space between tokens (word level: "w5 w5") or not (BPE)."""
+    token = len(tokenizer) // 2  # an ordinary token in either vocabulary
+    return bool(tokenizer.decode([token, token]) != tokenizer.decode([token]) * 2)
+
+
 def create_app(model: Any, tokenizer: Any, adapters: list[str], max_batch: int) -> Any:
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import StreamingResponse
@@ -142,6 +150,7 @@ def create_app(model: Any, tokenizer: Any, adapters: list[str], max_batch: int) 
     add_common_routes(app, adapters or ["base"])
     batcher = Batcher(model, tokenizer, max_batch)
     batcher.start()
+    spaced = decode_joins_with_space(tokenizer)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody) -> StreamingResponse:
@@ -158,7 +167,7 @@ def create_app(model: Any, tokenizer: Any, adapters: list[str], max_batch: int) 
             first = True
             while (token := await pending.out.get()) is not None:
                 text = tokenizer.decode([token], skip_special_tokens=True)
-                yield text if first or not text else " " + text
+                yield text if first or not text or not spaced else " " + text
                 first = False
 
         return StreamingResponse(stream_events(name, len(ids), texts(), pending.count),

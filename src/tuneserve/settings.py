@@ -25,7 +25,9 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TUNESERVE_", extra="ignore")
 
-    base: str | None = Field(None, description="Base model: a local folder or a hub id.")
+    base: str | None = Field(
+        None, description="Base model: a local folder, a .gguf file (converted once) or a hub id."
+    )
     adapters: list[str] = Field(
         default_factory=list,
         description="Adapters as NAME=PATH (env: TUNESERVE_ADAPTERS as a JSON list).",

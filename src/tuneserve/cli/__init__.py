@@ -39,5 +39,8 @@ def main() -> None:
     except TuneserveError as exc:
         if os.environ.get("TUNESERVE_DEBUG"):
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        # soft_wrap: one line, whatever the width (logs, CI); messages hold paths and commands
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False
+        )
         sys.exit(1)

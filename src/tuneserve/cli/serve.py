@@ -223,6 +223,9 @@ def demo_sources(settings: ServeSettings, root: Path | None) -> Sources:
         )
         demo = real_demo.ensure_real_demo(settings.cache_dir, progress=progress)
         name, about = real_demo.MODEL_NAME, real_demo.ABOUT
+        if settings.max_model_len is None:
+            # the model's 8192 would reserve the KV cache of 32 x 8192 tokens (11 GB) up front
+            settings.max_model_len = real_demo.CONTEXT
     else:
         stderr.print(
             "No --base or --workspace given, and the real demo model is not installed "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneserve.errors import TuneserveError
-from tuneserve.models.adapters import CONFIG_FILE, WEIGHT_FILES
+from tuneserve.models.adapters import CONFIG_FILE, WEIGHT_FILES, gguf_refusal
 from tuneserve.models.workspace import find_adapters
 
 # What an adapter name may be: it is a `model` id in requests and a folder name on the share.
@@ -69,6 +69,9 @@ class AdapterRoot:
                 f"path {given!r} leads to {resolved}, outside the adapter root {self.path} "
                 "(through a symlink)"
             )
+        refusal = gguf_refusal(resolved)
+        if refusal is not None:
+            raise AdapterPathError(refusal)
         if not resolved.is_dir():
             raise AdapterPathError(
                 f"no folder at {given!r} in the adapter root {self.path}; an adapter folder "

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneserve.errors import AdapterError
+from tuneserve.models.gguf import SUFFIX as GGUF_SUFFIX
 from tuneserve.models.types import AdapterSpec
 
 logger = logging.getLogger(__name__)
@@ -88,11 +89,15 @@ def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
     """
     path = Path(path).expanduser()
     base = model if isinstance(model, BaseLayers) else BaseLayers.of(model)
+    refusal = gguf_refusal(path)
+    if refusal is not None:
+        raise AdapterError(name, refusal)
     if not path.is_dir():
+        what = f"{path} is not a folder" if path.exists() else f"folder {path} does not exist"
         raise AdapterError(
             name,
-            f"folder {path} does not exist; pass the folder PeftModel.save_pretrained wrote "
-            f"(it holds {CONFIG_FILE} and {WEIGHT_FILES[0]})",
+            f"{what}; pass the folder PeftModel.save_pretrained wrote (it holds {CONFIG_FILE} "
+            f"and {WEIGHT_FILES[0]})",
         )
     raw, config = read_adapter_config(name, path / CONFIG_FILE)
     _check_supported(name, path / CONFIG_FILE, config)
@@ -108,6 +113,24 @@ def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
         alpha=config.lora_alpha,
         target_modules=(targets,) if isinstance(targets, str) else tuple(targets or ()),
         config=raw,
+    )
+
+
+def gguf_refusal(path: Path) -> str | None:
+    """Why `path` is refused when it is a GGUF file, or a folder holding one instead of a PEFT
+    adapter: llama.cpp's LoRA format, which the engines do not read. None otherwise."""
+    if path.is_file():
+        found = [path] if path.suffix.lower() == GGUF_SUFFIX else []
+    elif path.is_dir() and not (path / CONFIG_FILE).is_file():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() == GGUF_SUFFIX)
+    else:
+        return None
+    if not found:
+        return None
+    return (
+        f"{found[0]} is a GGUF file: GGUF adapters are not supported. Serve the PEFT adapter "
+        f"folder instead ({CONFIG_FILE} and {WEIGHT_FILES[0]}, as PeftModel.save_pretrained "
+        "writes them)"
     )
 
 

@@ -1,4 +1,7 @@
-"""The demo `tuneserve serve` serves with no arguments: a tiny chat model and two LoRA adapters.
+"""The toy demo: a tiny chat model and two LoRA adapters, trained here in seconds. What
+`tuneserve serve` serves with no arguments when the real demo's wheel is missing
+(models/real_demo.py), what `tuneserve init --demo --toy` lays out, and the model of the many
+fast tests.
 
 Built once on first use (about 20 s on two busy CPU cores), deterministically, into
 `<cache_dir>/demo-v1/`:

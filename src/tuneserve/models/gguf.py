@@ -29,6 +29,16 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".gguf"
 SOURCE_FILE = "source.json"  # what was converted: the file's name, size and SHA-256
 _HASH_CHUNK = 1 << 20
+_EXPECTED = "expected a GGUF model file as llama.cpp or Ollama write it"
+# llama.cpp's names for architectures transformers spells otherwise (its GGUF loader maps them
+# the same way before checking its list).
+_ALIASES = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+    "t5encoder": "t5",
+}
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -58,7 +68,11 @@ def file_sha256(path: Path) -> str:
 
 def converted_dir(gguf: Path, cache_dir: Path) -> Path:
     """Where the conversion of `gguf` lives (it may not exist yet)."""
-    return cache_dir / "gguf" / file_sha256(gguf)[:16]
+    return _converted_dir(file_sha256(gguf), cache_dir)
+
+
+def _converted_dir(sha256: str, cache_dir: Path) -> Path:
+    return Path(cache_dir).expanduser() / "gguf" / sha256[:16]
 
 
 def ensure_converted(
@@ -69,18 +83,23 @@ def ensure_converted(
 ) -> Path:
     """The transformers folder of `gguf`, converting it first if the cache has none.
 
-    Raises ModelLoadError naming the file when it is not a GGUF transformers can read (corrupt,
-    truncated, or an architecture transformers does not support)."""
+    `on_stage` hears each stage of a conversion ("reading the tokenizer and chat template"...).
+    Raises ModelLoadError naming the file when it is not a GGUF transformers can read (empty,
+    corrupt, truncated, or of an architecture transformers does not support)."""
     gguf = gguf.expanduser().absolute()
-    dest = converted_dir(gguf, cache_dir)
+    try:
+        sha256 = file_sha256(gguf)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read the GGUF file {gguf}: {exc}") from None
+    dest = _converted_dir(sha256, cache_dir)  # hashed once: the file may be gigabytes
     if (dest / SOURCE_FILE).is_file():
         return dest
-    check_header(gguf)
+    logger.info("converting %s (once) into %s", gguf, dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         _convert(gguf, work, on_stage or (lambda stage: None))
-        source = {"file": gguf.name, "size": gguf.stat().st_size, "sha256": file_sha256(gguf)}
+        source = {"file": gguf.name, "size": gguf.stat().st_size, "sha256": sha256}
         (work / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
         try:
             os.replace(work, dest)  # atomic: a half-converted folder is never found
@@ -94,8 +113,14 @@ def ensure_converted(
 
 
 def check_header(gguf: Path) -> None:
-    """Read the file's header and tensor table (cheap: memory-mapped) so that a corrupt or
-    truncated file is reported as such, before transformers fails less clearly."""
+    """Read the file's header and tensor table so that an empty, corrupt or truncated file, or
+    one of an architecture transformers does not read, is reported as such.
+
+    Called once transformers has failed on the file, to say why in the user's terms: not
+    before, since reading the header costs seconds on a good file (the tokenizer's arrays are
+    parsed one item at a time) and transformers reads it again anyway."""
+    if gguf.stat().st_size == 0:
+        raise ModelLoadError(f"{gguf} is empty (0 bytes): {_EXPECTED}")
     try:
         from gguf import GGUFReader
     except ImportError as exc:
@@ -106,15 +131,15 @@ def check_header(gguf: Path) -> None:
         reader = GGUFReader(str(gguf))
     except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... alike
         raise ModelLoadError(
-            f"{gguf} is not a readable GGUF file (corrupt or truncated?): "
-            f"{type(exc).__name__}: {exc}"
+            f"{gguf} is not a readable GGUF file (corrupt or truncated?): {_EXPECTED} "
+            f"({type(exc).__name__}: {exc})"
         ) from None
     architecture = _architecture(reader)
     supported = _supported_architectures()
-    if supported is not None and architecture not in supported:
+    if supported is not None and _ALIASES.get(architecture, architecture) not in supported:
         raise ModelLoadError(
             f"{gguf}: transformers cannot load GGUF models of architecture {architecture!r}; "
-            f"it reads {', '.join(sorted(supported))}. Use the original (safetensors) model "
+            f"it reads {', '.join(sorted(supported))}. Serve the original (safetensors) model "
             "folder instead"
         )
 
@@ -129,9 +154,10 @@ def _architecture(reader: Any) -> str:
 def _supported_architectures() -> set[str] | None:
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-    except ImportError:  # another transformers layout: let from_pretrained decide
+    except ImportError:  # another transformers layout: its own error message has to do
         return None
-    return set(GGUF_SUPPORTED_ARCHITECTURES)
+    # The list is the keys of transformers' config mapping: two of them are no architecture.
+    return set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}
 
 
 def _convert(gguf: Path, dest: Path, on_stage: Callable[[str], None]) -> None:
@@ -144,9 +170,8 @@ def _convert(gguf: Path, dest: Path, on_stage: Callable[[str], None]) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         on_stage("dequantizing the weights")
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # transformers raises ValueError, KeyError, RuntimeError... alike
+    except Exception as exc:  # transformers raises ValueError, KeyError, struct.error... alike
+        check_header(gguf)  # raises the clearer error when the file itself is the cause
         raise ModelLoadError(
             f"cannot convert {gguf}: transformers could not read it ({type(exc).__name__}: {exc})"
         ) from exc

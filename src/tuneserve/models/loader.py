@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tuneserve.errors import AdapterError, ModelLoadError
 from tuneserve.models.adapters import BaseLayers, validate_adapter
 from tuneserve.models.chat_template import ensure_chat_template
+from tuneserve.models.gguf import SUFFIX, ensure_converted, find_gguf
 from tuneserve.models.types import AdapterSpec, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -28,15 +30,21 @@ def load_served_model(
     device: str = "auto",
     max_model_len: int | None = None,
     served_model_name: str | None = None,
+    cache_dir: Path | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> ServedModel:
-    """Load `base` (a local folder or a hub id) and validate each adapter against it.
+    """Load `base` (a local folder, a .gguf file or a folder holding one, or a hub id) and
+    validate each adapter against it.
 
-    A broken adapter does not stop the others: it is logged and recorded in
-    `ServedModel.adapter_errors`. Raises ModelLoadError when the base cannot be loaded and
-    AdapterError when adapter names clash with the base's.
+    A GGUF base is converted once into `cache_dir` (default: the user cache) and served from
+    there, named after the file; `on_stage` hears what a conversion is doing. A broken adapter
+    does not stop the others: it is logged and recorded in `ServedModel.adapter_errors`.
+    Raises ModelLoadError when the base cannot be loaded and AdapterError when adapter names
+    clash with the base's.
     """
-    source, is_local = _locate(base)
-    base_name = served_model_name or (_folder_name(source) if is_local else source)
+    located = _locate(base, cache_dir, on_stage)
+    source, is_local = located.source, located.is_local
+    base_name = served_model_name or located.name
     _check_names(adapters, base_name)
     resolved_device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, resolved_device)
@@ -60,7 +68,7 @@ def load_served_model(
 
     served = ServedModel(
         base_name=base_name,
-        base_path=source,
+        base_path=located.origin,
         model=model,
         tokenizer=tokenizer,
         adapters=specs,
@@ -82,25 +90,57 @@ def load_served_model(
     return served
 
 
-def _locate(base: str) -> tuple[str, bool]:
-    """(where to load from, whether it is a local folder)."""
+class _Located(NamedTuple):
+    source: str  # where to load from: a folder or a hub id
+    is_local: bool
+    name: str  # the base's id in the API unless --served-model-name says otherwise
+    origin: str  # what the user gave: the folder, the .gguf file or the hub id
+
+
+def _locate(base: str, cache_dir: Path | None, on_stage: Callable[[str], None] | None) -> _Located:
     path = Path(base).expanduser()
+    gguf = find_gguf(path)
+    if gguf is not None:
+        # The file's stem names it, not the cache's hash folder: "SmolLM2-135M-Instruct.Q4_1".
+        folder = _converted(gguf, cache_dir, on_stage)
+        return _Located(str(folder), True, gguf.stem, str(gguf.absolute()))
+    if path.suffix.lower() == SUFFIX and not path.exists():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"base model folder {path} has no config.json; expected a transformers model "
-                "folder (config.json, *.safetensors, tokenizer files)"
+                "folder (config.json, *.safetensors, tokenizer files) or a .gguf file"
             )
         # absolute() not resolve(): a symlinked model keeps the name the user gave it
-        return str(path.absolute()), True
+        source = str(path.absolute())
+        return _Located(source, True, _folder_name(source), source)
     if path.exists():
-        raise ModelLoadError(f"base model {path} is a file; pass the folder that holds it")
+        raise ModelLoadError(
+            f"base model {path} is a file; pass the folder that holds it (or a .gguf file)"
+        )
     if not _HUB_ID.fullmatch(base):
         raise ModelLoadError(
             f"base model folder {path} does not exist (and {base!r} is not a hub id like "
             "'org/model')"
         )
-    return base, False
+    return _Located(base, False, base, base)
+
+
+def _converted(gguf: Path, cache_dir: Path | None, on_stage: Callable[[str], None] | None) -> Path:
+    """The transformers folder of a GGUF base, converted into the cache the first time."""
+    from tuneserve.settings import default_cache_dir
+
+    def stage(what: str) -> None:
+        logger.info("converting %s (once): %s", gguf.name, what)
+        if on_stage is not None:
+            on_stage(f"converting {gguf.name} (once): {what}")
+
+    folder = ensure_converted(gguf, cache_dir or default_cache_dir(), on_stage=stage)
+    logger.info("base %s: serving its conversion in %s", gguf, folder)
+    if on_stage is not None:
+        on_stage(f"loading {gguf.name} (converted in {folder})")
+    return folder
 
 
 def _folder_name(source: str) -> str:

