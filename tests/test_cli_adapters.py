@@ -76,6 +76,7 @@ def replicas(
                         [
                             *(sys.executable, "-m", "tuneserve", "serve"),
                             *("--base", str(demo_paths.base), "--port", str(port), "--no-ui"),
+                            *(f"--adapter={n}={p}" for n, p in demo_paths.adapters.items()),
                             *("--adapter-root", str(root), "--api-key", KEY),
                             *("--adapter-rescan-interval", "0", "--log-level", "warning"),
                         ],
