@@ -884,8 +884,8 @@ class AzureProvider:
         headers = {"Authorization": f"Bearer {token['token']}"}
         many = len(urls) > 1
         if not follow:
-            for replica, url in urls:
-                prefix = f"[{replica}] " if many else ""
+            for replica_name, url in urls:
+                prefix = f"[{replica_name}] " if many else ""
                 request = urllib.request.Request(url, headers=headers)
                 with urllib.request.urlopen(request, timeout=30) as response:
                     for raw in response:

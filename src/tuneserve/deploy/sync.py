@@ -471,13 +471,13 @@ def _hold_back_model_cache(
             result.bytes_held_back += size
     if not result.held_back:
         return
-    size = human_size(result.bytes_held_back)
+    shown = human_size(result.bytes_held_back)
     share_bases, workspace_bases = base_models(remote), base_models(held)
     if workspace_bases and not share_bases:
         problem = (
             f"the share {target.describe()} has no base model under {MODEL_CACHE}/, so the "
             f"replicas would not find one. The workspace's {', '.join(workspace_bases)} "
-            f"({MODEL_CACHE}/: {size})"
+            f"({MODEL_CACHE}/: {shown})"
         )
         if refuse:
             raise DeployError(
@@ -494,7 +494,7 @@ def _hold_back_model_cache(
         else "the workspace has no base model there either"
     )
     console.print(
-        f"  {MODEL_CACHE}/ ({size}, {len(result.held_back)} file(s) not on the share as they "
+        f"  {MODEL_CACHE}/ ({shown}, {len(result.held_back)} file(s) not on the share as they "
         f"are here) not uploaded: {where}; pass --include-model-cache to upload it",
         markup=False,
         highlight=False,

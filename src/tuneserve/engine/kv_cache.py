@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,12 +32,12 @@ class KVCacheShape:
     def from_config(cls, config: object, *, num_slots: int, max_len: int) -> KVCacheShape:
         """Read layer/head sizes off a transformers config (text config for multimodal ones)."""
         get_text_config = getattr(config, "get_text_config", None)
-        text = get_text_config() if callable(get_text_config) else config
-        heads = int(text.num_attention_heads)  # type: ignore[attr-defined]
+        text: Any = get_text_config() if callable(get_text_config) else config
+        heads = int(text.num_attention_heads)
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads  # type: ignore[attr-defined]
+        head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
         return cls(
-            num_layers=int(text.num_hidden_layers),  # type: ignore[attr-defined]
+            num_layers=int(text.num_hidden_layers),
             num_slots=num_slots,
             num_kv_heads=int(kv_heads),
             head_dim=int(head_dim),

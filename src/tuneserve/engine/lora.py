@@ -214,7 +214,7 @@ class BatchedLoRALinear(nn.Module):
         self.layout = _Layout(ranks, torch.tensor(col_slot, dtype=torch.long, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        y: torch.Tensor = self.base_layer(x)
         if self.a_t is None or self.b is None:
             return y
         x2 = x.reshape(-1, self.in_features)

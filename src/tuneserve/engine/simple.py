@@ -133,7 +133,8 @@ def forward(
         logits_to_keep=1,
         **extra,
     )
-    return out.logits[:, -1, :]
+    logits: torch.Tensor = out.logits
+    return logits[:, -1, :]
 
 
 # -- per-request bookkeeping ------------------------------------------------------------
@@ -405,7 +406,7 @@ class PeftBatchEngine(ThreadedEngine):
                 pending.stream.fail(problem)
                 pending.finished = True
             elif version is None:
-                pending.stream.fail(self._unloaded(str(request.adapter), request))
+                pending.stream.fail(self._unloaded(str(request.adapter), request.request_id))
                 pending.finished = True
             elif request.params.max_tokens < 1:
                 pending.finish("length")

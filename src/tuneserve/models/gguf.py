@@ -179,7 +179,7 @@ def _convert(gguf: Path, dest: Path, on_stage: Callable[[str], None]) -> None:
     # The weights are plain floats now: saved as such, with no trace of the GGUF quantizer
     # (save_pretrained refuses a model "quantized with gguf", and llama.cpp's converters refuse
     # a config that still names it).
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # typed as a module attribute
     for config in (model.config, getattr(model.config, "text_config", None)):
         if config is not None and hasattr(config, "quantization_config"):
             del config.quantization_config

@@ -58,10 +58,10 @@ def load_served_model(
 
     specs: dict[str, AdapterSpec] = {}
     errors: dict[str, str] = {}
-    base = BaseLayers.of(model)  # one walk of the model for every adapter
+    layers = BaseLayers.of(model)  # one walk of the model for every adapter
     for name, path in adapters.items():
         try:
-            specs[name] = validate_adapter(name, Path(path), base)
+            specs[name] = validate_adapter(name, Path(path), layers)
         except AdapterError as exc:
             logger.error("not serving %s", exc)
             errors[name] = str(exc)
@@ -215,7 +215,8 @@ def _tokenizer(source: str) -> Any:
 def _model(source: str, torch_dtype: Any, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    # Any: transformers' decorated `to` confuses type checkers about its arguments
+    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     model.to(device)
     model.eval()
     model.requires_grad_(False)  # inference only: no autograd bookkeeping

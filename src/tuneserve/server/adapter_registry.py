@@ -249,10 +249,11 @@ class AdapterRegistry:
         if previous is not None and not previous.done():
             with contextlib.suppress(Exception):
                 await asyncio.shield(previous)
-        if self._scan is previous:  # nobody started a scan since this call began
-            self._scan = asyncio.create_task(self._rescan_once(), name="adapter-scan")
+        scan = self._scan
+        if scan is None or scan is previous:  # nobody started a scan since this call began
+            scan = self._scan = asyncio.create_task(self._rescan_once(), name="adapter-scan")
         # shield: a caller that goes away (a client disconnecting) must not stop the scan
-        await asyncio.shield(self._scan)
+        await asyncio.shield(scan)
 
     # -- the work --------------------------------------------------------------------------
     async def _rescan_once(self) -> None:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from fastapi import FastAPI, Request
 from starlette.routing import Match, Mount
@@ -147,7 +147,13 @@ def allowed_methods(app: FastAPI, path: str, *, exclude: object) -> list[str]:
     """The methods some API route (not a mount, not `exclude`) serves at `path`."""
     allowed = []
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
-        scope = {"type": "http", "path": path, "root_path": "", "method": method, "headers": []}
+        scope: dict[str, Any] = {
+            "type": "http",
+            "path": path,
+            "root_path": "",
+            "method": method,
+            "headers": [],
+        }
         for route in app.router.routes:
             if isinstance(route, Mount) or getattr(route, "endpoint", None) is exclude:
                 continue

@@ -77,7 +77,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     else:
         message = str(exc.detail)
     error = APIError.of_status(exc.status_code, message)
-    return error_response(error, headers=exc.headers)
+    return error_response(error, headers=dict(exc.headers) if exc.headers else None)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

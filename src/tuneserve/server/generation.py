@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -161,7 +161,7 @@ class GenerationService:
     # -- generation ----------------------------------------------------------------------
     async def stream(
         self, model: str, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         """Deltas of one choice. Closing the iterator early cancels the generation."""
         adapter = self.resolve_adapter(model)
         request = GenerationRequest(
@@ -199,7 +199,7 @@ class GenerationService:
 
     async def chat_stream(
         self, model: str, messages: Sequence[dict[str, Any]], params: SamplingParams
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         """Convenience for the UI: render, check length, stream one choice. (API requests are
         refused and counted while draining by DrainMiddleware; the UI's are here.)"""
         if self.lifecycle.draining:
@@ -210,7 +210,7 @@ class GenerationService:
 
     async def _chat_stream(
         self, model: str, messages: Sequence[dict[str, Any]], params: SamplingParams
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         await self.resolve_model(model)
         prompt_ids = self.render_chat(messages)
         max_tokens = self.check_length(prompt_ids, params.max_tokens, param="messages")

@@ -167,10 +167,11 @@ class DrainingServer(uvicorn.Server):
         else:
             return
         # What is left are the chat UI's event streams (its generations are done or cut): a
-        # few seconds let their last events out, within the budget. (A float: uvicorn hands it
-        # to asyncio.wait_for, though it annotates int.)
+        # few seconds let their last events out, within the budget. A float: uvicorn hands it
+        # to asyncio.wait_for, though it annotates int (a whole second would break the budget).
         left = self.shutdown_timeout - elapsed
-        self.config.timeout_graceful_shutdown = max(0.1, min(3.0, left - reserve / 2))
+        graceful = max(0.1, min(3.0, left - reserve / 2))
+        self.config.timeout_graceful_shutdown = graceful  # type: ignore[assignment]
         self.should_exit = True
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from typing import TypeVar
 
@@ -54,7 +54,7 @@ async def collect_choices(
 
 async def merge_streams(
     streams: Sequence[AsyncIterator[StreamDelta]],
-) -> AsyncIterator[tuple[int, StreamDelta]]:
+) -> AsyncGenerator[tuple[int, StreamDelta], None]:
     """Yield (choice index, delta) from all streams as they arrive; the first error raises."""
     queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
 

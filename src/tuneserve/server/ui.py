@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
@@ -264,7 +264,7 @@ class ChatHandlers:
 
     async def _run(
         self, sides: list[_Side], messages: list[Message], params: SamplingParams, key: str
-    ) -> AsyncIterator[None]:
+    ) -> AsyncGenerator[None, None]:
         """Generate every side at once; yield whenever any of them changed, last when all end."""
         updates: asyncio.Queue[None] = asyncio.Queue()
         run = _Run({asyncio.create_task(self._pump(s, messages, params, updates)) for s in sides})
@@ -510,7 +510,8 @@ def build_ui(
         }
         blocks.load(**watch)
         gr.Timer(MODELS_REFRESH_S).tick(**watch)
-    return blocks
+    built: gr.Blocks = blocks  # gradio's context manager is untyped
+    return built
 
 
 def _key_checker(api_key: str) -> Callable[[str, str], bool]:
@@ -537,7 +538,7 @@ def mount_ui(
     Gradio's own queue and config routes then refuse requests without the login cookie.
     """
     blocks = build_ui(service, api_key=api_key, notice=notice, about=about)
-    return gr.mount_gradio_app(
+    mounted: FastAPI = gr.mount_gradio_app(
         app,
         blocks,
         path="/",
@@ -547,3 +548,4 @@ def mount_ui(
         footer_links=["gradio", "settings"],
         run_history=False,
     )
+    return mounted
