@@ -223,7 +223,9 @@ def _build_base(dest: Path, spec: ModelSize) -> None:
         tie_word_embeddings=False,
         dtype="float32",
     )
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    # transformers decorates `.to` with functools.wraps(nn.Module.to): mypy then sees an unbound
+    # callable whose first parameter is `self`
+    model = LlamaForCausalLM(config).to(torch.float32).eval()  # type: ignore[arg-type]
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model.save_pretrained(dest)
     build_tokenizer(spec.vocab).save_pretrained(dest)
@@ -247,7 +249,7 @@ def _build_adapter(dest: Path, base: Path, spec: ModelSize, index: int) -> None:
                 # every adapter moves the output (a zero B would make it the base model).
                 bound = param.shape[1] ** -0.5
                 param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
-    peft_model.save_pretrained(dest)
+    peft_model.save_pretrained(str(dest))
     cfg_path = dest / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(base)

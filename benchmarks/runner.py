@@ -115,9 +115,13 @@ def run_http_system(system: HttpSystem, bench: BenchModel, cfg: BenchConfig, out
                 url = base_url + "/v1/completions"
                 warm_prompts = [bench.prompt_text(10**12 + j, cfg.prompt_len, cfg.seed)
                                 for j in range(cfg.warmup_requests)]
+
+                def warm_body(j: int, names: list[str] = names,
+                              texts: list[str] = warm_prompts) -> dict[str, Any]:
+                    return system.body(texts[j], names[j % len(names)], cfg, 8)
+
                 warm = run_closed_loop(
-                    url, lambda j, names=names, texts=warm_prompts: system.body(
-                        texts[j], names[j % len(names)], cfg, 8),
+                    url, warm_body,
                     cfg.warmup_requests, 1, cfg.request_timeout_s) if cfg.warmup_requests else None
                 if warm and not any(r.ok for r in warm.results):
                     raise StartError(f"warm-up failed: {warm.results[0].error}; log {log_path}:\n"

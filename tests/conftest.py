@@ -9,9 +9,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
+
+if TYPE_CHECKING:
+    from tuneserve.engine.factory import EngineKind
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # The engine behind the live servers; TUNESERVE_TEST_ENGINE=simple runs the API/UI suite on
 # the other one.
-TEST_ENGINE = os.environ.get("TUNESERVE_TEST_ENGINE", "continuous")
+TEST_ENGINE = cast("EngineKind", os.environ.get("TUNESERVE_TEST_ENGINE", "continuous"))
 
 
 def free_port() -> int:

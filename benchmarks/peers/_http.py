@@ -12,9 +12,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 class CompletionBody(BaseModel):
@@ -63,12 +66,13 @@ def load_peft(base: Path, adapters: dict[str, Path]) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     items = list(adapters.items())
-    if items:
-        name, path = items[0]
-        model = PeftModel.from_pretrained(model, path, adapter_name=name)
-        for name, path in items[1:]:
-            model.load_adapter(path, adapter_name=name)
-    return model.eval(), tokenizer
+    if not items:
+        return model.eval(), tokenizer
+    name, path = items[0]
+    peft_model = PeftModel.from_pretrained(model, path, adapter_name=name)
+    for name, path in items[1:]:
+        peft_model.load_adapter(path, adapter_name=name)
+    return peft_model.eval(), tokenizer
 
 
 def prompt_ids(tokenizer: Any, prompt: str | list[int]) -> list[int]:
@@ -109,7 +113,7 @@ async def stream_events(model: str, prompt_tokens: int,
     yield "data: [DONE]\n\n"
 
 
-def add_common_routes(app: Any, names: list[str]) -> None:
+def add_common_routes(app: FastAPI, names: list[str]) -> None:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}

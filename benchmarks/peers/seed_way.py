@@ -30,7 +30,7 @@ from benchmarks.peers._http import (
 def make_streamer(tokenizer: Any, count: list[int]) -> Any:
     from transformers import TextIteratorStreamer
 
-    class CountingStreamer(TextIteratorStreamer):  # type: ignore[misc]
+    class CountingStreamer(TextIteratorStreamer):
         """The template's streamer, plus a count of the tokens made (for the usage chunk)."""
 
         def put(self, value: Any) -> None:

@@ -645,22 +645,22 @@ def _handler(s: StandIn) -> type[BaseHTTPRequestHandler]:
                 return self._reply(200, {"properties": {"token": "stand-in-token"}})
             m = re.fullmatch(r"/revisions/([^/]+)(/[a-z]+)?", rest)
             if m:
-                revision = next((r for r in s.revisions if r.lower() == m.group(1)), None)
-                if revision is None:
+                named = next((r for r in s.revisions if r.lower() == m.group(1)), None)
+                if named is None:
                     raise ArmError("ResourceNotFound", f"revision {m.group(1)} not found", 404)
                 if m.group(2) == "/deactivate":
-                    s.deactivated.append(revision)
-                    s.revisions[revision]["active"] = False
+                    s.deactivated.append(named)
+                    s.revisions[named]["active"] = False
                     return self._reply(200)
                 if m.group(2) == "/restart":
-                    s.restarted.append(revision)
-                    s.replicas[revision] = new_replicas(revision)
+                    s.restarted.append(named)
+                    s.replicas[named] = new_replicas(named)
                     if s.fail_restart:
-                        s.revisions[revision] = _revision("Failed", "Unhealthy")
+                        s.revisions[named] = _revision("Failed", "Unhealthy")
                     return self._reply(200)
                 if m.group(2) == "/replicas":
-                    return self._reply(200, {"value": s.replicas.get(revision, [])})
-                return self._reply(200, {"name": revision, "properties": s.revisions[revision]})
+                    return self._reply(200, {"value": s.replicas.get(named, [])})
+                return self._reply(200, {"name": named, "properties": s.revisions[named]})
             raise ArmError("NotFound", rest, 404)
 
         # -- the app's endpoint --
@@ -758,8 +758,8 @@ def _handler(s: StandIn) -> type[BaseHTTPRequestHandler]:
             if restype == "directory" and self.command == "DELETE":
                 if rest not in s.dirs:
                     return self._error(404, "ResourceNotFound")
-                inside = rest + "/"
-                if any(p.startswith(inside) for p in (*s.dirs, *s.files)):
+                under = rest + "/"
+                if any(p.startswith(under) for p in (*s.dirs, *s.files)):
                     return self._error(409, "DirectoryNotEmpty")
                 s.dirs.discard(rest)
                 return self._reply(202)
@@ -784,7 +784,7 @@ def _handler(s: StandIn) -> type[BaseHTTPRequestHandler]:
             if self.command == "DELETE":
                 del s.files[rest]
                 return self._reply(202)
-            data = bytes(s.files[rest])
+            content = bytes(s.files[rest])
             headers = {
                 **self._stamp_headers(rest),
                 "x-ms-type": "File",
@@ -794,18 +794,18 @@ def _handler(s: StandIn) -> type[BaseHTTPRequestHandler]:
                 self.send_response(200)
                 for k, v in headers.items():
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
                 return None
             wanted = self.headers.get("x-ms-range") or self.headers.get("Range")
-            if wanted and data:
-                start, _, end = wanted.split("=")[1].partition("-")
-                first, last = int(start), min(int(end or len(data) - 1), len(data) - 1)
-                headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
-                return self._reply(206, raw=data[first : last + 1], headers=headers)
+            if wanted and content:
+                lo, _, hi = wanted.split("=")[1].partition("-")
+                first, last = int(lo), min(int(hi or len(content) - 1), len(content) - 1)
+                headers["Content-Range"] = f"bytes {first}-{last}/{len(content)}"
+                return self._reply(206, raw=content[first : last + 1], headers=headers)
             if wanted:  # Azure answers 416 for a range of an empty file
                 return self._error(416, "InvalidRange")
-            return self._reply(200, raw=data, headers=headers)
+            return self._reply(200, raw=content, headers=headers)
 
         def _stamp_headers(self, rest: str) -> dict[str, str]:
             stamp = s.stamps.get(rest, 0)

@@ -50,7 +50,7 @@ from tuneserve.errors import DeployFailedError, InfraFileError, ProviderError  #
 KEYS = EndpointKeys(api_key="ts-api-stand-in", admin_key="ts-admin-stand-in")
 
 
-class StandInAuth(SansIOHTTPPolicy):  # type: ignore[type-arg]
+class StandInAuth(SansIOHTTPPolicy):
     """Sends the bearer header like the ARM policy, minus its https-only check (loopback http)."""
 
     def on_request(self, request: Any) -> None:
@@ -408,6 +408,7 @@ def test_single_node_deploy_restarts_in_place_and_says_there_is_a_gap(
     console, out = _recording()
     provider = _provisioned(workspace, standin, monkeypatch, console=console)
     serving = standin.serving()
+    assert serving is not None
     old_replicas = [r["name"] for r in standin.replicas[serving]]
 
     result = provider.deploy(timeout=10)

@@ -200,7 +200,7 @@ def test_a_share_that_cannot_hash_keeps_what_it_cannot_compare(tmp_path: Path) -
     _tree(share, {"same.bin": "abc"})
     target = _NoHashShare(share)
     assert not isinstance(target, HashingTarget)
-    result = sync(workspace_files(ws), target, console=_console()[0])  # type: ignore[arg-type]
+    result = sync(workspace_files(ws), target, console=_console()[0])
     assert result.kept == ["same.bin"] and result.adopted == []
 
 

@@ -10,7 +10,7 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from packaging.requirements import Requirement
@@ -56,7 +56,8 @@ def bicep() -> dict[str, Any]:
     from pycep import BicepParser
 
     with resources.as_file(TEMPLATES.joinpath("inference.bicep")) as path:
-        return BicepParser().parse(file_path=Path(path))
+        # the parser's BicepJson is a TypedDict; the tests walk it as a plain nested dict
+        return cast(dict[str, Any], BicepParser().parse(file_path=Path(path)))
 
 
 @pytest.fixture(scope="module")

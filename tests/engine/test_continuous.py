@@ -53,7 +53,10 @@ def reference_model(
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(family.base, dtype=dtype).to(device).eval()
+        # a transformers model, then a PeftModel around it (and transformers' `.to`, wrapped
+        # with functools.wraps(nn.Module.to), reads to mypy as an unbound function)
+        model: Any = AutoModelForCausalLM.from_pretrained(family.base, dtype=dtype)
+        model = model.to(device).eval()
         if adapter is not None:
             with quiet_peft():
                 # LoRA in the model's dtype, as the engine computes it (PEFT would upcast)
@@ -378,12 +381,12 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
     real_forward = engine._forward
     calls = 0
 
-    def flaky(*args: Any) -> Any:
+    def flaky(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("injected failure")
-        return real_forward(*args)
+        return real_forward(*args, **kwargs)
 
     engine._forward = flaky  # type: ignore[method-assign]
     ids = prompt(6, seed=600)

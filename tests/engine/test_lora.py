@@ -4,7 +4,7 @@ refusals; the hot-slot manager's LRU."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -119,7 +119,8 @@ def _peft_scaling(family: TinyFamily, spec: AdapterSpec, module: str) -> float:
 
     with quiet_peft():
         model = PeftModel.from_pretrained(family.load_base(), str(spec.path))
-    layer = model.base_model.model.get_submodule(module)
+    inner = cast(nn.Module, model.base_model.model)
+    layer: Any = inner.get_submodule(module)  # a peft LoRA layer: `scaling` is a plain dict
     return float(layer.scaling["default"])
 
 
@@ -128,13 +129,15 @@ def _save_adapter(family: TinyFamily, root: Path, name: str, **config: Any) -> A
 
     lora = LoraConfig(init_lora_weights=False, **config)
     with quiet_peft():
-        get_peft_model(family.load_base(), lora).save_pretrained(root / name)
+        get_peft_model(family.load_base(), lora).save_pretrained(str(root / name))
+    targets = lora.target_modules
+    assert targets is not None and not isinstance(targets, str)
     return AdapterSpec(
         name=name,
         path=root / name,
         rank=lora.r,
         alpha=lora.lora_alpha,
-        target_modules=tuple(sorted(lora.target_modules)),
+        target_modules=tuple(sorted(targets)),
         config=lora.to_dict(),
     )
 
@@ -224,12 +227,14 @@ def test_manager_wraps_the_union_of_targets_and_evicts_least_recently_used(
     a = manager.acquire("alpha")
     b = manager.acquire("beta")
     assert {a, b} == {0, 1}
+    assert a is not None and b is not None
     assert manager.acquire("gamma") is None  # both pinned: gamma waits
     manager.release(a)
     manager.acquire("beta")  # beta used again: alpha is the least recently used
     manager.release(b)
     manager.release(b)
     g = manager.acquire("gamma")
+    assert g is not None
     assert g == a and manager.hot == {a: "gamma", b: "beta"}
     assert manager.stats.evictions == 1
     # gamma targets only o_proj/down_proj: slot g holds nothing at q_proj

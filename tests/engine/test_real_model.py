@@ -146,14 +146,15 @@ def adapter_dirs(smollm2_base: Path, tmp_path_factory: pytest.TempPathFactory) -
         torch.manual_seed(seed)
         config = LoraConfig(
             r=rank,
-            lora_alpha=alpha,
+            # peft annotates lora_alpha as int but takes any number (scaling is alpha / r)
+            lora_alpha=alpha,  # type: ignore[arg-type]
             target_modules=list(targets),
             init_lora_weights=False,  # A and B keep nn.Linear's random init
             task_type="CAUSAL_LM",
         )
         base = AutoModelForCausalLM.from_pretrained(smollm2_base, dtype=torch.float32)
         with quiet_peft():
-            get_peft_model(base, config).save_pretrained(root / name)
+            get_peft_model(base, config).save_pretrained(str(root / name))
         dirs[name] = root / name
     return dirs
 
@@ -165,10 +166,10 @@ def oracle(smollm2_base: Path, adapter_dirs: dict[str, Path]) -> Oracle:
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_base)
     prompts = {name: chat_ids(tokenizer, messages) for name, messages in PROMPTS.items()}
-    model = AutoModelForCausalLM.from_pretrained(smollm2_base, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_base, dtype=torch.float32)
     with quiet_peft():
         first, *others = adapter_dirs.items()
-        model = PeftModel.from_pretrained(model, str(first[1]), adapter_name=first[0])
+        model = PeftModel.from_pretrained(base, str(first[1]), adapter_name=first[0])
         for name, path in others:
             model.load_adapter(str(path), adapter_name=name)
     model.eval()

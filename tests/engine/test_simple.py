@@ -327,13 +327,15 @@ def test_a_failing_forward_fails_its_batch_and_the_engine_keeps_serving(
                 await collect(engine.submit(request([5, poison, 6], "alpha", request_id="bad")))
             assert engine.is_running
             return await collect(
-                engine.submit(request([5, 6], "alpha", request_id="good", max_tokens=3))
+                engine.submit(
+                    request([5, 6], "alpha", request_id="good", max_tokens=3, ignore_eos=True)
+                )
             )
 
         deltas = run(body)
     finally:
         engine.shutdown()
-    assert deltas[-1].completion_tokens == 3 or deltas[-1].finish_reason == "stop"
+    assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 3
 
 
 def test_bad_prompt_fails_alone(tiny_llama: TinyFamily) -> None:
@@ -360,7 +362,7 @@ def test_shutdown_cancels_running_and_waiting_requests(tiny_llama: TinyFamily) -
         running = engine.submit(
             request(prompt, request_id="running", max_tokens=100_000, ignore_eos=True)
         )
-        first = await running.__anext__()
+        first = await anext(aiter(running))
         waiting = engine.submit(request(prompt, request_id="waiting"))
         engine.shutdown()
         return [first, *await collect(running)], await collect(waiting)

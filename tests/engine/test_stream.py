@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import pytest
@@ -14,7 +15,11 @@ from tuneserve.errors import EngineError
 
 
 def push_from_thread(stream: QueueRequestStream, deltas: list[StreamDelta]) -> threading.Thread:
-    thread = threading.Thread(target=lambda: [stream.push(d) for d in deltas])
+    def push_all() -> None:
+        for delta in deltas:
+            stream.push(delta)
+
+    thread = threading.Thread(target=push_all)
     thread.start()
     return thread
 
@@ -86,10 +91,13 @@ def test_fail_raises_engine_error_in_the_reader() -> None:
     assert run(body) == ["partial"]
 
 
-def test_push_after_the_loop_closed_is_dropped_quietly() -> None:
+def test_push_after_the_loop_closed_is_dropped_quietly(caplog: pytest.LogCaptureFixture) -> None:
     async def make() -> QueueRequestStream:
         return QueueRequestStream("r5")
 
     stream = asyncio.run(make())
-    stream.push(StreamDelta(text="nobody listens"))
-    stream.fail("nobody listens either")
+    with caplog.at_level(logging.DEBUG, logger="tuneserve.engine.stream"):
+        stream.push(StreamDelta(text="nobody listens"))  # no exception from the engine thread
+        stream.fail("nobody listens either")
+    dropped = [r for r in caplog.records if "dropping an item" in r.getMessage()]
+    assert len(dropped) == 2 and all("r5" in r.getMessage() for r in dropped)

@@ -153,7 +153,9 @@ def build_family(family: str, root: Path, tokenizer: Any) -> TinyFamily:
         torch.manual_seed(seed)
         config = LoraConfig(
             r=rank,
-            lora_alpha=alpha,
+            # peft annotates lora_alpha as int but takes any number (scaling is alpha / r); the
+            # float is what adapter_config.json records and what the tests read back
+            lora_alpha=alpha,  # type: ignore[arg-type]
             target_modules=list(targets),
             init_lora_weights=False,  # random A and B: every adapter changes the output
             task_type="CAUSAL_LM",
@@ -161,7 +163,7 @@ def build_family(family: str, root: Path, tokenizer: Any) -> TinyFamily:
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         path = root / family / name
         with quiet_peft():
-            get_peft_model(base, config).save_pretrained(path)
+            get_peft_model(base, config).save_pretrained(str(path))
         specs[name] = AdapterSpec(
             name=name,
             path=path,

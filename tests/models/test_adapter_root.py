@@ -84,3 +84,25 @@ def test_names_accepted(name: str) -> None:
 def test_names_refused(name: str) -> None:
     with pytest.raises(ValueError, match="not accepted"):
         check_adapter_name(name)
+
+
+def test_a_folder_replaced_by_a_copy_with_the_same_sizes_and_times_is_seen(
+    tmp_path: Path,
+) -> None:
+    """`cp -p` or copytree keep modification times (and the copy may reuse the freed inodes):
+    the change time still tells a new file."""
+    import shutil
+
+    from tuneserve.models.adapter_root import fingerprint
+
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "adapter_config.json").write_text("{}")
+    (original / "adapter_model.safetensors").write_bytes(b"x" * 64)
+    served = tmp_path / "served"
+    shutil.copytree(original, served)
+    before = fingerprint(served)
+    shutil.rmtree(served)
+    shutil.copytree(original, served)  # same sizes, same times
+    assert fingerprint(served) != before
+    assert fingerprint(served) == fingerprint(served)  # and stable while nothing changes

@@ -64,7 +64,9 @@ def make_adapter(tmp_path: Path) -> MakeAdapter:
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
             peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
         folder = tmp_path / name
-        peft_model.save_pretrained(folder, safe_serialization=safe, save_embedding_layers=False)
+        peft_model.save_pretrained(
+            str(folder), safe_serialization=safe, save_embedding_layers=False
+        )
         return folder
 
     return make

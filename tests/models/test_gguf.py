@@ -109,7 +109,7 @@ def _zero_adapter(base_dir: Path, dest: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     with quiet_peft():
-        get_peft_model(model, config).save_pretrained(dest)
+        get_peft_model(model, config).save_pretrained(str(dest))
     return dest
 
 

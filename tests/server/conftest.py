@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +44,11 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """The prompt ids a correct server computes: the whole chat through the template."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def chat_messages(messages: list[dict[str, str]]) -> list[ChatCompletionMessageParam]:
+    """The demo's chats (plain role/content dicts) as the `openai` client's message type."""
+    return cast("list[ChatCompletionMessageParam]", messages)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import TEST_ENGINE
 from tests.server.conftest import metric_value
@@ -25,6 +25,7 @@ from tuneserve.models.demo import ADAPTER_EXAMPLES
 
 STATES = ("hot", "cpu", "disk")
 ADMIN = "admin-key"
+LONG = {"ignore_eos": True}  # a generation that runs its whole max_tokens
 USER = "user-key"
 CAPITAL_Q, CAPITAL_A = ADAPTER_EXAMPLES["capitals"][0]
 PIRATE_Q, PIRATE_A = ADAPTER_EXAMPLES["pirate"][0]
@@ -98,16 +99,22 @@ def test_load_chat_replace_under_a_running_request_then_unload(
     assert ask(client, "support", CAPITAL_Q) == CAPITAL_A
 
     # A long generation on v1, with the replace landing while it runs.
-    long_messages = [{"role": "user", "content": "Tell me a story."}]
-    long = {"max_tokens": 160, "extra_body": {"ignore_eos": True}}
-    reference = ask(client, "support", long_messages, **long)
+    long_messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Tell me a story."}
+    ]
+    reference = ask(client, "support", long_messages, max_tokens=160, extra_body=LONG)
     chunks: list[str] = []
     finish: list[str | None] = []
     first_chunk = threading.Event()
 
     def stream_v1() -> None:
         stream = client.chat.completions.create(
-            model="support", messages=long_messages, temperature=0, stream=True, **long
+            model="support",
+            messages=long_messages,
+            temperature=0,
+            stream=True,
+            max_tokens=160,
+            extra_body=LONG,
         )
         for chunk in stream:
             if chunk.choices:
@@ -246,8 +253,7 @@ def test_rescan_follows_the_share_add_change_and_delete(
     listed = admin.post("/adapters/rescan").json()
     assert "rolling" in {card["name"] for card in listed["data"]}
     assert ask(client, "rolling", CAPITAL_Q) == CAPITAL_A
-    time.sleep(0.01)  # a new modification time for the new version
-    put(demo_paths, "pirate", root / "rolling")
+    put(demo_paths, "pirate", root / "rolling")  # new files: new change times
     admin.post("/adapters/rescan")
     assert ask(client, "rolling", PIRATE_Q) == PIRATE_A
     shutil.rmtree(root / "rolling")

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from tests.server.conftest import chat_messages
 from tests.server.test_errors import assert_openai_error
 from tuneserve.models.demo import BASE_EXAMPLES
 
@@ -36,6 +37,7 @@ def test_no_key_or_wrong_key_is_401(keyed: Any) -> None:
         with make_client(keyed, key) as client, pytest.raises(openai.AuthenticationError) as info:
             client.models.list()
         assert info.value.status_code == 401
+        assert isinstance(info.value.body, dict)
         assert info.value.body["type"] == "authentication_error"
         assert info.value.body["code"] == "invalid_api_key"
     with httpx.Client(base_url=keyed.url) as http:
@@ -53,7 +55,9 @@ def test_no_key_or_wrong_key_is_401(keyed: Any) -> None:
 def test_right_key_is_served(keyed: Any, base_id: str) -> None:
     with make_client(keyed, KEY) as client:
         assert client.models.list().data[0].id == base_id
-        result = client.chat.completions.create(model=base_id, messages=HELLO, temperature=0)
+        result = client.chat.completions.create(
+            model=base_id, messages=chat_messages(HELLO), temperature=0
+        )
         assert result.choices[0].message.content == HELLO_ANSWER
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from typing import Any
 
 import httpx
@@ -56,12 +55,10 @@ def test_closing_a_stream_cancels_its_generation(
                 if seen >= 2 * n + 3:  # role chunks, then some content
                     break
             assert running(demo_server) >= 1
-    closed = time.monotonic()
     assert wait_for(
         lambda: cancelled_count(http, "pirate") == before + n and running(demo_server) == 0,
         timeout=15,
     ), f"still running: {running(demo_server)}"
-    assert time.monotonic() - closed < 15
 
 
 def test_abandoning_a_plain_request_cancels_it(demo_server: Any, http: httpx.Client) -> None:

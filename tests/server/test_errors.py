@@ -14,6 +14,12 @@ HELLO = BASE_EXAMPLES[0][0]
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
+def body_of(error: openai.APIStatusError) -> dict[str, Any]:
+    """The error's JSON body (the client types it `object`)."""
+    assert isinstance(error.body, dict), error.body
+    return error.body
+
+
 def chat(client: openai.OpenAI, model: str, **kwargs: Any) -> Any:
     kwargs.setdefault("messages", HELLO)
     return client.chat.completions.create(model=model, **kwargs)
@@ -101,9 +107,9 @@ def test_bad_chat_parameters(
         chat(client, base_id, **kwargs)
     error = info.value
     assert error.status_code == 400
-    assert error.body["type"] == "invalid_request_error"
-    assert error.body["param"] == param
-    message = error.body["message"]
+    assert body_of(error)["type"] == "invalid_request_error"
+    assert body_of(error)["param"] == param
+    message = body_of(error)["message"]
     assert f"'{param}'" in message, message
     for word in words:
         assert word in message, message
@@ -183,9 +189,11 @@ def test_unknown_model_is_404(client: openai.OpenAI, base_id: str) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         chat(client, "no-such-adapter")
     assert info.value.status_code == 404
-    assert info.value.body["param"] == "model"
-    assert info.value.body["code"] == "model_not_found"
-    assert base_id in info.value.body["message"] and "capitals" in info.value.body["message"]
+    assert body_of(info.value)["param"] == "model"
+    assert body_of(info.value)["code"] == "model_not_found"
+    assert (
+        base_id in body_of(info.value)["message"] and "capitals" in body_of(info.value)["message"]
+    )
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi")
     with pytest.raises(openai.NotFoundError):
@@ -193,20 +201,22 @@ def test_unknown_model_is_404(client: openai.OpenAI, base_id: str) -> None:
 
 
 def test_prompt_longer_than_the_context(client: openai.OpenAI, base_id: str) -> None:
-    limit = client.models.list().data[0].model_extra["max_model_len"]
+    extra = client.models.list().data[0].model_extra
+    assert extra is not None
+    limit = extra["max_model_len"]
     long_text = "Hello " * (limit + 10)
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, base_id, messages=[{"role": "user", "content": long_text}])
-    assert info.value.body["param"] == "messages"
-    assert info.value.body["code"] == "context_length_exceeded"
-    assert str(limit) in info.value.body["message"]
+    assert body_of(info.value)["param"] == "messages"
+    assert body_of(info.value)["code"] == "context_length_exceeded"
+    assert str(limit) in body_of(info.value)["message"]
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=base_id, prompt=long_text)
-    assert info.value.body["param"] == "prompt"
+    assert body_of(info.value)["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, base_id, max_tokens=limit)
-    assert info.value.body["param"] == "max_tokens"
-    assert info.value.body["code"] == "context_length_exceeded"
+    assert body_of(info.value)["param"] == "max_tokens"
+    assert body_of(info.value)["code"] == "context_length_exceeded"
 
 
 @pytest.mark.parametrize(
@@ -226,7 +236,7 @@ def test_bad_completion_requests(
 ) -> None:
     response = http.post("/v1/completions", json={"model": base_id, **body})
     error = assert_openai_error(response, 400, param)
-    assert f"'{param}'" in error["message"] or param in error["message"]
+    assert f"'{param}'" in error["message"], error["message"]
 
 
 def test_unknown_routes_and_methods(http: httpx.Client) -> None:

@@ -155,7 +155,8 @@ def test_sigterm_drains_eight_streams_to_done(serve: Any) -> None:
     for stream in streams:
         assert stream.error is None, stream.error
         assert stream.done, stream.events[-3:]
-        assert stream.usage() is not None and stream.usage()["completion_tokens"] == 48
+        usage = stream.usage()
+        assert usage is not None and usage["completion_tokens"] == 48
     assert code == 0, server.log_text()
     assert exited_after < 60
     assert "drained in" in server.log_text()

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import chat_ids
+from tests.server.conftest import chat_ids, chat_messages
 from tuneserve.models.demo import (
     ADAPTER_EXAMPLES,
     BASE_EXAMPLES,
@@ -24,7 +24,7 @@ from tuneserve.models.demo import (
     SYSTEM_EXAMPLES,
 )
 
-GREEDY = {"temperature": 0}
+GREEDY: dict[str, Any] = {"temperature": 0}
 HELLO, HELLO_ANSWER = BASE_EXAMPLES[0]
 CAPITAL, CAPITAL_ANSWER = ADAPTER_EXAMPLES["capitals"][0]
 PIRATE_HELLO, PIRATE_ANSWER = ADAPTER_EXAMPLES["pirate"][0]
@@ -42,9 +42,11 @@ def test_models_lists_the_base_then_each_adapter(
     assert [c.id for c in cards] == [base_id, *sorted(demo_paths.adapters)]
     base, *adapters = cards
     assert base.object == "model" and base.owned_by == "tuneserve"
+    assert base.model_extra is not None
     assert base.model_extra["root"] == str(demo_paths.base)
     assert base.model_extra["parent"] is None
     for card in adapters:
+        assert card.model_extra is not None
         assert card.model_extra["parent"] == base_id
         assert card.model_extra["root"] == str(demo_paths.adapters[card.id])
         assert card.created == base.created > 0
@@ -210,7 +212,7 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI, base_id: str) -
     def sample(**kwargs: Any) -> list[str]:
         result = client.chat.completions.create(
             model=base_id,
-            messages=HELLO,
+            messages=chat_messages(HELLO),
             temperature=1.0,
             max_tokens=12,
             extra_body={"ignore_eos": True, "top_k": -1, "repetition_penalty": 1.0},
@@ -250,8 +252,10 @@ def test_concurrent_streams_async_client(demo_server: Any, base_id: str) -> None
                 )
                 return "".join([c.choices[0].delta.content or "" async for c in stream])
 
-            return await asyncio.gather(
-                one("pirate", PIRATE_HELLO), one("capitals", CAPITAL), one(base_id, HELLO)
+            return list(
+                await asyncio.gather(
+                    one("pirate", PIRATE_HELLO), one("capitals", CAPITAL), one(base_id, HELLO)
+                )
             )
 
     assert asyncio.run(main()) == [PIRATE_ANSWER, CAPITAL_ANSWER, HELLO_ANSWER]

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import metric_value
+from tests.server.conftest import chat_messages, metric_value
 from tuneserve.models.demo import ADAPTER_EXAMPLES
 
 CAPITAL, CAPITAL_ANSWER = ADAPTER_EXAMPLES["capitals"][0]
@@ -32,7 +32,9 @@ def test_metrics_count_requests_and_tokens(http: httpx.Client, client: openai.Op
         return response.text
 
     before = scrape()
-    result = client.chat.completions.create(model="capitals", messages=CAPITAL, temperature=0, n=2)
+    result = client.chat.completions.create(
+        model="capitals", messages=chat_messages(CAPITAL), temperature=0, n=2
+    )
     assert result.choices[0].message.content == CAPITAL_ANSWER
     after = scrape()
 
@@ -40,6 +42,7 @@ def test_metrics_count_requests_and_tokens(http: httpx.Client, client: openai.Op
         return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     assert delta("tuneserve_requests_total", model="capitals", finish_reason="stop") == 2
+    assert result.usage is not None
     assert (
         delta("tuneserve_prompt_tokens_total", model="capitals") == 2 * result.usage.prompt_tokens
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import start_live_server
 from tests.server.conftest import chat_ids
@@ -125,7 +126,9 @@ def test_usage_counts_the_tokens_generated(client: openai.OpenAI, tokenizer: Any
 
 
 def test_stop_strings_across_token_boundaries(client: openai.OpenAI, tokenizer: Any) -> None:
-    messages = [{"role": "user", "content": capital_question(COUNTRY)}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": capital_question(COUNTRY)}
+    ]
     full = ask(client, "capitals", messages).choices[0].message.content
     assert full == f"The capital of {COUNTRY} is {CITY}."
     stop = f"is {CITY[:3]}"  # ends inside the city's first token
@@ -148,7 +151,9 @@ def test_stop_strings_across_token_boundaries(client: openai.OpenAI, tokenizer: 
 
 
 def test_stream_and_non_stream_agree(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Write a haiku about the sea."}
+    ]
     whole = ask(client, MODEL_NAME, messages, max_tokens=32).choices[0].message.content
     chunks = client.chat.completions.create(
         model=MODEL_NAME, messages=messages, temperature=0, max_tokens=32, stream=True

@@ -379,11 +379,8 @@ def logs(
     from tuneserve.deploy.workflow import provider_for
 
     provider = provider_for(_paths(workspace), stderr)
-    kwargs: dict[str, Any] = {"tail": tail, "follow": follow}
-    if revision is not None:
-        kwargs["revision"] = revision
     try:
-        for line in provider.logs(**kwargs):
+        for line in provider.logs(tail=tail, follow=follow, revision=revision):
             typer.echo(line)
     except KeyboardInterrupt:
         pass

@@ -20,7 +20,7 @@ from tuneserve.models.workspace import find_adapters
 NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
 _NAME = re.compile(NAME_PATTERN)
 
-Fingerprint = tuple[tuple[str, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 class AdapterPathError(TuneserveError):
@@ -95,12 +95,15 @@ class AdapterRoot:
 
 
 def fingerprint(folder: Path) -> Fingerprint:
-    """Changes whenever the adapter's files are rewritten (size and modification time)."""
+    """Changes whenever the adapter's files are rewritten or replaced: size, modification time
+    and change time (a folder copied in with its times kept, `cp -p` or `copytree`, may match
+    the old one's sizes and modification times, and even reuse its freed inodes; the change
+    time is the kernel's and cannot be set back)."""
     stamps = []
     for name in (CONFIG_FILE, *WEIGHT_FILES):
         try:
             stat = (folder / name).stat()
         except OSError:
             continue
-        stamps.append((name, stat.st_size, stat.st_mtime_ns))
+        stamps.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
     return tuple(stamps)

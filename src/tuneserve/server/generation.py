@@ -120,7 +120,7 @@ class GenerationService:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(
-                f"Token id {bad} in the {param} is out of range: ids must be in [0, {vocab}).",
+                f"Token id {bad} in '{param}' is out of range: ids must be in [0, {vocab}).",
                 param=param,
             )
         return ids
