@@ -97,3 +97,27 @@ def fake_workspace(
         return ws
 
     return make
+
+
+@pytest.fixture
+def toy_deployment(
+    tmp_path: Path,
+    demo_cache: Path,
+    demo_paths: Any,
+    cli: Callable[..., Any],
+    started_workspaces: list[Path],
+) -> Callable[[], tuple[Path, str, str]]:
+    """deploy() -> (workspace, endpoint, API key): `init --demo --toy`, `provision --provider
+    local`, `deploy`, as a user runs them; the replicas are stopped at teardown."""
+
+    def deploy() -> tuple[Path, str, str]:
+        ws = tmp_path / "project"
+        cli("init", ws, "--demo", "--toy", "--cache-dir", demo_cache)
+        started_workspaces.append(ws)
+        cli("provision", "-w", ws, "--provider", "local", "--port", free_port())
+        # the first deploy also uploads the (small) base model
+        endpoint = cli("deploy", "-w", ws, "--timeout", "180").stdout.strip().splitlines()[-1]
+        key = cli("endpoint", "-w", ws, "--show-key").stdout.strip()
+        return ws, endpoint, key
+
+    return deploy

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import free_port
 from tuneserve.cli import app
 from tuneserve.deploy.http import get_json
 from tuneserve.deploy.infra import InfraPaths, load_config
@@ -114,21 +113,12 @@ def test_without_a_provisioned_workspace_it_says_to_pass_url(tmp_path: Path) -> 
 
 
 def test_push_to_a_local_demo_deployment_end_to_end(
-    tmp_path: Path,
-    demo_cache: Path,
-    demo_paths: Any,
-    cli: Callable[..., Any],
-    started_workspaces: list[Path],
+    demo_paths: Any, toy_deployment: Callable[[], tuple[Path, str, str]]
 ) -> None:
     openai = pytest.importorskip("openai")
     from tuneserve.models.demo import ADAPTER_EXAMPLES
 
-    ws = tmp_path / "project"
-    cli("init", ws, "--demo", "--toy", "--cache-dir", demo_cache)
-    started_workspaces.append(ws)
-    cli("provision", "-w", ws, "--provider", "local", "--port", free_port())
-    endpoint = cli("deploy", "-w", ws, "--timeout", "180").stdout.strip().splitlines()[-1]
-    key = cli("endpoint", "-w", ws, "--show-key").stdout.strip()
+    ws, endpoint, key = toy_deployment()
 
     # `adapters push/remove` use the workspace's admin key; the chat, the API key
     client = openai.OpenAI(base_url=endpoint + "/v1", api_key=key, timeout=60, max_retries=0)

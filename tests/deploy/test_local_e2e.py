@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
 from tuneserve.deploy.http import get_json
 
 openai = pytest.importorskip("openai")
@@ -43,23 +42,13 @@ def _adapter_folder(ws: Path, name: str) -> Path:
 
 
 def test_local_workflow_end_to_end(
-    tmp_path: Path,
-    demo_cache: Path,
-    demo_paths: Any,
-    cli: Callable[..., Any],
-    started_workspaces: list[Path],
+    cli: Callable[..., Any], toy_deployment: Callable[[], tuple[Path, str, str]]
 ) -> None:
     from tuneserve.models.demo import CAPITALS, PIRATE_TALK
 
-    ws = tmp_path / "project"
-    cli("init", ws, "--demo", "--toy", "--cache-dir", demo_cache)
+    # 1. init --demo, provision, deploy, and chat with the key provision made
+    ws, endpoint, key = toy_deployment()
     assert list((ws / "model-cache").glob("*/*/config.json"))
-    started_workspaces.append(ws)
-    cli("provision", "-w", ws, "--provider", "local", "--port", free_port())
-
-    # 1. deploy (the first one uploads the base model) and chat, with the key provision made
-    endpoint = cli("deploy", "-w", ws, "--timeout", "180").stdout.strip().splitlines()[-1]
-    key = cli("endpoint", "-w", ws, "--show-key").stdout.strip()
     first = get_json(endpoint + "/health")["revision"]
     models = {m["id"] for m in get_json(endpoint + "/v1/models", api_key=key)["data"]}
     pirate = next(m for m in models if "pirate" in m)
@@ -97,23 +86,14 @@ def test_local_workflow_end_to_end(
 
 
 def test_a_local_deploy_loses_no_request(
-    tmp_path: Path,
-    demo_cache: Path,
-    demo_paths: Any,
-    cli: Callable[..., Any],
-    started_workspaces: list[Path],
+    cli: Callable[..., Any], toy_deployment: Callable[[], tuple[Path, str, str]]
 ) -> None:
     """Long streams across `tuneserve deploy` all finish (the old revision drains them after the
     switch); short requests sent all through the deploy all succeed."""
     import threading
     import time
 
-    ws = tmp_path / "project"
-    cli("init", ws, "--demo", "--toy", "--cache-dir", demo_cache)
-    started_workspaces.append(ws)
-    cli("provision", "-w", ws, "--provider", "local", "--port", free_port())
-    endpoint = cli("deploy", "-w", ws, "--timeout", "180").stdout.strip().splitlines()[-1]
-    key = cli("endpoint", "-w", ws, "--show-key").stdout.strip()
+    ws, endpoint, key = toy_deployment()
     first = get_json(endpoint + "/health")["revision"]
     base = next(m["id"] for m in get_json(endpoint + "/v1/models", api_key=key)["data"])
     # The official client as users run it: its default retries (a 503 from a draining replica
