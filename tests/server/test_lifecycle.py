@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from tests.conftest import free_port
 from tests.test_cli import _env
 
 BASE = "tuneserve-demo"
+TOKENS = 160  # per stream: long enough to still run through the checks made after SIGTERM
 
 
 class Serve:
@@ -128,10 +130,18 @@ def start_streams(url: str, count: int, max_tokens: int) -> list[Stream]:
 
 def test_sigterm_drains_eight_streams_to_done(serve: Any) -> None:
     server = serve("--shutdown-timeout", "60")
-    streams = start_streams(server.url, 8, max_tokens=48)
+    streams = start_streams(server.url, 8, max_tokens=TOKENS)
+    # A connection opened just before the signal, whose request is still on its way: the drain
+    # must answer it, not close it (a probe or a client would see a dropped connection).
+    host, port = server.url.removeprefix("http://").split(":")
+    early = socket.create_connection((host, int(port)), timeout=10)
 
     server.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
+    time.sleep(0.5)  # the drain has begun (it acts every 0.1 s)
+    early.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+    early_answer = early.recv(4096).decode("latin-1")
+    early.close()
     ready = httpx.get(server.url + "/ready", timeout=5)
     refused = httpx.post(
         server.url + "/v1/chat/completions",
@@ -146,6 +156,7 @@ def test_sigterm_drains_eight_streams_to_done(serve: Any) -> None:
     code = server.proc.wait(timeout=60)
     exited_after = time.monotonic() - signalled
 
+    assert early_answer.startswith("HTTP/1.1 503"), early_answer
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "draining"
     assert refused.status_code == 503, refused.text
     assert refused.headers["retry-after"].isdigit()
@@ -156,7 +167,7 @@ def test_sigterm_drains_eight_streams_to_done(serve: Any) -> None:
         assert stream.error is None, stream.error
         assert stream.done, stream.events[-3:]
         usage = stream.usage()
-        assert usage is not None and usage["completion_tokens"] == 48
+        assert usage is not None and usage["completion_tokens"] == TOKENS
     assert code == 0, server.log_text()
     assert exited_after < 60
     assert "drained in" in server.log_text()

@@ -148,6 +148,8 @@ class DrainingServer(uvicorn.Server):
         if not self._connections_told:
             # Idle keep-alive connections close now; busy ones after their response. A client
             # (or the local provider's proxy) then reconnects, and reaches another replica.
+            # Connections opened from now on are answered (probes: 503; new work: 503 and
+            # Connection: close).
             for connection in list(self.server_state.connections):
                 _shutdown_connection(connection)
             self._connections_told = True
@@ -176,5 +178,10 @@ class DrainingServer(uvicorn.Server):
 
 
 def _shutdown_connection(connection: Any) -> None:
+    """Close an idle keep-alive connection, or mark a busy one to close after its response.
+    A connection with no request yet is left alone: it was just opened, its request (a probe,
+    a new request to answer with 503) is on its way, and closing it would lose that."""
+    if getattr(connection, "cycle", None) is None:
+        return
     with contextlib.suppress(Exception):  # a connection closing under us is fine
         connection.shutdown()
