@@ -81,6 +81,10 @@ def test_serve_demo_prints_urls_and_serves(real_demo: Any, demo_cache: Path) -> 
         pytest.param(
             ["--adapter-rescan-interval", "-1"], "--adapter-rescan-interval", id="bad-interval"
         ),
+        pytest.param(["--kv-cache-memory", "lots"], "--kv-cache-memory", id="bad-kv-memory"),
+        pytest.param(
+            ["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization", id="bad-gpu-share"
+        ),
     ],
 )
 def test_serve_bad_input_is_one_clear_line(args: list[str], expected: str) -> None:
@@ -89,6 +93,32 @@ def test_serve_bad_input_is_one_clear_line(args: list[str], expected: str) -> No
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_kv_budget_too_small_for_one_sequence_says_which_flags_to_change(
+    demo_paths: Any,
+) -> None:
+    result = subprocess.run(
+        [
+            *TUNESERVE,
+            "serve",
+            "--base",
+            str(demo_paths.base),
+            "--kv-cache-memory",
+            "64KiB",
+            "--device",
+            "cpu",
+            "--no-ui",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the KV cache budget (--kv-cache-memory 64.0 KiB) holds" in result.stderr
+    assert "raise --kv-cache-memory" in result.stderr and "--max-model-len" in result.stderr
     assert "Traceback" not in result.stderr
 
 

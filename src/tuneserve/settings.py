@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # How long `tuneserve serve` drains after SIGTERM; the deploy templates' grace periods follow it.
@@ -59,6 +59,19 @@ class ServeSettings(BaseSettings):
     max_num_seqs: int = Field(32, ge=1, description="Most sequences decoded together.")
     max_loras: int = Field(8, ge=1, description="Adapters held hot in the engine's LoRA slots.")
     max_cpu_loras: int | None = Field(None, ge=1, description="Adapters kept in CPU memory.")
+    kv_cache_memory: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="Memory for the KV cache, e.g. 2GiB [default: on CUDA "
+        "--gpu-memory-utilization, on CPU 4GiB].",
+    )
+    # None: the engine's defaults (engine/kv_cache.py, engine/continuous.py)
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of the GPU's memory the server may fill, KV included."
+    )
+    prefill_chunk: int | None = Field(
+        None, ge=1, description="Most prompt tokens fed in one step (bounds the decode stall)."
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir)
     open_admin: bool = Field(
         False,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.engine.tiny import TinyFamily, build_family, build_tokenizer
+from tuneserve.engine.continuous import ContinuousBatchingEngine
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +36,12 @@ def tiny_qwen2(tiny_root: Path, tokenizer: Any) -> TinyFamily:
 def tiny(request: pytest.FixtureRequest) -> TinyFamily:
     family: TinyFamily = request.getfixturevalue(f"tiny_{request.param}")
     return family
+
+
+@pytest.fixture
+def engines() -> Iterator[list[ContinuousBatchingEngine]]:
+    """Engines a test started; shut down after it."""
+    started: list[ContinuousBatchingEngine] = []
+    yield started
+    for engine in started:
+        engine.shutdown()

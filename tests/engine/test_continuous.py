@@ -4,7 +4,7 @@ the tokens that plain transformers + PEFT `generate(do_sample=False)` gives it a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +127,6 @@ def engine_for(
     return engine
 
 
-@pytest.fixture
-def engines() -> Iterator[list[ContinuousBatchingEngine]]:
-    started: list[ContinuousBatchingEngine] = []
-    yield started
-    for engine in started:
-        engine.shutdown()
-
-
 # -- mixed batches -----------------------------------------------------------------------------
 # (prompt length, adapter): lengths around the prefill chunk (8) and far beyond it
 CASES: list[tuple[int, str | None]] = [
@@ -250,10 +242,10 @@ def test_requests_beyond_the_kv_budget_wait_then_finish(
     for i, (ids, deltas) in enumerate(zip(prompts, results, strict=True)):
         adapter = "beta" if i % 2 else None
         assert token_ids(deltas) == generate_alone(reference_model(tiny_llama, adapter), ids, 5)
-    assert engine.cache.num_free == 2
+    assert engine.cache.num_free == engine.cache.num_blocks
 
 
-def test_cancel_frees_the_slot_for_a_waiting_request(
+def test_cancel_frees_the_seat_for_a_waiting_request(
     tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
 ) -> None:
     engine = engine_for(tiny_llama.served(), max_num_seqs=1, max_loras=1)
@@ -282,7 +274,7 @@ def test_cancel_frees_the_slot_for_a_waiting_request(
     assert token_ids(deltas) == generate_alone(
         reference_model(tiny_llama, "beta"), waiting_prompt, 4
     )
-    assert engine.cache.num_free == 1
+    assert engine.cache.num_free == engine.cache.num_blocks  # every block back
     assert engine.stats().waiting == 0
 
 
@@ -401,7 +393,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
     deltas = run(body)
     assert engine.is_running
     assert token_ids(deltas) == generate_alone(reference_model(tiny_llama, "alpha"), ids, 4)
-    assert engine.cache.num_free == engine.max_num_seqs
+    assert engine.cache.num_free == engine.cache.num_blocks
 
 
 def test_prompts_too_long_or_out_of_vocabulary_fail_alone(
@@ -595,21 +587,26 @@ def test_packed_attention_equals_a_per_token_loop(window: int | None) -> None:
     from tuneserve.engine.kv_cache import KVCache, KVCacheShape
 
     heads, kv_heads, dim = 4, 2, 8
-    shape = KVCacheShape(num_layers=1, num_slots=4, num_kv_heads=kv_heads, head_dim=dim, max_len=16)
+    shape = KVCacheShape(
+        num_layers=1, num_kv_heads=kv_heads, head_dim=dim, num_blocks=8, block_size=4
+    )
     cache = KVCache(shape, dtype=torch.float32, device="cpu")
+    # block tables out of order and interleaved: rows are found through them, not by layout
+    tables = {0: [5, 1], 1: [2, 7], 2: [3, 6], 3: [4]}
     history = {
         s: (torch.zeros(kv_heads, 16, dim), torch.zeros(kv_heads, 16, dim)) for s in range(4)
     }
     torch.manual_seed(0)
     steps = [
-        # prefills (and a one-token prompt in slot 3)
-        [RowChunk(0, 0, 5), RowChunk(1, 0, 2), RowChunk(2, 0, 3), RowChunk(3, 0, 1)],
-        # decodes with a hole (slot 2 is still in its prompt): the gathered path
-        [RowChunk(0, 5, 1), RowChunk(1, 2, 1), RowChunk(3, 1, 1), RowChunk(2, 3, 4)],
-        # every slot decoding, in slot order: the contiguous path
-        [RowChunk(0, 6, 1), RowChunk(1, 3, 1), RowChunk(2, 7, 1), RowChunk(3, 2, 1)],
+        # a one-token prompt (a decode-shaped row, first), then prefills
+        [(3, 0, 1), (0, 0, 5), (1, 0, 2), (2, 0, 3)],
+        # decodes of different lengths, then a later chunk of a prompt (gathered prefix)
+        [(0, 5, 1), (1, 2, 1), (3, 1, 1), (2, 3, 4)],
+        # every sequence decoding; sequence 2 crosses into its second block
+        [(0, 6, 1), (1, 3, 1), (2, 7, 1), (3, 2, 1)],
     ]
-    for rows in steps:
+    for plan in steps:
+        rows = [RowChunk(tables[seq], start, n) for seq, start, n in plan]
         n = sum(r.num_tokens for r in rows)
         q, k, v = (
             torch.randn(1, heads, n, dim),
@@ -621,8 +618,8 @@ def test_packed_attention_equals_a_per_token_loop(window: int | None) -> None:
             _Layer(), q, k, v, None, scaling=dim**-0.5, sliding_window=window, tuneserve_step=step
         )  # [1, N, H, D]
         i = 0
-        for row in rows:
-            hk, hv = history[row.slot]
+        for (seq, _, _), row in zip(plan, rows, strict=True):
+            hk, hv = history[seq]
             for t in range(row.num_tokens):
                 hk[:, row.start + t], hv[:, row.start + t] = k[0, :, i + t], v[0, :, i + t]
             for t in range(row.num_tokens):

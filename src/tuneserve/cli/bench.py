@@ -37,8 +37,11 @@ def register(app: typer.Typer) -> None:
     app.command(
         help="Measure tuneserve against its peers (runs `python -m benchmarks`)." + EXAMPLES,
         short_help="Measure tuneserve against its peers (see benchmarks/README.md).",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                          "help_option_names": []},
+        context_settings={
+            "allow_extra_args": True,
+            "ignore_unknown_options": True,
+            "help_option_names": [],
+        },
         add_help_option=False,
     )(bench)
 

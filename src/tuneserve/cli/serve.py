@@ -125,6 +125,21 @@ def serve(
         int | None, typer.Option(help="Adapters hot in LoRA slots [default: 8].")
     ] = None,
     max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters kept in CPU memory.")] = None,
+    kv_cache_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="KV cache budget, e.g. 2GiB or 512MB [default: 4GiB on CPU; on CUDA what "
+            "--gpu-memory-utilization leaves]."
+        ),
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(help="Share of GPU memory to fill, weights and KV cache [default: 0.9]."),
+    ] = None,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(help="Most prompt tokens per engine step [default: 512]."),
+    ] = None,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Where the demo model is built and GGUF bases are converted."),
@@ -152,6 +167,9 @@ def serve(
         "max_num_seqs": max_num_seqs,
         "max_loras": max_loras,
         "max_cpu_loras": max_cpu_loras,
+        "kv_cache_memory": kv_cache_memory,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "prefill_chunk": prefill_chunk,
         "cache_dir": cache_dir,
         "ui": ui,
         "log_level": log_level,
@@ -270,6 +288,9 @@ def run_server(settings: ServeSettings) -> None:
         max_num_seqs=settings.max_num_seqs,
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,
+        kv_cache_memory=settings.kv_cache_memory,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        prefill_chunk=settings.prefill_chunk,
     )
     notice = open_to_network(settings)
     if notice:

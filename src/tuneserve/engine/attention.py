@@ -1,14 +1,17 @@
 """Attention over the engine's KV cache for a packed batch, plugged into HF's modeling code.
 
 One forward carries every scheduled token of every row as a single sequence `[1, N]`: prefill
-chunks and decode tokens together, each token tagged with its row's cache slot and its position.
-HF's layers compute q/k/v and RoPE (from the `position_ids` we pass); `packed_attention` (the
-function registered with `transformers.AttentionInterface`) then
+chunks and decode tokens together, each token tagged with its cache row (from its sequence's
+block table, kv_cache.py) and its position. HF's layers compute q/k/v and RoPE (from the
+`position_ids` we pass); `packed_attention` (the function registered with
+`transformers.AttentionInterface`) then
 
-1. writes the new keys/values into the cache at (slot, position),
-2. attends the decode rows (one token each) in one batched SDPA over the cache view `[:S]`
-   (S = highest decode slot + 1; slots in between that do not decode get a dummy query),
-3. attends each prefill chunk with its own SDPA over its slot's cache prefix, causal.
+1. writes the new keys/values into the cache rows of their tokens,
+2. attends the decode rows (one token each, packed first) in one batched SDPA over their keys
+   gathered from the cache `[Bd, KVH, L, D]` (L = the longest; shorter rows pad with the zero
+   block, masked),
+3. attends each prefill chunk with its own SDPA: a first chunk over its own fresh keys, a later
+   one over its prefix gathered from the cache; causal.
 
 Masking is ours (HF hands us `attention_mask=None`): causal within a row, no attention across
 rows, and `sliding_window` (passed by Mistral/Qwen2/Phi3 layers) honoured: a query at position p
@@ -17,6 +20,7 @@ sees keys at positions j with p - W < j <= p.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +36,10 @@ STEP_KWARG = "tuneserve_step"  # the model(...) keyword that carries the PackedS
 
 @dataclass(frozen=True, slots=True)
 class RowChunk:
-    """One row's share of a step: `num_tokens` tokens at positions start..start+num_tokens-1."""
+    """One row's share of a step: `num_tokens` tokens at positions start..start+num_tokens-1
+    of the sequence whose block table is `blocks` (holding at least start+num_tokens tokens)."""
 
-    slot: int
+    blocks: Sequence[int]
     start: int
     num_tokens: int
 
@@ -43,8 +48,8 @@ class RowChunk:
 class _Prefill:
     begin: int  # first token index in the packed batch
     end: int
-    slot: int
     start: int  # position of the first token
+    rows: torch.Tensor | None  # [1, start+T] cache rows of its prefix (None when start == 0)
 
 
 @dataclass(slots=True)
@@ -52,78 +57,88 @@ class PackedStep:
     """Index tensors for one forward, built once per step and read by every layer."""
 
     cache: KVCache
-    slots: torch.Tensor  # [N] long: cache slot of each packed token
+    write_rows: torch.Tensor  # [N] long: the cache row of each packed token
     positions: torch.Tensor  # [N] long: position of each packed token in its sequence
     num_tokens: int
-    # decode group (rows with exactly one token this step)
-    decode_tokens: torch.Tensor | None  # [Bd] long: packed index of each decode token
-    decode_slots: torch.Tensor | None  # [Bd] long: its slot
-    decode_span: int  # S: the decode attention reads cache[:S]
-    decode_contiguous: bool  # decode tokens are packed[0:S] in slot order 0..S-1
-    decode_lengths: torch.Tensor | None  # [S] long: keys each slot's query may see (1 if idle)
-    decode_max_len: int
+    num_decodes: int  # Bd: the first Bd packed tokens are decode rows, one token each
+    decode_rows: torch.Tensor | None  # [Bd, L] long: cache rows each decode query reads
+    decode_lengths: torch.Tensor | None  # [Bd] long: keys each decode query may see
+    decode_uniform: bool  # every decode row has the same length
     prefills: list[_Prefill]
     _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, cache: KVCache, rows: list[RowChunk], device: torch.device | str) -> PackedStep:
-        """Pack `rows` in the given order (put decode rows first, by slot, for the fast path)."""
-        slots: list[int] = []
-        positions: list[int] = []
-        dec_tok: list[int] = []
-        dec_slot: list[int] = []
-        prefills: list[_Prefill] = []
+        """Pack `rows` in order; one-token rows (decodes) must all come first."""
+        bs = cache.block_size
+        num_decodes = 0
         for row in rows:
-            begin = len(slots)
-            slots.extend([row.slot] * row.num_tokens)
-            positions.extend(range(row.start, row.start + row.num_tokens))
-            if row.num_tokens == 1:
-                dec_tok.append(begin)
-                dec_slot.append(row.slot)
-            else:
-                prefills.append(_Prefill(begin, len(slots), row.slot, row.start))
-        n = len(slots)
+            if row.num_tokens > 1:
+                break
+            num_decodes += 1
+        if any(row.num_tokens == 1 for row in rows[num_decodes:]):
+            raise ValueError("decode rows (one token) must come before prefill chunks")
+        widest = max(len(row.blocks) for row in rows)
+        # [R, widest] block tables, padded with the zero block
+        tables = torch.tensor(
+            [[*row.blocks, *[0] * (widest - len(row.blocks))] for row in rows],
+            dtype=torch.long,
+            device=device,
+        )
+        counts = [row.num_tokens for row in rows]
+        positions = torch.cat([torch.arange(r.start, r.start + r.num_tokens) for r in rows]).to(
+            device
+        )
+        row_of_token = torch.repeat_interleave(
+            torch.arange(len(rows), device=device), torch.tensor(counts, device=device)
+        )
+        write_rows = tables[row_of_token, positions // bs] * bs + positions % bs
+
+        def cache_rows(table: torch.Tensor, length: int) -> torch.Tensor:
+            j = torch.arange(length, device=device)
+            return table[..., j // bs] * bs + j % bs  # past a row's end: zero or masked rows
+
+        prefills: list[_Prefill] = []
+        begin = num_decodes
+        for index in range(num_decodes, len(rows)):
+            row = rows[index]
+            end_pos = row.start + row.num_tokens
+            prefix = cache_rows(tables[index : index + 1], end_pos) if row.start > 0 else None
+            prefills.append(_Prefill(begin, begin + row.num_tokens, row.start, prefix))
+            begin += row.num_tokens
         step = cls(
             cache=cache,
-            slots=torch.tensor(slots, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
-            num_tokens=n,
-            decode_tokens=None,
-            decode_slots=None,
-            decode_span=0,
-            decode_contiguous=False,
+            write_rows=write_rows,
+            positions=positions,
+            num_tokens=int(positions.shape[0]),
+            num_decodes=num_decodes,
+            decode_rows=None,
             decode_lengths=None,
-            decode_max_len=0,
+            decode_uniform=False,
             prefills=prefills,
         )
-        if dec_tok:
-            span = max(dec_slot) + 1
-            lengths = [1] * span
-            for tok, slot in zip(dec_tok, dec_slot, strict=True):
-                lengths[slot] = positions[tok] + 1
-            step.decode_span = span
-            step.decode_contiguous = dec_slot == list(range(span)) and dec_tok == list(range(span))
-            step.decode_tokens = torch.tensor(dec_tok, dtype=torch.long, device=device)
-            step.decode_slots = torch.tensor(dec_slot, dtype=torch.long, device=device)
+        if num_decodes:
+            lengths = [row.start + 1 for row in rows[:num_decodes]]
+            step.decode_rows = cache_rows(tables[:num_decodes], max(lengths))
             step.decode_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
-            step.decode_max_len = max(lengths)
+            step.decode_uniform = min(lengths) == max(lengths)
         return step
 
     # -- masks (bool, True = may attend), cached per step ---------------------------------
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[S, 1, 1, L]: key j is visible to slot s's query iff len-W <= j < len."""
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """[Bd, 1, 1, L]: key j is visible to row b's query iff len-W <= j < len (None: all)."""
+        assert self.decode_rows is not None and self.decode_lengths is not None
+        if window is None and self.decode_uniform:
+            return None  # every row sees every key it gathered
         key = ("decode", window)
-        mask = self._masks.get(key)
-        if mask is None:
-            assert self.decode_lengths is not None
+        if key not in self._masks:
             lengths = self.decode_lengths[:, None]
-            j = torch.arange(self.decode_max_len, device=lengths.device)[None, :]
+            j = torch.arange(self.decode_rows.shape[1], device=lengths.device)[None, :]
             mask = j < lengths
             if window is not None:
                 mask &= j >= lengths - window
-            mask = mask[:, None, None, :]
-            self._masks[key] = mask
-        return mask
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
 
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor | None:
         """[T, start+T] for prefill chunk `index`; None when plain `is_causal` is exact."""
@@ -134,7 +149,7 @@ class PackedStep:
         key = ("prefill", index, window)
         mask = self._masks.get(key)
         if mask is None:
-            device = self.slots.device
+            device = self.positions.device
             q_pos = torch.arange(chunk.start, chunk.start + length, device=device)[:, None]
             k_pos = torch.arange(chunk.start + length, device=device)[None, :]
             mask = k_pos <= q_pos
@@ -161,7 +176,12 @@ def _sdpa(
 
 
 def _decode_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor, scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scale: float | None,
 ) -> torch.Tensor:
     """One query token per row. q: [S,H,1,D], k/v: [S,KVH,L,D], mask [S,1,1,L] -> [S,H,D].
 
@@ -195,39 +215,28 @@ def packed_attention(
         )
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     cache = step.cache
-    cache.write(layer, key, value, step.slots, step.positions)
-    k_cache, v_cache = cache.keys[layer], cache.values[layer]
+    cache.write(layer, key, value, step.write_rows)
     num_heads, head_dim = query.shape[1], query.shape[3]
     out = query.new_empty(1, step.num_tokens, num_heads, head_dim)
 
-    # Phase 1: decode rows, one batched SDPA over cache[:S]
-    if step.decode_tokens is not None:
-        span, length = step.decode_span, step.decode_max_len
-        if step.decode_contiguous:
-            q = query[0, :, :span].transpose(0, 1).unsqueeze(2)  # [S, H, 1, D]
-        else:
-            q = query.new_zeros(span, num_heads, 1, head_dim)
-            q[step.decode_slots] = query[0, :, step.decode_tokens].transpose(0, 1).unsqueeze(2)
-        o = _decode_sdpa(
-            q,
-            k_cache[:span, :, :length],
-            v_cache[:span, :, :length],
-            mask=step.decode_mask(sliding_window),
-            scale=scaling,
-        )  # [S, H, D]
-        if step.decode_contiguous:
-            out[0, :span] = o
-        else:
-            out[0, step.decode_tokens] = o[step.decode_slots]
+    # Phase 1: decode rows (packed first), one batched SDPA over their gathered keys
+    if step.decode_rows is not None:
+        nd = step.num_decodes
+        k, v = cache.gather(layer, step.decode_rows)  # [Bd, KVH, L, D]
+        q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
+        out[0, :nd] = _decode_sdpa(q, k, v, mask=step.decode_mask(sliding_window), scale=scaling)
 
-    # Phase 2: prefill chunks, each over its own slot's prefix
+    # Phase 2: prefill chunks: a first chunk over its own keys, a later one over its prefix
     for i, chunk in enumerate(step.prefills):
-        end_pos = chunk.start + chunk.end - chunk.begin
         mask = step.prefill_mask(i, sliding_window)
+        if chunk.rows is None:
+            k, v = key[:, :, chunk.begin : chunk.end], value[:, :, chunk.begin : chunk.end]
+        else:
+            k, v = cache.gather(layer, chunk.rows)  # [1, KVH, start+T, D]
         o = _sdpa(
             query[:, :, chunk.begin : chunk.end],
-            k_cache[chunk.slot : chunk.slot + 1, :, :end_pos],
-            v_cache[chunk.slot : chunk.slot + 1, :, :end_pos],
+            k,
+            v,
             mask=mask,
             causal=mask is None,
             scale=scaling,

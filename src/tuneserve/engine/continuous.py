@@ -3,7 +3,7 @@
 Token ids in, text deltas out (engine/types.py); it knows nothing of HTTP. HF's modeling code
 runs unchanged; the engine owns what is around it:
 
-- kv_cache.py  one preallocated cache slot per running sequence (max_num_seqs x max_model_len);
+- kv_cache.py  a pool of KV blocks, the memory budget; sequences take blocks as they grow;
 - attention.py a registered attention function: one packed forward `[1, N]` carries prefill
                chunks and decode tokens of every row, masking is per row;
 - lora.py      targeted Linears become batched multi-LoRA layers over hot adapter slots;
@@ -42,7 +42,13 @@ from tuneserve.engine.attention import (
     install_packed_attention,
 )
 from tuneserve.engine.detokenize import OutputText
-from tuneserve.engine.kv_cache import KVCache, KVCacheShape
+from tuneserve.engine.kv_cache import (
+    GPU_MEMORY_UTILIZATION,
+    KVCache,
+    KVCacheShape,
+    format_bytes,
+    kv_cache_budget,
+)
 from tuneserve.engine.lora import LoRAManager, load_adapter_weights, read_layout
 from tuneserve.engine.sampling import SamplingState, sample
 from tuneserve.engine.scheduler import ScheduledChunk, Scheduler, Sequence
@@ -59,6 +65,8 @@ from tuneserve.errors import AdapterError
 from tuneserve.models.types import AdapterSpec, ServedModel
 
 logger = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512  # prompt tokens per step: long prompts wait in chunks, decodes keep going
 
 
 @dataclass(eq=False)
@@ -92,8 +100,11 @@ class ContinuousBatchingEngine(ThreadedEngine):
         max_model_len: int | None = None,
         max_loras: int = 8,
         max_cpu_loras: int | None = None,
-        prefill_chunk: int = 512,
+        prefill_chunk: int | None = None,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float | None = None,
     ) -> None:
+        prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
         if prefill_chunk < 1:
@@ -124,16 +135,25 @@ class ContinuousBatchingEngine(ThreadedEngine):
             self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
         )
         install_packed_attention(self.model)
-        # 2. the KV cache: its size is the memory budget
-        shape = KVCacheShape.from_config(
-            self.model.config, num_slots=max_num_seqs, max_len=self.max_model_len
+        # 2. the KV cache: blocks within the memory budget (a clear error when one
+        #    max-length sequence cannot fit)
+        shape = kv_cache_budget(
+            KVCacheShape.from_config(self.model.config, num_blocks=0),
+            parameter.dtype,
+            self.device,
+            max_num_seqs=max_num_seqs,
+            max_model_len=self.max_model_len,
+            memory=kv_cache_memory,
+            gpu_memory_utilization=gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
         )
         self.cache = KVCache(shape, dtype=parameter.dtype, device=self.device)
         logger.info(
-            "KV cache: %d slots x %d tokens, %.1f MiB",
-            max_num_seqs,
+            "KV cache: %d blocks of %d tokens (%d tokens, %s; one max-length sequence is %d)",
+            self.cache.num_blocks,
+            shape.block_size,
+            shape.num_tokens,
+            format_bytes(self.cache.nbytes),
             self.max_model_len,
-            self.cache.nbytes / 2**20,
         )
         self.scheduler = Scheduler(
             self.cache, self.loras, max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk
@@ -280,7 +300,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
     def _cancel(self, request_id: str) -> None:
         row = self._rows.pop(request_id, None)
         if row is not None:
-            self.scheduler.finish(row.seq)  # its slots are free for the next step
+            self.scheduler.finish(row.seq)  # its blocks are free for the next step
 
     def _end(self, row: _Row) -> None:
         self._rows.pop(row.seq.request.request_id, None)
@@ -288,7 +308,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
 
     def _fail_all(self, message: str) -> None:
         for row in list(self._rows.values()):
-            if row.seq.kv_slot is not None:  # the running ones
+            if row.seq.running:
                 row.stream.fail(message)
                 self._end(row)
 
@@ -304,7 +324,8 @@ class ContinuousBatchingEngine(ThreadedEngine):
 
     # -- one step --------------------------------------------------------------------------
     def _step(self) -> None:
-        chunks = self.scheduler.schedule()
+        # one-token chunks first: the attention takes them as one batched decode
+        chunks = sorted(self.scheduler.schedule(), key=lambda c: c.num_tokens > 1)
         for seq, error in self.scheduler.take_failures():
             row = self._rows.get(seq.request.request_id)
             if row is not None:
@@ -346,10 +367,9 @@ class ContinuousBatchingEngine(ThreadedEngine):
         rows: list[RowChunk] = []
         for chunk in chunks:
             seq = chunk.seq
-            assert seq.kv_slot is not None
             ids.extend(seq.token_ids[chunk.start : chunk.start + chunk.num_tokens])
             token_lora.extend([seq.lora_slot] * chunk.num_tokens)
-            rows.append(RowChunk(seq.kv_slot, chunk.start, chunk.num_tokens))
+            rows.append(RowChunk(seq.blocks, chunk.start, chunk.num_tokens))
             if chunk.completes:
                 keep.append(len(ids) - 1)
                 keep_lora.append(seq.lora_slot)

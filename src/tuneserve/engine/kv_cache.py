@@ -1,35 +1,52 @@
-"""The engine's own KV cache: preallocated keys and values, one slot per running sequence.
+"""The engine's own KV cache: a pool of fixed-size blocks that sequences take as they grow.
 
-Per layer, keys and values are `[num_slots, num_kv_heads, max_len, head_dim]` tensors allocated
-once (on CPU from calloc'd memory: pages no token was written to cost nothing). A sequence owns one
-slot from admission to its end; token `p` of the sequence in slot `s` lives at `[s, :, p]`.
-The memory budget is therefore `num_slots x max_len` tokens; when every slot is taken, new
-requests wait in the scheduler (never an out-of-memory error mid-step).
+Per layer, keys and values are one `[num_blocks * block_size, KVH, D]` tensor of token rows (a
+token's heads side by side: a write or a read moves whole rows). A sequence holds a list of
+block ids, its block table; token `p` of it lives at row `table[p // block_size] * block_size +
+p % block_size`. Blocks are taken when a sequence's next tokens need one and given back when it
+ends, so the memory in use follows the tokens in flight, not `max_num_seqs x max_model_len`:
+many short sequences fit where one long one could.
 
-Slots are handed out lowest-first so running sequences stay packed at the front: the decode
-attention reads the cache through one view `[:S]` instead of gathering rows.
+The pool's size is the memory budget (`kv_cache_budget`): `--kv-cache-memory`, or on CUDA a
+fraction of the device memory left after the weights (vLLM's `gpu_memory_utilization`). When it
+is full the scheduler makes new requests wait or preempts the newest running one (it is
+recomputed later), never an out-of-memory error mid-step.
+
+Block 0 is never handed out and never written: it stays zeros, and gathers pad with it (masked
+keys still enter SDPA's sums with weight 0, and 0 x garbage NaN would be NaN). On CPU the pool
+comes from calloc'd memory, so pages no token was written to cost nothing; blocks are handed out
+lowest-first so the touched pages stay few.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from tuneserve.errors import EngineError
+
+BLOCK_SIZE = 16  # tokens per block (vLLM's default)
+CPU_DEFAULT_BUDGET = 4 * 2**30  # vLLM's CPU default KV space; calloc'd, so unused pages are free
+GPU_MEMORY_UTILIZATION = 0.9  # of the whole device, weights and everything else included
+
 
 @dataclass(frozen=True, slots=True)
 class KVCacheShape:
     num_layers: int
-    num_slots: int
     num_kv_heads: int
     head_dim: int
-    max_len: int
+    num_blocks: int  # including the reserved zero block
+    block_size: int = BLOCK_SIZE
 
     @classmethod
-    def from_config(cls, config: object, *, num_slots: int, max_len: int) -> KVCacheShape:
+    def from_config(
+        cls, config: object, *, num_blocks: int, block_size: int = BLOCK_SIZE
+    ) -> KVCacheShape:
         """Read layer/head sizes off a transformers config (text config for multimodal ones)."""
         get_text_config = getattr(config, "get_text_config", None)
         text: Any = get_text_config() if callable(get_text_config) else config
@@ -38,71 +55,141 @@ class KVCacheShape:
         head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
         return cls(
             num_layers=int(text.num_hidden_layers),
-            num_slots=num_slots,
             num_kv_heads=int(kv_heads),
             head_dim=int(head_dim),
-            max_len=max_len,
+            num_blocks=num_blocks,
+            block_size=block_size,
         )
+
+    def bytes_per_block(self, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.block_size * itemsize
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the usable blocks hold (the zero block excluded)."""
+        return (self.num_blocks - 1) * self.block_size
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def kv_cache_budget(
+    shape: KVCacheShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    max_num_seqs: int,
+    max_model_len: int,
+    memory: int | None = None,
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
+) -> KVCacheShape:
+    """`shape` with its number of blocks set from the memory budget.
+
+    The budget is `memory` bytes when given; else on CUDA `gpu_memory_utilization` of the
+    device's memory minus what is already used (the weights), else `CPU_DEFAULT_BUDGET`. It is
+    never more than `max_num_seqs` full-length sequences need. Raises EngineError, naming the
+    flags, when one sequence of `max_model_len` tokens does not fit.
+    """
+    per_block = shape.bytes_per_block(dtype)
+    blocks_per_seq = math.ceil(max_model_len / shape.block_size)
+    if memory is not None:
+        budget, source = memory, f"--kv-cache-memory {format_bytes(memory)}"
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(gpu_memory_utilization * total) - (total - free)
+        source = (
+            f"--gpu-memory-utilization {gpu_memory_utilization} of "
+            f"{format_bytes(total)} with {format_bytes(total - free)} in use"
+        )
+    else:
+        budget = CPU_DEFAULT_BUDGET
+        source = f"the default --kv-cache-memory of {format_bytes(budget)}"
+    usable = max(0, budget // per_block)
+    if usable < blocks_per_seq:
+        raise EngineError(
+            f"the KV cache budget ({source}) holds {usable * shape.block_size} tokens, but one "
+            f"sequence of max_model_len={max_model_len} tokens needs "
+            f"{format_bytes(blocks_per_seq * per_block)}: raise --kv-cache-memory "
+            "(or --gpu-memory-utilization on CUDA) or lower --max-model-len"
+        )
+    usable = min(usable, max_num_seqs * blocks_per_seq)
+    return KVCacheShape(
+        shape.num_layers, shape.num_kv_heads, shape.head_dim, usable + 1, shape.block_size
+    )
 
 
 def _zeros(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """Zeros; on CPU from calloc'd memory, so pages cost nothing until a token is written there.
 
-    (`torch.zeros` writes every byte: a 32 x 2048-token cache would be resident at once.)
-    Zeros, not `empty`: masked-out keys/values still enter SDPA's sums with weight 0, and
-    0 * garbage NaN would be NaN.
+    (`torch.zeros` writes every byte: the whole budget would be resident at once.)
     """
     if torch.device(device).type != "cpu":
         return torch.zeros(dims, dtype=dtype, device=device)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    count = 1
-    for d in dims:
-        count *= d
-    raw = torch.from_numpy(np.zeros(count * itemsize, dtype=np.uint8))
+    raw = torch.from_numpy(np.zeros(math.prod(dims) * itemsize, dtype=np.uint8))
     return raw.view(dtype).view(dims)
 
 
 class KVCache:
-    """Keys and values of up to `num_slots` sequences of up to `max_len` tokens each."""
+    """Keys and values in blocks; `allocate`/`free` hand blocks to sequences."""
 
     def __init__(
         self, shape: KVCacheShape, *, dtype: torch.dtype, device: torch.device | str
     ) -> None:
+        if shape.num_blocks < 2:
+            raise ValueError(f"a KV cache needs at least 2 blocks, got {shape.num_blocks}")
         self.shape = shape
-        dims = (shape.num_slots, shape.num_kv_heads, shape.max_len, shape.head_dim)
-        # keys[layer], values[layer]: [num_slots, KVH, max_len, D]
+        self.block_size = shape.block_size
+        dims = (shape.num_blocks * shape.block_size, shape.num_kv_heads, shape.head_dim)
+        # keys[layer], values[layer]: [num_blocks * block_size, KVH, D]
         self.keys = [_zeros(dims, dtype, device) for _ in range(shape.num_layers)]
         self.values = [_zeros(dims, dtype, device) for _ in range(shape.num_layers)]
-        self._free: list[int] = list(range(shape.num_slots))  # a min-heap
+        self._free: list[int] = list(range(1, shape.num_blocks))  # a min-heap; 0 is reserved
         heapq.heapify(self._free)
 
-    # -- slots -----------------------------------------------------------------------------
+    # -- blocks ----------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        """Blocks a sequence can hold (the zero block excluded)."""
+        return self.shape.num_blocks - 1
+
     @property
     def num_free(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> int | None:
-        """The lowest free slot, or None when every slot is taken."""
-        return heapq.heappop(self._free) if self._free else None
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
-    def free(self, slot: int) -> None:
-        heapq.heappush(self._free, slot)
+    def allocate(self, n: int) -> list[int] | None:
+        """`n` free blocks, lowest first, or None (and nothing taken) when fewer are free."""
+        if n > len(self._free):
+            return None
+        return [heapq.heappop(self._free) for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        for block in blocks:
+            heapq.heappush(self._free, block)
 
     # -- data ------------------------------------------------------------------------------
-    def write(
-        self,
-        layer: int,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        slots: torch.Tensor,
-        positions: torch.Tensor,
-    ) -> None:
-        """Store new keys/values. key, value: [1, KVH, N, D]; slots, positions: [N] (long)."""
-        # keys[layer][slots, :, positions] is [N, KVH, D]
-        self.keys[layer][slots, :, positions] = key[0].transpose(0, 1).to(self.keys[layer].dtype)
-        self.values[layer][slots, :, positions] = (
-            value[0].transpose(0, 1).to(self.values[layer].dtype)
-        )
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store new keys/values. key, value: [1, KVH, N, D]; rows: [N] long, cache rows."""
+        k, v = self.keys[layer], self.values[layer]
+        k.index_copy_(0, rows, key[0].transpose(0, 1).to(k.dtype))
+        v.index_copy_(0, rows, value[0].transpose(0, 1).to(v.dtype))
+
+    def gather(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of cache `rows` ([B, L] long) as [B, KVH, L, D] views."""
+        b, length = rows.shape
+        flat = rows.reshape(-1)
+        k = self.keys[layer].index_select(0, flat).view(b, length, *self.keys[layer].shape[1:])
+        v = self.values[layer].index_select(0, flat).view(b, length, *self.values[layer].shape[1:])
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     @property
     def nbytes(self) -> int:

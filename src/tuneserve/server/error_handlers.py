@@ -104,8 +104,7 @@ def _without_failed_union_branches(
         if param is None or not all(str(e.get("type", "")).endswith("_type") for e in errs):
             return False
         return any(
-            other is not None and other.startswith((param + "[", param + "."))
-            for other in by_param
+            other is not None and other.startswith((param + "[", param + ".")) for other in by_param
         )
 
     kept = {p: errs for p, errs in by_param.items() if not shadowed(p, errs)}
