@@ -6,6 +6,7 @@
     python -m benchmarks plot benchmarks/out/full/results.json
     python -m benchmarks report benchmarks/out/full/results.json
     python -m benchmarks build-model --size bench --adapters 32
+    python -m benchmarks build-llama-cpp          # the llama.cpp peer's llama-server, once
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from benchmarks.results import ALL_SYSTEMS, OPTIONAL_SYSTEMS, BenchConfig, Resul
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-COMMANDS = ("run", "plot", "report", "build-model")
+COMMANDS = ("run", "plot", "report", "build-model", "build-llama-cpp")
 
 
 def _ints(text: str) -> list[int]:
@@ -70,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="results folder [benchmarks/out/full or quick]")
     run.add_argument("--cache-dir", type=Path, default=OUT / "models",
                      help="where the bench model is built [benchmarks/out/models]")
+    run.add_argument("--llama-cpp-dir", type=Path,
+                     help="the llama.cpp build of `build-llama-cpp` "
+                          "[benchmarks/out/llama.cpp-<version>]")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
     for name, helptext in (("plot", "draw the PNGs of a results.json"),
@@ -82,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--size", choices=list(SIZES), default="bench")
     build.add_argument("--adapters", type=int, default=32)
     build.add_argument("--cache-dir", type=Path, default=OUT / "models")
+
+    llama = sub.add_parser("build-llama-cpp",
+                           help="build llama-server for the llama.cpp peers (once; ~9 minutes)",
+                           description="Download the llama-cpp-python sdist from PyPI and build "
+                           "its vendored llama.cpp's llama-server with cmake (opt-in; a second "
+                           "call finds the build and returns at once). Prints the binary's path.")
+    llama.add_argument("--llama-cpp-dir", type=Path,
+                       help="where to build [benchmarks/out/llama.cpp-<version>]")
+    llama.add_argument("--jobs", type=int, help="parallel compile jobs [all cores]")
     return parser
 
 
@@ -91,7 +104,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "systems": args.systems, "concurrency": args.concurrency, "adapters": args.adapters,
         "requests": args.requests, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
         "size": args.size, "warmup_requests": args.warmup, "seed": args.seed,
-        "startup_timeout_s": args.startup_timeout,
+        "startup_timeout_s": args.startup_timeout, "llama_cpp_dir": args.llama_cpp_dir,
     }
     data = cfg.model_dump()
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -124,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
 
         bench = ensure_bench_model(args.cache_dir, args.size, args.adapters)
         print(bench.root)
+        return 0
+    if args.command == "build-llama-cpp":
+        from benchmarks import llama_cpp
+
+        print(llama_cpp.build(args.llama_cpp_dir or llama_cpp.DEFAULT_HOME, args.jobs))
         return 0
     if args.command in ("plot", "report"):
         res = Results.read(args.results)

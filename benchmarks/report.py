@@ -39,9 +39,30 @@ def compute_targets(res: Results, system: str = "tuneserve") -> list[Target]:
     value = _ratio(ours.ttft_p50_ms if ours else None, lo.ttft_p50_ms if lo else None)
     targets.append(Target(name=f"{system} TTFT p50 C={c_hi} / C={c_lo}", goal=f"<= 3x (K={k1})",
                           value=value, met=None if value is None else value <= 3.0))
+    if "llama.cpp" in res.config.systems:
+        targets += _versus_llama_cpp(res, system)
     if c_hi < 32 or k_hi < 32:
         for t in targets:
             t.note = "BENCHMARK.md's targets are at C=32 and K=32; this run is smaller"
+    return targets
+
+
+def _versus_llama_cpp(res: Results, system: str) -> list[Target]:
+    """BENCHMARK.md's targets against llama-server on the same (f32) weights: one user (the
+    smallest C), the largest C at one adapter, and the largest C at 8 adapters (the largest K
+    when the run has no 8), where llama.cpp batches only requests on the same adapter."""
+    cs, ks = res.config.concurrency, res.config.adapters
+    c_lo, c_hi, k1 = min(cs), max(cs), min(ks)
+    k_many = 8 if 8 in ks else max(ks)
+    specs = [(k1, c_lo, 1.0), (k1, c_hi, 2.0)]
+    if k_many != k1:
+        specs.append((k_many, c_hi, 4.0))
+    targets = []
+    for k, c, goal in specs:
+        value = _ratio(_tps(res.point(system, k, c)), _tps(res.point("llama.cpp", k, c)))
+        targets.append(Target(name=f"{system} / llama.cpp throughput C={c}, K={k}",
+                              goal=f">= {goal}x", value=value,
+                              met=None if value is None else value >= goal))
     return targets
 
 

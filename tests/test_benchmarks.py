@@ -25,9 +25,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Completed]
     """The harness in its smallest mode: a tiny model, two systems, three requests a point."""
     out = tmp_path_factory.mktemp("bench")
     argv = [sys.executable, "-m", "benchmarks", "--size", "tiny",
-            "--systems", "seed-way,peft-batch,ceiling", "--concurrency", "1,2", "--adapters", "2",
-            "--requests", "3", "--prompt-len", "16", "--max-tokens", "6", "--warmup", "1",
-            "--out", str(out), "--cache-dir", str(out / "models")]
+            "--systems", "seed-way,peft-batch,llama.cpp,ceiling", "--concurrency", "1,2",
+            "--adapters", "2", "--requests", "3", "--prompt-len", "16", "--max-tokens", "6",
+            "--warmup", "1", "--out", str(out), "--cache-dir", str(out / "models"),
+            "--llama-cpp-dir", str(out / "no-llama.cpp")]  # not built: skipped, saying how
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     return out, proc
@@ -39,12 +40,18 @@ def test_run_writes_complete_results(tiny_run: tuple[Path, Completed]) -> None:
     res = Results.read(out / "results.json")
     assert res.date and res.command.startswith("python -m benchmarks")
     assert {"cpu", "cpus_logical", "torch", "transformers", "peft"} <= set(res.machine)
-    assert [s.system for s in res.systems] == ["seed-way", "peft-batch", "ceiling"]
+    assert [s.system for s in res.systems] == ["seed-way", "peft-batch", "llama.cpp", "ceiling"]
+    llama = res.systems.pop(2)
+    assert llama.status == "skipped"
+    assert "python -m benchmarks build-llama-cpp" in (llama.reason or "")
     assert all(s.status == "ok" for s in res.systems), [s.reason for s in res.systems]
+    skipped = [(p.system, p.status) for p in res.points if p.system == "llama.cpp"]
+    assert skipped == [("llama.cpp", "skipped")] * 2
     expected = {("seed-way", 2, 1), ("seed-way", 2, 2), ("peft-batch", 2, 1),
                 ("peft-batch", 2, 2), ("ceiling", 0, 1), ("ceiling", 0, 2)}
-    assert {(p.system, p.adapters, p.concurrency) for p in res.points} == expected
-    for p in res.points:
+    measured = [p for p in res.points if p.system != "llama.cpp"]
+    assert {(p.system, p.adapters, p.concurrency) for p in measured} == expected
+    for p in measured:
         assert p.status == "ok", (p.system, p.reason, p.errors)
         assert p.requests == p.requests_ok == 3
         assert p.completion_tokens == 3 * 6, (p.system, p.reason)  # EOS ignored: all tokens made
@@ -68,6 +75,118 @@ def test_unsupported_points_are_recorded_as_skipped(tmp_path: Path) -> None:
                                   log=lambda _: None)
     assert run.status == "skipped" and "K=1 only" in (run.reason or "")
     assert [(p.status, p.adapters) for p in points] == [("skipped", 8)]
+
+
+def _fake_llama_server(home: Path) -> Path:
+    """An executable where `build-llama-cpp` puts llama-server (never run by these tests)."""
+    binary = home / "build" / "bin" / "llama-server"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\nexit 1\n")
+    binary.chmod(0o755)
+    return binary
+
+
+def test_llama_cpp_says_why_it_cannot_run(tmp_path: Path) -> None:
+    """Without the build the reason is the command that builds it; built, it runs on the real
+    model only (llama.cpp has no word-level tokenizer for the random-weight ones)."""
+    from benchmarks.runner import run_http_system
+    from benchmarks.systems import http_system
+
+    home = tmp_path / "llama.cpp"
+    cfg = BenchConfig(systems=["llama.cpp"], concurrency=[1], adapters=[1, 8], size="smollm2",
+                      llama_cpp_dir=home)
+    system = http_system("llama.cpp", cfg)
+    run, points = run_http_system(system, None, cfg, tmp_path,  # type: ignore[arg-type]
+                                  log=lambda _: None)
+    assert run.status == "skipped"
+    assert f"python -m benchmarks build-llama-cpp --llama-cpp-dir {home}" in (run.reason or "")
+    assert [(p.status, p.adapters) for p in points] == [("skipped", 1), ("skipped", 8)]
+
+    _fake_llama_server(home)
+    assert system.unsupported(8) is None
+    for size in ("tiny", "bench"):
+        why = http_system("llama.cpp-f16", cfg.model_copy(update={"size": size})).unsupported(1)
+        assert "word-level tokenizer" in (why or "") and "--size smollm2" in (why or "")
+
+
+def test_build_llama_cpp_returns_an_existing_build(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.__main__ import main
+
+    binary = _fake_llama_server(tmp_path)
+    assert main(["build-llama-cpp", "--llama-cpp-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(binary)
+
+
+def test_llama_cpp_request_picks_its_adapter() -> None:
+    """One llama-server holds all K adapters; a request applies one by its --lora index. A
+    request without `lora` would get every adapter at scale 1, so the base sends a zero."""
+    from benchmarks.systems import adapter_index, llama_cpp_body
+
+    body = llama_cpp_body("w5 w6", "a3", 16)
+    assert body["lora"] == [{"id": 3, "scale": 1.0}]
+    assert body["prompt"] == "w5 w6" and body["max_tokens"] == 16 and "model" not in body
+    assert body["stream"] and body["ignore_eos"] and body["temperature"] == 0
+    assert body["stream_options"] == {"include_usage": True}  # the count of tokens made
+    assert llama_cpp_body("w5", "base", 16)["lora"] == [{"id": 0, "scale": 0.0}]
+    assert [adapter_index(n) for n in ("a0", "a31", "base", "a", "b2")] == [0, 31, None, None,
+                                                                            None]
+
+
+def test_llama_server_command_line(tmp_path: Path) -> None:
+    from benchmarks import llama_cpp
+
+    # every slot of --parallel gets ctx/parallel: prompt + new tokens + margin
+    assert llama_cpp.context_size(32, 128, 128) == 32 * (128 + 128 + llama_cpp.CTX_MARGIN)
+    loras = [tmp_path / "a0.gguf", tmp_path / "a1.gguf"]
+    argv = llama_cpp.server_argv(Path("llama-server"), tmp_path / "m.gguf", loras, 8080,
+                                 parallel=8, ctx_size=2560, n_threads=2)
+    # one --lora with both (several --lora flags: llama-server keeps only the last)
+    assert argv.count("--lora") == 1
+    assert argv[argv.index("--lora") + 1] == f"{loras[0]},{loras[1]}"
+    assert "--lora-init-without-apply" in argv
+    assert argv[argv.index("--parallel") + 1] == "8"
+    assert argv[argv.index("--ctx-size") + 1] == "2560"
+    bare = llama_cpp.server_argv(Path("llama-server"), tmp_path / "m.gguf", [], 8080, 1, 320, 2)
+    assert "--lora" not in bare and "--lora-init-without-apply" not in bare
+
+
+def test_llama_cpp_converters_get_a_config_they_accept(tmp_path: Path) -> None:
+    """llama.cpp's converters refuse a config.json naming the GGUF quantizer: they get a copy
+    without it, the other files linked."""
+    from benchmarks.llama_cpp import _convertible
+
+    base = tmp_path / "base"
+    base.mkdir()
+    config = {"model_type": "llama", "quantization_config": {"quant_method": "gguf"}}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "model.safetensors").write_bytes(b"weights")
+    with _convertible(base) as folder:
+        assert folder != base
+        assert json.loads((folder / "config.json").read_text()) == {"model_type": "llama"}
+        assert (folder / "model.safetensors").read_bytes() == b"weights"
+    assert json.loads((base / "config.json").read_text()) == config  # the original untouched
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with _convertible(base) as folder:
+        assert folder == base
+
+
+def test_targets_against_llama_cpp() -> None:
+    cfg = BenchConfig(systems=["tuneserve", "llama.cpp"], concurrency=[1, 32], adapters=[1, 8])
+
+    def pt(system: str, k: int, c: int, tps: float) -> Point:
+        return Point(system=system, adapters=k, concurrency=c, output_tokens_per_s=tps)
+
+    res = Results(date="d", command="c", machine={}, config=cfg, model={}, points=[
+        pt("tuneserve", 1, 1, 50.0), pt("llama.cpp", 1, 1, 40.0),
+        pt("tuneserve", 1, 32, 300.0), pt("llama.cpp", 1, 32, 200.0),
+        pt("tuneserve", 8, 32, 280.0), pt("llama.cpp", 8, 32, 70.0),
+    ])
+    targets = {t.name: t for t in compute_targets(res)}
+    assert targets["tuneserve / llama.cpp throughput C=1, K=1"].value == pytest.approx(1.25)
+    assert targets["tuneserve / llama.cpp throughput C=1, K=1"].met is True
+    assert targets["tuneserve / llama.cpp throughput C=32, K=1"].met is False  # 1.5x < 2x
+    assert targets["tuneserve / llama.cpp throughput C=32, K=8"].value == pytest.approx(4.0)
 
 
 def test_prompts_have_exactly_the_asked_length(tmp_path: Path) -> None:
