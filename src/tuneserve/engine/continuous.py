@@ -6,6 +6,7 @@ runs unchanged; the engine owns what is around it:
 - kv_cache.py  a pool of KV blocks, the memory budget; sequences take blocks as they grow;
 - attention.py a registered attention function: one packed forward `[1, N]` carries prefill
                chunks and decode tokens of every row, masking is per row;
+- cpu_linear.py on CPU in float32, Linears packed for oneDNN and sibling projections fused;
 - lora.py      targeted Linears become batched multi-LoRA layers over hot adapter slots;
 - scheduler.py who runs each step: decodes always, prompts in chunks under a token budget,
                arrivals joining and finished rows leaving at every step.
@@ -41,6 +42,7 @@ from tuneserve.engine.attention import (
     check_supported,
     install_packed_attention,
 )
+from tuneserve.engine.cpu_linear import can_pack, pack_linears
 from tuneserve.engine.detokenize import OutputText
 from tuneserve.engine.kv_cache import (
     GPU_MEMORY_UTILIZATION,
@@ -131,6 +133,8 @@ class ContinuousBatchingEngine(ThreadedEngine):
         #    before the model is touched), then our attention. With no adapters the manager
         #    wraps nothing (no cost) and is there for adapters added later.
         check_supported(self.model.config)
+        if can_pack(self.model):
+            pack_linears(self.model)
         self.loras = LoRAManager(
             self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
         )

@@ -1,0 +1,64 @@
+"""Packed and fused CPU Linears compute what the nn.Linears they replace computed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tuneserve.engine.cpu_linear import FusedMember, PackedLinear, can_pack, pack_linears
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN"
+)
+
+
+class Block(nn.Module):
+    """The shapes of a decoder layer: q/k/v (with bias, as Qwen2), o, gate/up, down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(32, n) for n in (32, 16, 16))
+        self.o_proj = nn.Linear(32, 32, bias=False)
+        self.gate_proj, self.up_proj = nn.Linear(32, 48, bias=False), nn.Linear(32, 48, bias=False)
+        self.down_proj = nn.Linear(48, 32, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        h = self.o_proj(q + torch.cat([k, v], -1))
+        return self.down_proj(self.gate_proj(h) * self.up_proj(h))
+
+
+def test_packed_and_fused_layers_equal_the_originals() -> None:
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = torch.randn(3, 5, 32)  # [batch, tokens, hidden]: leading dims are kept
+    with torch.inference_mode():
+        expected = block(x)
+        assert can_pack(block)
+        assert pack_linears(block) == (2, 2)  # q/k/v and gate/up fused; o and down packed
+        got = block(x)
+    assert isinstance(block.q_proj, FusedMember) and isinstance(block.o_proj, PackedLinear)
+    # the layers still read as the Linears they were (adapter checks and LoRA wrapping)
+    assert isinstance(block.k_proj, nn.Linear)
+    assert (block.k_proj.in_features, block.k_proj.out_features) == (32, 16)
+    assert block.k_proj.weight.shape == (16, 32) and block.k_proj.bias is not None
+    assert block.down_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_member_called_on_a_new_input_never_gets_a_stale_slice() -> None:
+    torch.manual_seed(1)
+    block = Block().eval()
+    a, b = torch.randn(4, 32), torch.randn(4, 32)
+    with torch.inference_mode():
+        want_q_a, want_k_b = block.q_proj(a), block.k_proj(b)
+        pack_linears(block)
+        got_q_a = block.q_proj(a)  # computes the group's product for a
+        got_k_b = block.k_proj(b)  # b is another tensor: computed again, not a's slice
+    torch.testing.assert_close(got_q_a, want_q_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k_b, want_k_b, rtol=1e-5, atol=1e-5)
+
+
+def test_only_float32_cpu_models_are_packed() -> None:
+    assert not can_pack(Block().to(torch.bfloat16))
