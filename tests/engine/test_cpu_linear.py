@@ -62,3 +62,19 @@ def test_a_member_called_on_a_new_input_never_gets_a_stale_slice() -> None:
 
 def test_only_float32_cpu_models_are_packed() -> None:
     assert not can_pack(Block().to(torch.bfloat16))
+
+
+def test_projections_inside_lora_wrappers_are_fused_too() -> None:
+    from tuneserve.engine.lora import BatchedLoRALinear, LoRABatch
+
+    torch.manual_seed(2)
+    block = Block().eval()
+    block.q_proj = BatchedLoRALinear(block.q_proj, 1, LoRABatch())  # as the engine wraps it
+    x = torch.randn(2, 7, 32)
+    with torch.inference_mode():
+        expected = block(x)
+        assert pack_linears(block) == (2, 2)
+        got = block(x)
+    assert isinstance(block.q_proj, BatchedLoRALinear)
+    assert isinstance(block.q_proj.base_layer, FusedMember)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,8 +134,9 @@ class ContinuousBatchingEngine(ThreadedEngine):
         #    before the model is touched), then our attention. With no adapters the manager
         #    wraps nothing (no cost) and is there for adapters added later.
         check_supported(self.model.config)
-        if can_pack(self.model):
-            pack_linears(self.model)
+        # packed on the engine thread (`_loop`): oneDNN's packed weights run ~30% slower when
+        # another thread packed them (measured; benchmarks/README.md)
+        self._pack = can_pack(self.model)
         self.loras = LoRAManager(
             self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
         )
@@ -225,6 +227,8 @@ class ContinuousBatchingEngine(ThreadedEngine):
     def _loop(self) -> None:
         logger.info("engine started (continuous batching, up to %d sequences)", self.max_num_seqs)
         with torch.inference_mode():
+            if self._pack:
+                self._call_safely(lambda: pack_linears(self.model))
             while True:
                 with self._cond:
                     while not (
@@ -257,6 +261,13 @@ class ContinuousBatchingEngine(ThreadedEngine):
                         logger.exception("engine step failed")
                         self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
         logger.info("engine stopped")
+
+    @staticmethod
+    def _call_safely(prepare: Callable[[], object]) -> None:
+        try:
+            prepare()
+        except Exception:  # the plain layers still compute the same thing, only slower
+            logger.exception("preparing the model for this CPU failed; serving it unchanged")
 
     def _admit(self, request: GenerationRequest, stream: QueueRequestStream) -> None:
         """Turn a submission into a waiting Sequence, or end it at once."""

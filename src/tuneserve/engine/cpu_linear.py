@@ -9,7 +9,8 @@ layer from 7 to 4: 27.7 ms at batch 1, 43 vs 105 ms at 8, 77 vs 157 ms at 32 (be
 "Where a step's time goes").
 
 `pack_linears(model)` swaps, in place, every `nn.Linear` for a `PackedLinear` and every group of
-sibling projections for `FusedMember`s over one packed product. Both are `nn.Linear` subclasses
+sibling projections for `FusedMember`s over one packed product (inside LoRA wrappers too: the
+wrapper keeps its adapters, its base layer becomes the member). Both are `nn.Linear` subclasses
 with the right `in_features`/`out_features`, so LoRA wrapping and adapter checks see the layers
 they expect; their `weight` is a zero-stride stand-in of the right shape, dtype and device (the
 original is freed: the packed copy is the only one, except a weight tied to the embeddings).
@@ -120,18 +121,32 @@ class FusedMember(nn.Linear):
         return f"{super().extra_repr()}, fused slice {self.index}"
 
 
+def _plain_linear(module: nn.Module | None) -> tuple[nn.Module, str, nn.Linear] | None:
+    """(holder, attribute, Linear) for a plain nn.Linear, also inside a LoRA wrapper."""
+    if module is None:
+        return None
+    base = getattr(module, "base_layer", None)  # engine/lora.py's BatchedLoRALinear
+    if type(base) is nn.Linear:
+        return module, "base_layer", base
+    return None
+
+
 def _fuse_group(parent: nn.Module, names: tuple[str, ...]) -> bool:
-    members = [getattr(parent, name, None) for name in names]
-    linears = [m for m in members if type(m) is nn.Linear]
-    if len(linears) != len(names) or len({m.in_features for m in linears}) != 1:
+    found = []
+    for name in names:
+        child = getattr(parent, name, None)
+        found.append((parent, name, child) if type(child) is nn.Linear else _plain_linear(child))
+    if any(f is None for f in found):
         return False
-    if len({m.bias is None for m in linears}) != 1:
+    slots = [f for f in found if f is not None]
+    linears = [linear for _, _, linear in slots]
+    if len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
         return False
     weight = torch.cat([m.weight.detach() for m in linears])
     bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
     group = _FusedGroup(PackedLinear(weight, bias), tuple(m.out_features for m in linears))
-    for index, (name, linear) in enumerate(zip(names, linears, strict=True)):
-        setattr(parent, name, FusedMember(group, index, linear))
+    for index, (holder, attribute, linear) in enumerate(slots):
+        setattr(holder, attribute, FusedMember(group, index, linear))
     return True
 
 
