@@ -40,6 +40,7 @@ class RequestResult:
 class PointRun:
     wall_s: float
     results: list[RequestResult]
+    client_cpu_s: float = 0.0  # CPU the load generator itself used (what it takes from servers)
 
 
 def chunk_text(event: dict[str, Any]) -> str:
@@ -138,10 +139,10 @@ async def closed_loop(url: str, body_for: Callable[[int], dict[str, Any]], reque
             for i in indices:  # shared iterator: each index is taken once
                 results[i] = await one_request(client, url, body_for(i))
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return PointRun(wall, results)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return PointRun(wall, results, cpu)
 
 
 def run_closed_loop(url: str, body_for: Callable[[int], dict[str, Any]], requests: int,

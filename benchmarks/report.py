@@ -81,8 +81,9 @@ def markdown(res: Results) -> str:
         f"load {res.machine.get('load_avg_at_start')} at start.",
         f"Command: `{res.command}`",
         "",
-        "| system | K | C | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | peak RSS MB | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| system | K | C | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | peak RSS MB "
+        "| client CPU % | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in res.points:
         note = (p.reason or "") if p.status == "ok" else f"{p.status}: {p.reason}"
@@ -90,7 +91,8 @@ def markdown(res: Results) -> str:
         lines.append(
             f"| {p.system} | {p.adapters or '-'} | {p.concurrency} | "
             f"{_fmt(p.output_tokens_per_s)} | {_fmt(p.ttft_p50_ms)} | {_fmt(p.ttft_p99_ms)} | "
-            f"{_fmt(p.itl_p50_ms)} | {_fmt(p.peak_rss_mb, 0)} | {note} |")
+            f"{_fmt(p.itl_p50_ms)} | {_fmt(p.peak_rss_mb, 0)} | {_fmt(p.client_cpu_pct, 0)} | "
+            f"{note} |")
     lines += ["", "| target | goal | value | met |", "|---|---|---:|---|"]
     for t in res.targets:
         met = "-" if t.met is None else ("yes" if t.met else "no")

@@ -66,6 +66,8 @@ class Point(BaseModel):
     tpot_p50_ms: float | None = None
     latency_p50_ms: float | None = None
     peak_rss_mb: float | None = None
+    client_cpu_pct: float | None = Field(
+        None, description="the load generator's CPU time over the point's wall time (100 = a core)")
     errors: list[str] = Field(default_factory=list, description="the first few request errors")
 
     METRICS: ClassVar[tuple[str, ...]] = (

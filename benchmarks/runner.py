@@ -73,6 +73,7 @@ def summarize(system: str, k: int, c: int, cfg: BenchConfig, run: PointRun,
     point.tpot_p50_ms = _ms(percentile([r.tpot_s for r in ok], 50))
     point.latency_p50_ms = _ms(percentile([r.latency_s for r in ok], 50))
     point.peak_rss_mb = peak_rss_mb
+    point.client_cpu_pct = round(100 * run.client_cpu_s / run.wall_s, 1)
     short = [r.completion_tokens for r in ok if r.completion_tokens != cfg.max_tokens]
     if short:
         note = (f"{len(short)} requests made other than {cfg.max_tokens} tokens "
@@ -86,7 +87,8 @@ def describe(p: Point) -> str:
         return f"{p.status}: {p.reason}"
     return (f"{p.output_tokens_per_s:8.1f} tok/s  ttft p50 {p.ttft_p50_ms:7.1f} ms  "
             f"p99 {p.ttft_p99_ms:7.1f} ms  itl p50 {p.itl_p50_ms or 0:6.1f} ms  "
-            f"rss {p.peak_rss_mb:6.0f} MB" + (f"  ({p.reason})" if p.reason else ""))
+            f"rss {p.peak_rss_mb:6.0f} MB  client cpu {p.client_cpu_pct or 0:4.0f}%"
+            + (f"  ({p.reason})" if p.reason else ""))
 
 
 def run_http_system(system: HttpSystem, bench: BenchModel, cfg: BenchConfig, out_dir: Path,
