@@ -263,7 +263,8 @@ def test_summarize_and_targets() -> None:
 def test_quick_preset_and_overrides() -> None:
     quick = config_from(_parser().parse_args(["run", "--quick"]))
     assert quick.quick and quick.concurrency == [1, 8] and quick.adapters == [1, 8]
-    assert quick.requests == 16
+    assert quick.requests == 16 and quick.size == "bench"  # quick: the small random model
+    assert config_from(_parser().parse_args(["run"])).size == "smollm2"  # full: the real one
     full = config_from(_parser().parse_args(
         ["run", "--systems", "tuneserve,ceiling", "--concurrency", "32,1", "--tuneserve-engine",
          "default"]))

@@ -55,3 +55,6 @@ def test_metrics_count_requests_and_tokens(http: httpx.Client, client: openai.Op
     assert metric_value(after, "tuneserve_requests_running") == 0
     assert metric_value(after, "tuneserve_requests_waiting") == 0
     assert "# TYPE tuneserve_requests_running gauge" in after
+    # the continuous engine's KV budget: nothing held once idle, no preemption at this load
+    assert metric_value(after, "tuneserve_kv_cache_usage_ratio") == 0
+    assert metric_value(after, "tuneserve_preemptions_total") == 0

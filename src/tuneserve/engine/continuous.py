@@ -180,6 +180,8 @@ class ContinuousBatchingEngine(ThreadedEngine):
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting) + len(self._inbox),
+            kv_cache_usage=1 - self.cache.num_free / self.cache.num_blocks,
+            preemptions=self.scheduler.num_preemptions,
         )
 
     def add_adapter(self, spec: AdapterSpec) -> None:

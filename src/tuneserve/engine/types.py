@@ -63,6 +63,8 @@ class StreamDelta:
 class EngineStats:
     running: int
     waiting: int
+    kv_cache_usage: float | None = None  # share of the KV budget in use (None: no budget)
+    preemptions: int = 0  # running sequences preempted (recomputed later) since the start
 
 
 @dataclass(frozen=True, slots=True)

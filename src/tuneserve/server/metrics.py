@@ -19,11 +19,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.responses import Response
 
 from tuneserve.engine.base import Engine
+from tuneserve.engine.types import EngineStats
 
 PREFIX = "tuneserve_"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -35,15 +36,15 @@ class EngineStatsCollector(Collector):
         self.engine = engine
 
     def describe(self) -> Iterable[Metric]:
-        return self._families(0, 0, {})
+        return self._families(EngineStats(running=0, waiting=0, kv_cache_usage=0.0), {})
 
     def collect(self) -> Iterable[Metric]:
         stats = self.engine.stats()
         states = [usage.state for usage in self.engine.adapter_usage().values()]
-        return self._families(stats.running, stats.waiting, collections.Counter(states))
+        return self._families(stats, collections.Counter(states))
 
     @staticmethod
-    def _families(running: int, waiting: int, adapters: Mapping[str, int]) -> list[Metric]:
+    def _families(stats: EngineStats, adapters: Mapping[str, int]) -> list[Metric]:
         served = GaugeMetricFamily(
             PREFIX + "adapters",
             "Adapters served, by where their weights are: hot (an engine slot), cpu, disk.",
@@ -51,15 +52,33 @@ class EngineStatsCollector(Collector):
         )
         for state in ("hot", "cpu", "disk"):
             served.add_metric([state], adapters.get(state, 0))
-        return [
+        families: list[Metric] = [
             GaugeMetricFamily(
-                PREFIX + "requests_running", "Requests the engine is generating for.", running
+                PREFIX + "requests_running",
+                "Requests the engine is generating for.",
+                stats.running,
             ),
             GaugeMetricFamily(
-                PREFIX + "requests_waiting", "Requests queued for a place in the batch.", waiting
+                PREFIX + "requests_waiting",
+                "Requests queued for a place in the batch.",
+                stats.waiting,
             ),
             served,
         ]
+        if stats.kv_cache_usage is not None:  # engines with a KV budget (continuous)
+            families += [
+                GaugeMetricFamily(
+                    PREFIX + "kv_cache_usage_ratio",
+                    "Share of the KV cache budget held by running sequences (0..1).",
+                    stats.kv_cache_usage,
+                ),
+                CounterMetricFamily(
+                    PREFIX + "preemptions",
+                    "Running sequences preempted for KV space (recomputed later).",
+                    stats.preemptions,
+                ),
+            ]
+        return families
 
 
 class PrometheusMetrics:
