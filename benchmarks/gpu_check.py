@@ -88,9 +88,9 @@ from benchmarks.model import (
     _build_adapter,
     _once,
     adapter_name,
-    build_tokenizer,
     prompt_ids,
 )
+from benchmarks.model import _build_base as build_base
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1
@@ -413,33 +413,17 @@ class ShapeModel(BenchModel):
 
 
 def _build_base(dest: Path, spec: ModelSize) -> None:
-    """Like benchmarks/model.py's base, with SmolLM2's config details (tied embeddings,
-    head_dim, rope_theta); saved in float32 with the word-level tokenizer."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(SEED)
-    config = LlamaConfig(
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
+    """benchmarks/model.py's base with SmolLM2's config details (tied embeddings, head_dim,
+    rope_theta, context)."""
+    build_base(
+        dest,
+        spec,
         head_dim=spec.hidden // spec.heads,
-        vocab_size=spec.vocab,
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
         tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        dtype="float32",
     )
-    model = LlamaForCausalLM(config).to(torch.float32).eval()  # type: ignore[arg-type]
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model.save_pretrained(dest)
-    build_tokenizer(spec.vocab).save_pretrained(dest)
 
 
 def ensure_shape_model(cache: Path, shape: str, adapters: int) -> ShapeModel:

@@ -204,12 +204,14 @@ def build_tokenizer(vocab: int) -> Any:
     return fast
 
 
-def _build_base(dest: Path, spec: ModelSize) -> None:
+def _build_base(dest: Path, spec: ModelSize, **config_overrides: Any) -> None:
+    """A random-weight Llama of `spec`'s shape (seeded), float32, with the word tokenizer;
+    `config_overrides` change its LlamaConfig (gpu_check.py: SmolLM2's details)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    config = LlamaConfig(
+    settings: dict[str, Any] = dict(
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers,
@@ -223,6 +225,7 @@ def _build_base(dest: Path, spec: ModelSize) -> None:
         tie_word_embeddings=False,
         dtype="float32",
     )
+    config = LlamaConfig(**{**settings, **config_overrides})
     # transformers decorates `.to` with functools.wraps(nn.Module.to): mypy then sees an unbound
     # callable whose first parameter is `self`
     model = LlamaForCausalLM(config).to(torch.float32).eval()  # type: ignore[arg-type]

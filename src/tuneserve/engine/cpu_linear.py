@@ -40,13 +40,13 @@ def can_pack(model: nn.Module) -> bool:
     )
 
 
-class PackedLinear(nn.Linear):
-    """y = x W^T + b with W held only in oneDNN's blocked layout."""
+class _LinearShape(nn.Linear):
+    """An nn.Linear's attributes without its weight: the sizes, the bias, and as `weight` a
+    zero-stride stand-in of the right shape, dtype and device (nothing reads its values)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight
         self.out_features, self.in_features = (int(n) for n in weight.shape)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self.bias_data = None if bias is None else bias.detach().contiguous()
         self._stand_in = torch.empty((), dtype=weight.dtype, device=weight.device).expand(
             weight.shape
@@ -59,6 +59,14 @@ class PackedLinear(nn.Linear):
     @property
     def bias(self) -> torch.Tensor | None:  # type: ignore[override]
         return self.bias_data
+
+
+class PackedLinear(_LinearShape):
+    """y = x W^T + b with W held only in oneDNN's blocked layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight, bias)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -94,25 +102,12 @@ class _FusedGroup:
         return out
 
 
-class FusedMember(nn.Linear):
+class FusedMember(_LinearShape):
     """One projection of a fused group (its slice of the group's product)."""
 
     def __init__(self, group: _FusedGroup, index: int, original: nn.Linear) -> None:
-        nn.Module.__init__(self)
+        super().__init__(original.weight, original.bias)
         self.group, self.index = group, index
-        self.in_features, self.out_features = original.in_features, original.out_features
-        self.bias_data = None if original.bias is None else original.bias.detach()
-        self._stand_in = torch.empty(
-            (), dtype=original.weight.dtype, device=original.weight.device
-        ).expand(original.weight.shape)
-
-    @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
-        return self._stand_in
-
-    @property
-    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self.bias_data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.output(x, self.index)
