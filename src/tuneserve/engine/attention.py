@@ -8,7 +8,8 @@ block table, kv_cache.py) and its position. HF's layers compute q/k/v and RoPE (
 
 1. writes the new keys/values into the cache rows of their tokens,
 2. attends the decode rows (one token each, packed first) in one batched SDPA over their keys
-   gathered from the cache `[Bd, KVH, L, D]` (L = the longest; shorter rows pad with the zero
+   gathered from the cache block by block `[Bd, KVH, L, D]` (L = the longest rounded up to a
+   block; shorter rows pad with the zero
    block, masked),
 3. attends each prefill chunk with its own SDPA: a first chunk over its own fresh keys, a later
    one over its prefix gathered from the cache; causal.
@@ -49,7 +50,7 @@ class _Prefill:
     begin: int  # first token index in the packed batch
     end: int
     start: int  # position of the first token
-    rows: torch.Tensor | None  # [1, start+T] cache rows of its prefix (None when start == 0)
+    blocks: torch.Tensor | None  # [1, nb] the blocks of its prefix (None when start == 0)
 
 
 @dataclass(slots=True)
@@ -61,7 +62,7 @@ class PackedStep:
     positions: torch.Tensor  # [N] long: position of each packed token in its sequence
     num_tokens: int
     num_decodes: int  # Bd: the first Bd packed tokens are decode rows, one token each
-    decode_rows: torch.Tensor | None  # [Bd, L] long: cache rows each decode query reads
+    decode_blocks: torch.Tensor | None  # [Bd, nb] long: blocks each decode query reads
     decode_lengths: torch.Tensor | None  # [Bd] long: keys each decode query may see
     decode_uniform: bool  # every decode row has the same length
     prefills: list[_Prefill]
@@ -94,16 +95,15 @@ class PackedStep:
         )
         write_rows = tables[row_of_token, positions // bs] * bs + positions % bs
 
-        def cache_rows(table: torch.Tensor, length: int) -> torch.Tensor:
-            j = torch.arange(length, device=device)
-            return table[..., j // bs] * bs + j % bs  # past a row's end: zero or masked rows
+        def blocks_of(table: torch.Tensor, length: int) -> torch.Tensor:
+            return table[..., : -(-length // bs)]  # past a row's end: zero or masked rows
 
         prefills: list[_Prefill] = []
         begin = num_decodes
         for index in range(num_decodes, len(rows)):
             row = rows[index]
             end_pos = row.start + row.num_tokens
-            prefix = cache_rows(tables[index : index + 1], end_pos) if row.start > 0 else None
+            prefix = blocks_of(tables[index : index + 1], end_pos) if row.start > 0 else None
             prefills.append(_Prefill(begin, begin + row.num_tokens, row.start, prefix))
             begin += row.num_tokens
         step = cls(
@@ -112,28 +112,30 @@ class PackedStep:
             positions=positions,
             num_tokens=int(positions.shape[0]),
             num_decodes=num_decodes,
-            decode_rows=None,
+            decode_blocks=None,
             decode_lengths=None,
             decode_uniform=False,
             prefills=prefills,
         )
         if num_decodes:
             lengths = [row.start + 1 for row in rows[:num_decodes]]
-            step.decode_rows = cache_rows(tables[:num_decodes], max(lengths))
+            step.decode_blocks = blocks_of(tables[:num_decodes], max(lengths))
             step.decode_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
-            step.decode_uniform = min(lengths) == max(lengths)
+            span = step.decode_blocks.shape[1] * bs
+            step.decode_uniform = min(lengths) == span  # every row fills every gathered key
         return step
 
     # -- masks (bool, True = may attend), cached per step ---------------------------------
     def decode_mask(self, window: int | None) -> torch.Tensor | None:
         """[Bd, 1, 1, L]: key j is visible to row b's query iff len-W <= j < len (None: all)."""
-        assert self.decode_rows is not None and self.decode_lengths is not None
+        assert self.decode_blocks is not None and self.decode_lengths is not None
         if window is None and self.decode_uniform:
             return None  # every row sees every key it gathered
         key = ("decode", window)
         if key not in self._masks:
             lengths = self.decode_lengths[:, None]
-            j = torch.arange(self.decode_rows.shape[1], device=lengths.device)[None, :]
+            span = self.decode_blocks.shape[1] * self.cache.block_size
+            j = torch.arange(span, device=lengths.device)[None, :]
             mask = j < lengths
             if window is not None:
                 mask &= j >= lengths - window
@@ -220,19 +222,21 @@ def packed_attention(
     out = query.new_empty(1, step.num_tokens, num_heads, head_dim)
 
     # Phase 1: decode rows (packed first), one batched SDPA over their gathered keys
-    if step.decode_rows is not None:
+    if step.decode_blocks is not None:
         nd = step.num_decodes
-        k, v = cache.gather(layer, step.decode_rows)  # [Bd, KVH, L, D]
+        k, v = cache.gather(layer, step.decode_blocks)  # [Bd, KVH, nb * block_size, D]
         q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
         out[0, :nd] = _decode_sdpa(q, k, v, mask=step.decode_mask(sliding_window), scale=scaling)
 
     # Phase 2: prefill chunks: a first chunk over its own keys, a later one over its prefix
     for i, chunk in enumerate(step.prefills):
         mask = step.prefill_mask(i, sliding_window)
-        if chunk.rows is None:
+        if chunk.blocks is None:
             k, v = key[:, :, chunk.begin : chunk.end], value[:, :, chunk.begin : chunk.end]
         else:
-            k, v = cache.gather(layer, chunk.rows)  # [1, KVH, start+T, D]
+            k, v = cache.gather(layer, chunk.blocks)  # [1, KVH, nb * block_size, D]
+            end_pos = chunk.start + chunk.end - chunk.begin
+            k, v = k[:, :, :end_pos], v[:, :, :end_pos]
         o = _sdpa(
             query[:, :, chunk.begin : chunk.end],
             k,

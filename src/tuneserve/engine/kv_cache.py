@@ -183,13 +183,19 @@ class KVCache:
         k.index_copy_(0, rows, key[0].transpose(0, 1).to(k.dtype))
         v.index_copy_(0, rows, value[0].transpose(0, 1).to(v.dtype))
 
-    def gather(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of cache `rows` ([B, L] long) as [B, KVH, L, D] views."""
-        b, length = rows.shape
-        flat = rows.reshape(-1)
-        k = self.keys[layer].index_select(0, flat).view(b, length, *self.keys[layer].shape[1:])
-        v = self.values[layer].index_select(0, flat).view(b, length, *self.values[layer].shape[1:])
-        return k.transpose(1, 2), v.transpose(1, 2)
+    def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of block tables `blocks` ([B, nb] long) as [B, KVH, nb*bs, D] views.
+
+        Whole blocks are copied (16 token rows at a time): 16x fewer indices than gathering
+        token rows."""
+        b, nb = blocks.shape
+        flat = blocks.reshape(-1)
+        out = []
+        for pool in (self.keys[layer], self.values[layer]):
+            by_block = pool.view(-1, self.block_size, *pool.shape[1:])  # [blocks, bs, KVH, D]
+            picked = by_block.index_select(0, flat).view(b, nb * self.block_size, *pool.shape[1:])
+            out.append(picked.transpose(1, 2))
+        return out[0], out[1]
 
     @property
     def nbytes(self) -> int:
