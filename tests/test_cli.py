@@ -85,6 +85,11 @@ def test_serve_demo_prints_urls_and_serves(real_demo: Any, demo_cache: Path) -> 
         pytest.param(
             ["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization", id="bad-gpu-share"
         ),
+        pytest.param(
+            ["--engine", "simple", "--kv-cache-memory", "1GiB"],
+            "--kv-cache-memory applies to the continuous engine only",
+            id="kv-budget-on-simple",
+        ),
     ],
 )
 def test_serve_bad_input_is_one_clear_line(args: list[str], expected: str) -> None:

@@ -178,9 +178,23 @@ def serve(
         settings = ServeSettings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
         raise SettingsError(_settings_message(exc)) from None
+    _refuse_what_the_engine_ignores(settings)
     configure_logging(settings.log_level)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     run_server(settings)
+
+
+def _refuse_what_the_engine_ignores(settings: ServeSettings) -> None:
+    """The simple engine has no KV budget nor prefill chunks: say so rather than ignore them."""
+    if settings.engine != "simple":
+        return
+    for field in ("kv_cache_memory", "gpu_memory_utilization", "prefill_chunk"):
+        if getattr(settings, field) is not None:
+            flag = "--" + field.replace("_", "-")
+            raise SettingsError(
+                f"{flag} applies to the continuous engine only; --engine simple has no KV cache "
+                "budget or prefill chunks (drop the flag or use --engine continuous)"
+            )
 
 
 def _settings_message(exc: ValidationError) -> str:
