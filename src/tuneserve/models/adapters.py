@@ -63,7 +63,9 @@ class BaseLayers:
     validation, without walking a model that the engine thread may be rewrapping at that moment.
     """
 
-    modules: dict[str, Any]  # full name -> the Linear / Conv1D / Embedding a LoRA can wrap
+    # full name -> (in, out) of each Linear / Conv1D / Embedding a LoRA can wrap (sizes only:
+    # holding the modules would keep weights alive that an engine replaces, e.g. when packing)
+    modules: dict[str, tuple[int, int]]
     names: frozenset[str]  # every submodule's full name
     class_name: str
     name_or_path: str
@@ -196,7 +198,7 @@ def _check_supported(name: str, file: Path, config: LoraAdapterConfig) -> None:
             raise AdapterError(name, f"{file}: {field} is {value}: {why}")
 
 
-def _adaptable_modules(model: Any) -> dict[str, Any]:
+def _adaptable_modules(model: Any) -> dict[str, tuple[int, int]]:
     """Layers a LoRA can wrap, by full name: every Linear (incl. quantized), Conv1D, Embedding.
 
     Also right when an engine has already injected PEFT layers into the model in place: such a
@@ -211,14 +213,14 @@ def _adaptable_modules(model: Any) -> dict[str, Any]:
         kinds = (*kinds, Conv1D)
     except ImportError:  # pragma: no cover - a transformers without it
         pass
-    found: dict[str, Any] = {}
+    found: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
         parts = name.split(".")
         if not name or "base_layer" in parts or any(p.startswith("lora_") for p in parts):
             continue
         layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         if isinstance(layer, kinds):
-            found[name] = layer
+            found[name] = _in_out(layer)
     return found
 
 
@@ -364,8 +366,8 @@ def _expected_shape(
         )
     module_name = match["module"] or match["emodule"]
     kind = match["kind"] or match["ekind"]
-    module = base.modules.get(module_name)
-    if module is None:
+    sizes = base.modules.get(module_name)
+    if sizes is None:
         exists = module_name in base.names
         what = "is not a Linear or Embedding layer" if exists else "does not exist"
         raise AdapterError(
@@ -375,7 +377,7 @@ def _expected_shape(
             f"{trained_on}",
         )
     rank = _pattern_value(config.rank_pattern, module_name, config.r)
-    n_in, n_out = _in_out(module)
+    n_in, n_out = sizes
     is_a = kind.endswith("A")
     shape = (rank, n_in) if is_a else (n_out, rank)
     return _Expected(shape, f"{module_name} ({n_in} -> {n_out})", rank, is_a)
