@@ -39,6 +39,25 @@ def track_running(engine: ContinuousBatchingEngine) -> list[int]:
     return seen
 
 
+def generate_all(
+    engine: ContinuousBatchingEngine,
+    prompts: list[list[int]],
+    adapters: list[str | None],
+    max_tokens: int,
+    timeout: float = 60.0,
+) -> list[list[Any]]:
+    """Submit every prompt at once (greedy, EOS ignored); the deltas of each."""
+
+    async def body() -> list[list[Any]]:
+        streams = [
+            engine.submit(request(p, a, request_id=f"r{i}", max_tokens=max_tokens, ignore_eos=True))
+            for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+        ]
+        return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+    return run(body, timeout=timeout)
+
+
 def test_a_budget_below_one_max_length_sequence_is_refused_naming_the_flag(
     tiny_llama: TinyFamily,
 ) -> None:
@@ -62,14 +81,7 @@ def test_short_sequences_share_a_budget_that_holds_one_long_one(
     seen = track_running(engine)
     prompts = [prompt(10 + i, seed=400 + i) for i in range(6)]
 
-    async def body() -> list[list[Any]]:
-        streams = [
-            engine.submit(request(p, None, request_id=f"s{i}", max_tokens=8, ignore_eos=True))
-            for i, p in enumerate(prompts)
-        ]
-        return list(await asyncio.gather(*(collect(s) for s in streams)))
-
-    results = run(body)
+    results = generate_all(engine, prompts, [None] * len(prompts), max_tokens=8)
     assert max(seen) == 6  # all six ran together, two blocks each
     for ids, deltas in zip(prompts, results, strict=True):
         assert token_ids(deltas) == generate_alone(reference_model(tiny_llama, None), ids, 8)
@@ -88,14 +100,7 @@ def test_a_full_budget_preempts_the_newest_and_every_answer_is_unchanged(
     prompts = [prompt(60, seed=500 + i) for i in range(4)]
     adapters = [None, "alpha", "beta", None]
 
-    async def body() -> list[list[Any]]:
-        streams = [
-            engine.submit(request(p, a, request_id=f"p{i}", max_tokens=90, ignore_eos=True))
-            for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
-        ]
-        return list(await asyncio.gather(*(collect(s) for s in streams)))
-
-    results = run(body, timeout=120)
+    results = generate_all(engine, prompts, adapters, max_tokens=90, timeout=120)
     assert max(seen) == 4 and engine.scheduler.num_preemptions >= 1
     for ids, adapter, deltas in zip(prompts, adapters, results, strict=True):
         assert len(token_ids(deltas)) == 90

@@ -79,24 +79,19 @@ class PackedStep:
             num_decodes += 1
         if any(row.num_tokens == 1 for row in rows[num_decodes:]):
             raise ValueError("decode rows (one token) must come before prefill chunks")
+        # index arithmetic on the host, then one copy each to the device (no device syncs)
         widest = max(len(row.blocks) for row in rows)
         # [R, widest] block tables, padded with the zero block
-        tables = torch.tensor(
-            [[*row.blocks, *[0] * (widest - len(row.blocks))] for row in rows],
-            dtype=torch.long,
-            device=device,
-        )
-        counts = [row.num_tokens for row in rows]
-        positions = torch.cat([torch.arange(r.start, r.start + r.num_tokens) for r in rows]).to(
-            device
-        )
+        tables = torch.tensor([[*row.blocks, *[0] * (widest - len(row.blocks))] for row in rows])
+        positions = torch.cat([torch.arange(r.start, r.start + r.num_tokens) for r in rows])
         row_of_token = torch.repeat_interleave(
-            torch.arange(len(rows), device=device), torch.tensor(counts, device=device)
+            torch.arange(len(rows)), torch.tensor([row.num_tokens for row in rows])
         )
         write_rows = tables[row_of_token, positions // bs] * bs + positions % bs
 
         def blocks_of(table: torch.Tensor, length: int) -> torch.Tensor:
-            return table[..., : -(-length // bs)]  # past a row's end: zero or masked rows
+            # past a row's end: the zero block, or rows the mask hides
+            return table[..., : cache.blocks_for(length)].to(device)
 
         prefills: list[_Prefill] = []
         begin = num_decodes
@@ -108,8 +103,8 @@ class PackedStep:
             begin += row.num_tokens
         step = cls(
             cache=cache,
-            write_rows=write_rows,
-            positions=positions,
+            write_rows=write_rows.to(device),
+            positions=positions.to(device),
             num_tokens=int(positions.shape[0]),
             num_decodes=num_decodes,
             decode_blocks=None,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -230,7 +229,10 @@ class ContinuousBatchingEngine(ThreadedEngine):
         logger.info("engine started (continuous batching, up to %d sequences)", self.max_num_seqs)
         with torch.inference_mode():
             if self._pack:
-                self._call_safely(lambda: pack_linears(self.model))
+                try:
+                    pack_linears(self.model)
+                except Exception:  # the plain layers compute the same thing, only slower
+                    logger.exception("packing the Linears for this CPU failed; serving unpacked")
             while True:
                 with self._cond:
                     while not (
@@ -263,13 +265,6 @@ class ContinuousBatchingEngine(ThreadedEngine):
                         logger.exception("engine step failed")
                         self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
         logger.info("engine stopped")
-
-    @staticmethod
-    def _call_safely(prepare: Callable[[], object]) -> None:
-        try:
-            prepare()
-        except Exception:  # the plain layers still compute the same thing, only slower
-            logger.exception("preparing the model for this CPU failed; serving it unchanged")
 
     def _admit(self, request: GenerationRequest, stream: QueueRequestStream) -> None:
         """Turn a submission into a waiting Sequence, or end it at once."""

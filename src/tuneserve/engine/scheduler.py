@@ -63,7 +63,6 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)  # its KV block table
     prefill_len: int = 0  # tokens to feed before decoding: the prompt, or all after preemption
     lora_slot: int = -1  # -1 = the bare base model
-    running: bool = False
     finished: bool = False
     preemptions: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # the engine's per-request state
@@ -80,6 +79,11 @@ class Sequence:
     def num_pending(self) -> int:
         """Tokens not yet fed through the model (1 while decoding)."""
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def running(self) -> bool:
+        """Admitted and holding KV blocks (every admission takes at least one)."""
+        return bool(self.blocks)
 
     @property
     def is_decoding(self) -> bool:
@@ -169,7 +173,7 @@ class Scheduler:
                 seq.lora_slot = slot
             blocks = self.kv_blocks.allocate(need)
             assert blocks is not None
-            seq.blocks, seq.running = blocks, True
+            seq.blocks = blocks
             seq.prefill_len = len(seq.token_ids)
             self.running.append(seq)
             admitted.append(seq)
@@ -214,7 +218,6 @@ class Scheduler:
         return failures
 
     def _release(self, seq: Sequence) -> None:
-        seq.running = False
         if seq.blocks:
             self.kv_blocks.free(seq.blocks)
             seq.blocks = []
