@@ -91,6 +91,7 @@ from benchmarks.model import (
     prompt_ids,
 )
 from benchmarks.model import _build_base as build_base
+from benchmarks.results import _git
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1
@@ -271,15 +272,6 @@ def _nvidia_smi() -> str | None:
     return done.stdout.strip() or None
 
 
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None
-
-
 def _machine() -> dict[str, Any]:
     """What the parent knows without importing torch (the worker adds torch's view)."""
     return {
@@ -287,7 +279,7 @@ def _machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "nvidia_smi": _nvidia_smi(),
-        "git_commit": _git_commit(),
+        "git": _git(),  # the commit and whether the tree was dirty
         "packages": _versions(["torch", "transformers", "peft", "pydantic", "safetensors",
                                "tokenizers", "huggingface_hub", "accelerate"]),
     }
