@@ -16,8 +16,9 @@ Each step on the engine thread:
 1. take new requests and cancellations from the event loop side;
 2. schedule: the chunks of this step;
 3. one forward with `logits_to_keep` = the last token of each row that completes;
-4. sample those rows (sampling.py), detokenize and cut stop strings (detokenize.py), push
-   deltas to each request's stream (stream.py); finished rows give back their slots at once.
+4. sample those rows (sampling.py); output.py turns each token into a delta (text, stop
+   strings, the finish decision) for the request's stream (stream.py); finished rows give
+   back their slots at once.
 
 An error in a step fails the requests of that step; the loop keeps serving the others.
 
@@ -43,7 +44,6 @@ from tuneserve.engine.attention import (
     install_packed_attention,
 )
 from tuneserve.engine.cpu_linear import can_pack, pack_linears
-from tuneserve.engine.detokenize import OutputText
 from tuneserve.engine.kv_cache import (
     GPU_MEMORY_UTILIZATION,
     KVCache,
@@ -52,9 +52,11 @@ from tuneserve.engine.kv_cache import (
     kv_cache_budget,
 )
 from tuneserve.engine.lora import LoRAManager, load_adapter_weights, read_layout
-from tuneserve.engine.sampling import SamplingState, sample
+from tuneserve.engine.output import RequestOutput, eos_token_ids, invalid_prompt
+from tuneserve.engine.sampling import sample
 from tuneserve.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from tuneserve.engine.stream import QueueRequestStream
+from tuneserve.engine.structured import GrammarCompiler
 from tuneserve.engine.threaded import ThreadedEngine
 from tuneserve.engine.types import (
     AdapterUsage,
@@ -77,18 +79,10 @@ class _Row:
 
     seq: Sequence
     stream: QueueRequestStream
-    sampling: SamplingState
-    text: OutputText
+    output: RequestOutput
 
-    def push_finish(self, reason: FinishReason, text: str = "") -> None:
-        self.stream.push(
-            StreamDelta(
-                text=text,
-                finish_reason=reason,
-                prompt_tokens=self.seq.prompt_len,
-                completion_tokens=self.seq.num_generated,
-            )
-        )
+    def push_finish(self, reason: FinishReason) -> None:
+        self.stream.push(self.output.finish(reason))
 
 
 class ContinuousBatchingEngine(ThreadedEngine):
@@ -120,14 +114,9 @@ class ContinuousBatchingEngine(ThreadedEngine):
         parameter = next(self.model.parameters())
         self.device = parameter.device
         self._vocab_size = int(self.model.get_input_embeddings().num_embeddings)
-        tokenizer = served.tokenizer
-        eos = served.eos_token_ids or (
-            (tokenizer.eos_token_id,)
-            if getattr(tokenizer, "eos_token_id", None) is not None
-            else ()
-        )
-        self._eos = tuple(int(i) for i in eos)
+        self._eos = eos_token_ids(served)
         self._eos_set = frozenset(self._eos)
+        self.grammars = GrammarCompiler(served.tokenizer, self._eos, self._vocab_size)
 
         # 1. the model: batched LoRA layers in place of targeted Linears (adapters are checked
         #    before the model is touched), then our attention. With no adapters the manager
@@ -273,41 +262,27 @@ class ContinuousBatchingEngine(ThreadedEngine):
         if request.request_id in self._rows:
             stream.fail(f"request id {request.request_id!r} is already in flight")
             return
-        problem = self._invalid_prompt(request)
+        problem = invalid_prompt(request, self._vocab_size, self.max_model_len)
         if problem is not None:
             stream.fail(problem)
             return
         prompt_len = len(request.prompt_ids)
         max_tokens = min(request.params.max_tokens, self.max_model_len - prompt_len)
         seq = Sequence(request=request, token_ids=list(request.prompt_ids), max_tokens=max_tokens)
-        row = _Row(
-            seq=seq,
-            stream=stream,
-            sampling=SamplingState.create(request.params, request.prompt_ids, self.device),
-            text=OutputText(self.served.tokenizer, request.prompt_ids, request.params.stop),
+        output = RequestOutput(
+            request,
+            self.served.tokenizer,
+            eos_token_ids=self._eos_set,
+            max_tokens=max_tokens,
+            device=self.device,
+            grammars=self.grammars,
         )
+        row = _Row(seq=seq, stream=stream, output=output)
         if request.params.max_tokens < 1:
             row.push_finish("length")
             return
         self._rows[request.request_id] = row
         self.scheduler.add(seq)
-
-    def _invalid_prompt(self, request: GenerationRequest) -> str | None:
-        if not request.prompt_ids:
-            return f"request {request.request_id}: the prompt is empty"
-        if len(request.prompt_ids) >= self.max_model_len:
-            return (
-                f"request {request.request_id}: the prompt has {len(request.prompt_ids)} tokens; "
-                f"this engine's max_model_len is {self.max_model_len} "
-                "(the prompt plus at least one generated token)"
-            )
-        bad = [i for i in request.prompt_ids if not 0 <= i < self._vocab_size]
-        if bad:
-            return (
-                f"request {request.request_id}: prompt token id {bad[0]} is outside the "
-                f"vocabulary (0..{self._vocab_size - 1})"
-            )
-        return None
 
     def _cancel(self, request_id: str) -> None:
         row = self._rows.pop(request_id, None)
@@ -349,9 +324,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         try:
             logits = self._forward(chunks, completing)  # [K, V]
             rows = [self._rows[c.seq.request.request_id] for c in completing]
-            tokens = (
-                sample(logits, [row.sampling for row in rows], self._eos).tolist() if rows else []
-            )
+            sampled = sample(logits, [row.output.sampling for row in rows], self._eos)
         except Exception as exc:
             logger.exception("a step of %d sequence(s) failed", len(chunks))
             for chunk in chunks:
@@ -365,8 +338,12 @@ class ContinuousBatchingEngine(ThreadedEngine):
         self.steps += 1
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
-        for row, token in zip(rows, tokens, strict=True):
-            self._emit(row, token)
+        for row, token, logprob in zip(rows, sampled.tokens, sampled.logprobs, strict=True):
+            row.seq.token_ids.append(token)
+            delta = row.output.add(token, logprob)
+            row.stream.push(delta)
+            if delta.finish_reason is not None:
+                self._end(row)
 
     def _forward(
         self, chunks: list[ScheduledChunk], completing: list[ScheduledChunk]
@@ -397,35 +374,3 @@ class ContinuousBatchingEngine(ThreadedEngine):
         )
         logits: torch.Tensor = out.logits[0]  # [K, V]
         return logits if keep else logits[:0]
-
-    def _emit(self, row: _Row, token: int) -> None:
-        """Account one generated token, push its delta; end the row when it is done."""
-        seq = row.seq
-        params = seq.request.params
-        seq.token_ids.append(token)
-        row.sampling.record(token)
-        generated = seq.num_generated
-        reached_min = generated >= params.min_tokens
-        text, stopped = row.text.add(token, stop_active=reached_min)
-        finish: FinishReason | None = None
-        if stopped:
-            finish = "stop"
-        elif token in self._eos_set and not params.ignore_eos and reached_min:
-            finish = "stop"
-        elif generated >= seq.max_tokens:
-            finish = "length"
-        if finish is not None and not stopped:
-            tail, stopped = row.text.finish()
-            text += tail
-            finish = "stop" if stopped else finish
-        row.stream.push(
-            StreamDelta(
-                text=text,
-                token_ids=[token],
-                finish_reason=finish,
-                prompt_tokens=seq.prompt_len,
-                completion_tokens=generated,
-            )
-        )
-        if finish is not None:
-            self._end(row)

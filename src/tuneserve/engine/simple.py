@@ -38,9 +38,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import DynamicCache
 
-from tuneserve.engine.detokenize import OutputText
-from tuneserve.engine.sampling import SamplingState, sample
+from tuneserve.engine.output import RequestOutput, eos_token_ids, invalid_prompt
+from tuneserve.engine.sampling import sample
 from tuneserve.engine.stream import QueueRequestStream
+from tuneserve.engine.structured import ConstraintError, GrammarCompiler
 from tuneserve.engine.threaded import ThreadedEngine
 from tuneserve.engine.types import (
     AdapterUsage,
@@ -48,6 +49,7 @@ from tuneserve.engine.types import (
     FinishReason,
     GenerationRequest,
     StreamDelta,
+    TokenLogprob,
 )
 from tuneserve.errors import AdapterError
 from tuneserve.models.adapters import BaseLayers, validate_adapter
@@ -146,14 +148,10 @@ class _Pending:
     stream: QueueRequestStream
     finished: bool = False
 
-    def finish(self, reason: FinishReason, completion_tokens: int = 0, text: str = "") -> None:
+    def finish(self, reason: FinishReason) -> None:
+        """End a request that never generated (cancelled, or max_tokens 0)."""
         self.stream.push(
-            StreamDelta(
-                text=text,
-                finish_reason=reason,
-                prompt_tokens=len(self.request.prompt_ids),
-                completion_tokens=completion_tokens,
-            )
+            StreamDelta(text="", finish_reason=reason, prompt_tokens=len(self.request.prompt_ids))
         )
         self.finished = True
 
@@ -163,40 +161,15 @@ class _Row:
     """One request inside a running batch."""
 
     pending: _Pending
-    sampling: SamplingState
-    text: OutputText
+    output: RequestOutput
     adapter: str  # the PEFT name of the version it started with, or BASE_ADAPTER
-    completion_tokens: int = 0
 
-    def step(self, token_id: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
-        """Account one generated token, send its delta; return why the row ended, if it did."""
-        params = self.pending.request.params
-        self.sampling.record(token_id)
-        self.completion_tokens += 1
-        reached_min = self.completion_tokens >= params.min_tokens
-        text, stopped = self.text.add(token_id, stop_active=reached_min)
-        finish: FinishReason | None = None
-        if stopped:
-            finish = "stop"
-        elif token_id in eos_token_ids and not params.ignore_eos and reached_min:
-            finish = "stop"
-        elif self.completion_tokens >= params.max_tokens:
-            finish = "length"
-        if finish is not None and not stopped:
-            tail, stopped = self.text.finish()
-            text += tail
-            finish = "stop" if stopped else finish
-        self.pending.stream.push(
-            StreamDelta(
-                text=text,
-                token_ids=[token_id],
-                finish_reason=finish,
-                prompt_tokens=len(self.pending.request.prompt_ids),
-                completion_tokens=self.completion_tokens,
-            )
-        )
-        self.pending.finished = finish is not None
-        return finish
+    def step(self, token_id: int, logprob: TokenLogprob | None) -> bool:
+        """Account one generated token, send its delta; True when the row has ended."""
+        delta = self.output.add(token_id, logprob)
+        self.pending.stream.push(delta)
+        self.pending.finished = delta.finish_reason is not None
+        return self.pending.finished
 
 
 class PeftBatchEngine(ThreadedEngine):
@@ -210,8 +183,8 @@ class PeftBatchEngine(ThreadedEngine):
         self._device = torch.device(served.device)
         self._vocab_size = int(served.model.get_input_embeddings().num_embeddings)
         tokenizer = served.tokenizer
-        fallback_eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        self._eos = frozenset(served.eos_token_ids or fallback_eos)
+        self._eos = eos_token_ids(served)
+        self.grammars = GrammarCompiler(tokenizer, self._eos, self._vocab_size)
         self._pad_id = next(
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
         )
@@ -380,18 +353,6 @@ class PeftBatchEngine(ThreadedEngine):
                 self._reap()
         logger.info("engine stopped")
 
-    def _invalid_prompt(self, request: GenerationRequest) -> str | None:
-        """Why this prompt cannot run (failing it alone keeps the rest of the batch)."""
-        if not request.prompt_ids:
-            return f"request {request.request_id}: the prompt is empty"
-        bad = [i for i in request.prompt_ids if not 0 <= i < self._vocab_size]
-        if bad:
-            return (
-                f"request {request.request_id}: prompt token id {bad[0]} is outside the "
-                f"vocabulary (0..{self._vocab_size - 1})"
-            )
-        return None
-
     def _admit(self, batch: list[_Pending]) -> list[_Row]:
         """Rows for the requests that can run; the others are finished here."""
         rows: list[_Row] = []
@@ -402,7 +363,7 @@ class PeftBatchEngine(ThreadedEngine):
             )
             if pending.stream.cancelled:
                 pending.finish("cancelled")
-            elif (problem := self._invalid_prompt(request)) is not None:
+            elif (problem := invalid_prompt(request, self._vocab_size)) is not None:
                 pending.stream.fail(problem)
                 pending.finished = True
             elif version is None:
@@ -411,9 +372,20 @@ class PeftBatchEngine(ThreadedEngine):
             elif request.params.max_tokens < 1:
                 pending.finish("length")
             else:
-                sampling = SamplingState.create(request.params, request.prompt_ids, self._device)
-                text = OutputText(self.served.tokenizer, request.prompt_ids, request.params.stop)
-                rows.append(_Row(pending, sampling, text, version))
+                try:
+                    output = RequestOutput(
+                        request,
+                        self.served.tokenizer,
+                        eos_token_ids=frozenset(self._eos),
+                        max_tokens=request.params.max_tokens,
+                        device=self._device,
+                        grammars=self.grammars,
+                    )
+                except ConstraintError as exc:
+                    pending.stream.fail(f"request {request.request_id}: {exc}")
+                    pending.finished = True
+                    continue
+                rows.append(_Row(pending, output, version))
                 if request.adapter is not None:
                     self._last_used[request.adapter] = time.time()
         self._in_use = collections.Counter(row.adapter for row in rows)
@@ -441,15 +413,19 @@ class PeftBatchEngine(ThreadedEngine):
 
         # 2. decode: sample, emit, drop finished rows, one forward for the rest
         while True:
-            tokens = sample(logits, [row.sampling for row in rows], tuple(self._eos))  # [B]
+            sampled = sample(logits, [row.output.sampling for row in rows], self._eos)
             keep = []
-            for i, (row, token_id) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-                if row.step(token_id, self._eos) is not None:
+            for i, (row, token_id, logprob) in enumerate(
+                zip(rows, sampled.tokens, sampled.logprobs, strict=True)
+            ):
+                if row.step(token_id, logprob):
                     continue
                 if row.pending.stream.cancelled or self._stopping:
-                    row.pending.finish("cancelled", row.completion_tokens)
+                    row.pending.stream.push(row.output.finish("cancelled"))
+                    row.pending.finished = True
                     continue
                 keep.append(i)
+            tokens = torch.tensor(sampled.tokens, device=self._device)  # [B]
             if not keep:
                 return
             if len(keep) < len(rows):

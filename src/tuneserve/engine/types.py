@@ -10,6 +10,19 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]
 AdapterState = Literal["hot", "cpu", "disk"]
+ConstraintKind = Literal["json_schema", "regex", "choice", "lark"]
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """What the output must match, enforced token by token (engine/structured.py).
+
+    `spec` is the JSON schema's text (json_schema), a regular expression (regex), a JSON list
+    of strings (choice) or a Lark grammar in llguidance's dialect (lark).
+    """
+
+    kind: ConstraintKind
+    spec: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +42,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    # OpenAI's: subtracted per occurrence / once from the logits of generated tokens
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the k most likely
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +60,15 @@ class GenerationRequest:
     adapter: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability and the `top` alternatives (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class StreamDelta:
     """What one request produced since its previous delta.
@@ -49,11 +77,13 @@ class StreamDelta:
     a partial stop match or an incomplete UTF-8 sequence is held back).
     `completion_tokens` is cumulative, counted exactly (tokens actually generated,
     including a token that completed a stop string). The last delta of a request has
-    `finish_reason` set; no delta follows it.
+    `finish_reason` set; no delta follows it. `logprobs` has one entry per token of
+    `token_ids` when the request asked for them.
     """
 
     text: str
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
