@@ -91,12 +91,78 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
             ["9"],
             id="min-over-max",
         ),
-        pytest.param({"logprobs": True}, "logprobs", ["not supported"], id="logprobs"),
+        pytest.param({"n": 17}, "n", ["17", "less than or equal to 16"], id="n-over-limit"),
         pytest.param(
-            {"frequency_penalty": 0.5},
-            "frequency_penalty",
-            ["repetition_penalty"],
-            id="frequency-penalty",
+            {"logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+            ["21", "less than or equal to 20"],
+            id="top-logprobs-over-limit",
+        ),
+        pytest.param({"top_logprobs": 2}, "top_logprobs", ["logprobs"], id="top-without-logprobs"),
+        pytest.param(
+            {"frequency_penalty": 2.5}, "frequency_penalty", ["2.5"], id="frequency-penalty"
+        ),
+        pytest.param({"logit_bias": {"abc": 1}}, "logit_bias", ["token ids"], id="bias-key"),
+        pytest.param({"logit_bias": {"5": 101}}, "logit_bias", ["-100 to 100"], id="bias-value"),
+        pytest.param(
+            {"logit_bias": {"999999": 1}}, "logit_bias", ["999999", "out of range"], id="bias-id"
+        ),
+        pytest.param({"store": True}, "store", ["does not store"], id="store"),
+        pytest.param({"audio": {"voice": "alloy", "format": "wav"}}, "audio", ["text"], id="audio"),
+        pytest.param({"modalities": ["text", "audio"]}, "modalities", ["text"], id="modalities"),
+        pytest.param({"reasoning_effort": "high"}, "reasoning_effort", ["not"], id="reasoning"),
+        pytest.param({"service_tier": "flex"}, "service_tier", ["'auto'"], id="service-tier"),
+        pytest.param({"metadata": {"a": "b"}}, "metadata", ["stored"], id="metadata"),
+        pytest.param(
+            {"prediction": {"type": "content", "content": "x"}},
+            "prediction",
+            ["not supported"],
+            id="prediction",
+        ),
+        pytest.param(
+            {"functions": [{"name": "f", "parameters": {}}]}, "functions", ["tools"], id="functions"
+        ),
+        pytest.param(
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {"type": "string", "format": "no-such-format"},
+                    },
+                }
+            },
+            "response_format",
+            ["cannot be enforced", "no-such-format"],
+            id="schema-feature",
+        ),
+        pytest.param(
+            {"response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+            ["required"],
+            id="schema-missing",
+        ),
+        pytest.param(
+            {"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a+"}},
+            "response_format",
+            ["one output constraint"],
+            id="two-constraints",
+        ),
+        pytest.param({"tool_choice": "required"}, "tool_choice", ["needs tools"], id="no-tools"),
+        pytest.param(
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+            ["'g'", "f"],
+            id="unknown-tool",
+        ),
+        pytest.param(
+            {"messages": [{"role": "tool", "content": "42"}]},
+            "messages[0].tool_call_id",
+            ["names the call"],
+            id="tool-without-call-id",
         ),
     ],
 )
@@ -174,17 +240,6 @@ def test_json_without_content_type_is_explained(http: httpx.Client, base_id: str
     assert "Content-Type: application/json" in error["message"]
 
 
-def test_unknown_extra_fields_are_ignored(client: openai.OpenAI, base_id: str) -> None:
-    result = chat(
-        client,
-        base_id,
-        temperature=0,
-        max_tokens=2,
-        extra_body={"no_such_field": 1, "response_format": {"type": "text"}},
-    )
-    assert result.choices[0].finish_reason == "length"
-
-
 def test_unknown_model_is_404(client: openai.OpenAI, base_id: str) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         chat(client, "no-such-adapter")
@@ -227,6 +282,9 @@ def test_prompt_longer_than_the_context(client: openai.OpenAI, base_id: str) -> 
         pytest.param({"prompt": [10**9]}, "prompt", id="token-out-of-vocab"),
         pytest.param({"prompt": "hi", "suffix": "x"}, "suffix", id="suffix"),
         pytest.param({"prompt": "hi", "best_of": 3}, "best_of", id="best-of"),
+        pytest.param({"prompt": "hi", "best_of": 17, "n": 17}, "n", id="n-over-limit"),
+        pytest.param({"prompt": "hi", "logprobs": 6}, "logprobs", id="logprobs-over-5"),
+        pytest.param({"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs", id="echo-logprobs"),
         pytest.param({"prompt": "hi", "n": -1}, "n", id="n-negative"),
         pytest.param({"prompt": 3.5}, "prompt", id="prompt-a-float"),
     ],
@@ -237,6 +295,50 @@ def test_bad_completion_requests(
     response = http.post("/v1/completions", json={"model": base_id, **body})
     error = assert_openai_error(response, 400, param)
     assert f"'{param}'" in error["message"], error["message"]
+
+
+@pytest.mark.parametrize(
+    "route,body,param",
+    [
+        pytest.param("/v1/chat/completions", {"messages": HELLO, "temprature": 0}, "temprature"),
+        pytest.param("/v1/chat/completions", {"messages": HELLO, "Top-P": 1}, "Top-P"),
+        pytest.param(
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi", "mood": "good"}]},
+            "messages[0].mood",
+        ),
+        pytest.param(
+            "/v1/chat/completions",
+            {"messages": HELLO, "response_format": {"type": "json_object", "schema": {}}},
+            "response_format.schema",
+        ),
+        pytest.param("/v1/completions", {"prompt": "hi", "chat_template": "x"}, "chat_template"),
+    ],
+)
+def test_unknown_fields_are_refused_as_openai_does(
+    http: httpx.Client, base_id: str, route: str, body: dict[str, Any], param: str
+) -> None:
+    response = http.post(route, json={"model": base_id, **body})
+    error = assert_openai_error(response, 400, param)
+    assert f"Unrecognized request argument supplied: {param}" in error["message"]
+
+
+def test_documented_fields_that_ask_for_nothing_are_accepted(
+    client: openai.OpenAI, base_id: str
+) -> None:
+    answer = chat(
+        client,
+        base_id,
+        max_tokens=2,
+        store=False,
+        service_tier="auto",
+        modalities=["text"],
+        user="someone",
+        safety_identifier="someone",
+        stream_options=None,
+        extra_body={"guided_choice": ["yes", "no"]},
+    )
+    assert answer.choices[0].message.content in ("yes", "no")
 
 
 def test_unknown_routes_and_methods(http: httpx.Client) -> None:

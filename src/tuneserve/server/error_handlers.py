@@ -118,10 +118,11 @@ def _param_of(err: dict[str, Any]) -> str | None:
     if err.get("type") == "json_invalid":
         return None
     path = ""
-    for item in loc:
+    for position, item in enumerate(loc):
+        unknown_key = err.get("type") == "extra_forbidden" and position == len(loc) - 1
         if isinstance(item, int):
             path += f"[{item}]"
-        elif _FIELD_NAME.match(item) and item not in _TYPE_TAGS:
+        elif unknown_key or (_FIELD_NAME.match(item) and item not in _TYPE_TAGS):
             path += f".{item}" if path else item
     extra = (err.get("ctx") or {}).get("param")  # protocol.field_error: a cross-field rule
     if extra:
@@ -145,6 +146,8 @@ def _describe(param: str | None, errs: list[dict[str, Any]]) -> str:
         return f"The request body must be a JSON object: {first.get('msg')}." + hint
     if kind == "missing":
         return f"Missing required field '{param}'."
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}."  # OpenAI's words
     reasons = list(dict.fromkeys(_clean(e.get("msg", "")) for e in errs))
     if len(reasons) > 1 and all(r.startswith("Input should be ") for r in reasons):
         reasons = [reasons[0], *(r.removeprefix("Input should be ") for r in reasons[1:])]

@@ -19,6 +19,7 @@ from tuneserve.engine.types import GenerationRequest, SamplingParams, StreamDelt
 from tuneserve.models.types import ServedModel
 from tuneserve.server.errors import InvalidRequestError, ModelNotFoundError
 from tuneserve.server.lifecycle import Lifecycle, draining_error
+from tuneserve.server.logprobs import TokenTexts
 
 
 class GenerationObserver(Protocol):
@@ -65,6 +66,7 @@ class GenerationService:
         self.observer = observer
         self.finder = finder
         self.lifecycle = lifecycle or Lifecycle()
+        self.token_texts = TokenTexts(served.tokenizer)
 
     # -- names ---------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
@@ -91,15 +93,18 @@ class GenerationService:
         raise ModelNotFoundError(model, self.model_ids(), hint=self.finder.where_looked(model))
 
     # -- prompts -------------------------------------------------------------------------
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Token ids of the whole conversation through the tokenizer's chat template."""
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of the whole conversation through the tokenizer's chat template (with
+        `tools` for a template that renders them)."""
         if not messages:
             raise InvalidRequestError(
                 "'messages' must hold at least one message.", param="messages"
             )
         try:
             text = self.served.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True
+                list(messages), tools=tools, tokenize=False, add_generation_prompt=True
             )
         except TemplateError as exc:
             # Templates reject conversations they cannot render ("roles must alternate
@@ -124,6 +129,15 @@ class GenerationService:
                 param=param,
             )
         return ids
+
+    def check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.vocab_size()
+        bad = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"Token id {bad} in 'logit_bias' is out of range: ids must be in [0, {vocab}).",
+                param="logit_bias",
+            )
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.served.tokenizer.decode(list(token_ids)))

@@ -2,13 +2,15 @@
 
 Request fields follow OpenAI's API reference in its order
 (https://platform.openai.com/docs/api-reference/chat/create); our extensions, the same as
-vLLM's, are grouped below them. Unknown fields are ignored, as vLLM does, so SDK extras and
-fields of newer API versions never break a request. `to_sampling_params()` is the only way
-out to the engine: it never sees pydantic.
+vLLM's, are grouped below them. Every field is honoured or refused by name: an unknown field
+gets OpenAI's own 400 ("Unrecognized request argument supplied"), and a documented field this
+server does not implement (`NOT_IMPLEMENTED`) is accepted only at a value that asks for
+nothing. `to_sampling_params()` is the only way out to the engine: it never sees pydantic.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -17,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
@@ -24,7 +27,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from tuneserve.engine.types import SamplingParams
+from tuneserve.engine.structured import ConstraintError, check_constraint
+from tuneserve.engine.types import Constraint, SamplingParams
+
+# choices per request (n, best_of): each one is a full generation; OpenAI allows 128
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit)
+MAX_COMPLETION_LOGPROBS = 5  # completions (OpenAI's limit)
 
 
 def random_id(prefix: str) -> str:
@@ -38,6 +47,49 @@ def field_error(param: str, message: str) -> PydanticCustomError:
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class RequestModel(OpenAIBaseModel):
+    """A request body or a part of one: a field we do not know is refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# Documented OpenAI fields this server does not implement: (values that ask for nothing, why).
+# Sent with one of those values they are dropped; with anything else refused by name.
+NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "audio": ((None,), "audio output is not supported: this server generates text"),
+    "modalities": ((None, ["text"]), 'only ["text"] is supported'),
+    "functions": ((None,), "deprecated by OpenAI and not supported: send 'tools'"),
+    "function_call": ((None,), "deprecated by OpenAI and not supported: send 'tool_choice'"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "reasoning_effort": ((None,), "not supported: the served model has no reasoning setting"),
+    "verbosity": ((None,), "not supported: the served model has no verbosity setting"),
+    "web_search_options": ((None,), "web search is not available on this server"),
+    "moderation": ((None,), "moderation is not available on this server"),
+    "store": ((None, False), "this server does not store completions"),
+    "metadata": ((None,), "metadata goes with stored completions, which this server does not keep"),
+    "service_tier": ((None, "auto", "default"), "this server has one tier: 'auto' or 'default'"),
+    "prompt_cache_key": ((None,), "prompt caching is not available on this server"),
+    "prompt_cache_options": ((None,), "prompt caching is not available on this server"),
+    "prompt_cache_retention": ((None,), "prompt caching is not available on this server"),
+    "suffix": ((None, ""), "inserting text before a suffix is not supported"),
+}
+
+
+def refuse_not_implemented(data: Any, names: tuple[str, ...]) -> Any:
+    """Drop the `names` of NOT_IMPLEMENTED that ask for nothing; refuse the others by name."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for name in names:
+        if name not in data:
+            continue
+        neutral, why = NOT_IMPLEMENTED[name]
+        if data[name] not in neutral:
+            raise field_error(name, why)
+        del data[name]
+    return data
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -71,22 +123,55 @@ class ModelList(OpenAIBaseModel):
 
 
 # -- shared request pieces ---------------------------------------------------------------
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(
+        None, description="Accepted for compatibility: chunks carry no obfuscation padding."
+    )
 
 
-class SamplingFields(OpenAIBaseModel):
+class JsonSchemaFormat(RequestModel):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = Field(
+        None, description="Output always conforms to the schema (constrained decoding)."
+    )
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise field_error("json_schema", "is required when type is 'json_schema'")
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return Constraint("json_schema", '{"type": "object"}')
+        if self.type == "json_schema" and self.json_schema is not None:
+            return Constraint("json_schema", json.dumps(self.json_schema.schema_ or {}))
+        return None
+
+
+class SamplingFields(RequestModel):
     """Fields both endpoints share, and their translation to the engine's SamplingParams."""
 
     frequency_penalty: float | None = Field(
-        None,
-        description="Accepted for compatibility; only 0 is supported (use repetition_penalty).",
+        None, ge=-2.0, le=2.0, description="Lowers a token's logit per time it was generated."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias from -100 to 100 added to its logit."
     )
     presence_penalty: float | None = Field(
-        None,
-        description="Accepted for compatibility; only 0 is supported (use repetition_penalty).",
+        None, ge=-2.0, le=2.0, description="Lowers a token's logit once it was generated."
     )
-    n: int = Field(1, ge=1, description="How many choices to generate for each prompt.")
+    n: int = Field(
+        1, ge=1, le=MAX_CHOICES, description="How many choices to generate for each prompt."
+    )
     seed: int | None = Field(
         None, description="Makes sampling reproducible; choice i of n uses seed + i."
     )
@@ -97,7 +182,10 @@ class SamplingFields(OpenAIBaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling; default 1.")
-    user: str | None = None
+    user: str | None = Field(None, description="An end-user id; no effect on the output.")
+    safety_identifier: str | None = Field(
+        None, description="An end-user id; no effect on the output."
+    )
 
     # -- extensions (vLLM's names) --
     top_k: int | None = Field(
@@ -108,15 +196,65 @@ class SamplingFields(OpenAIBaseModel):
     )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
     min_tokens: int = Field(0, ge=0, description="Generate at least this many tokens before EOS.")
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="vLLM's: the output follows this JSON schema."
+    )
+    guided_regex: str | None = Field(None, description="vLLM's: the output matches this regex.")
+    guided_choice: list[str] | None = Field(
+        None, min_length=1, description="vLLM's: the output is one of these strings."
+    )
 
-    @field_validator("frequency_penalty", "presence_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _penalty_unsupported(cls, value: float | None) -> float | None:
-        if value not in (None, 0, 0.0):
-            raise ValueError(
-                "only 0 is supported; use repetition_penalty (> 1 discourages repeats)"
-            )
+    def _bias_by_token_id(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids written as strings, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases go from -100 to 100, got {bias} for token {token}")
         return value
+
+    _constraint: Constraint | None = PrivateAttr(None)
+
+    def constraint(self) -> Constraint | None:
+        """What the output must match (response_format or a guided_* field)."""
+        return self._constraint
+
+    def _find_constraint(self) -> Constraint | None:
+        asked: list[tuple[str, Constraint]] = []
+        if self.guided_json is not None:
+            schema = self.guided_json
+            text = schema if isinstance(schema, str) else json.dumps(schema)
+            asked.append(("guided_json", Constraint("json_schema", text)))
+        if self.guided_regex is not None:
+            asked.append(("guided_regex", Constraint("regex", self.guided_regex)))
+        if self.guided_choice is not None:
+            asked.append(("guided_choice", Constraint("choice", json.dumps(self.guided_choice))))
+        response_format = getattr(self, "response_format", None)
+        if isinstance(response_format, ResponseFormat):
+            found = response_format.constraint()
+            if found is not None:
+                asked.append(("response_format", found))
+        if len(asked) > 1:
+            names = " and ".join(name for name, _ in asked)
+            raise field_error(asked[1][0], f"only one output constraint at a time: got {names}")
+        if not asked:
+            return None
+        name, constraint = asked[0]
+        try:
+            check_constraint(constraint)
+        except ConstraintError as exc:
+            raise field_error(name, f"cannot be enforced: {exc}") from None
+        return constraint
+
+    def logprob_count(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the k most likely."""
+        return None
+
+    @model_validator(mode="after")
+    def _constraint_enforceable(self) -> SamplingFields:
+        self._constraint = self._find_constraint()
+        return self
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -133,9 +271,13 @@ class SamplingFields(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def to_sampling_params(self, max_tokens: int) -> list[SamplingParams]:
-        """One SamplingParams per choice; a seeded request gives choice i the seed `seed + i`."""
+    def to_sampling_params(
+        self, max_tokens: int, constraint: Constraint | None = None
+    ) -> list[SamplingParams]:
+        """One SamplingParams per choice; a seeded request gives choice i the seed `seed + i`.
+        `constraint` (tool calls) stands in for the request's own."""
         top_k = self.top_k if self.top_k is not None and self.top_k > 0 else 0
+        bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
         return [
             SamplingParams(
                 max_tokens=max_tokens,
@@ -147,6 +289,11 @@ class SamplingFields(OpenAIBaseModel):
                 stop=self.stop_strings(),
                 ignore_eos=self.ignore_eos,
                 min_tokens=min(self.min_tokens, max_tokens),
+                frequency_penalty=self.frequency_penalty or 0.0,
+                presence_penalty=self.presence_penalty or 0.0,
+                logit_bias=bias,
+                logprobs=self.logprob_count(),
+                constraint=constraint or self.constraint(),
             )
             for i in range(self.n)
         ]
@@ -166,28 +313,68 @@ class UsageInfo(OpenAIBaseModel):
         )
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class TopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(OpenAIBaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(OpenAIBaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] | None = None
 
 
 # -- /v1/chat/completions ----------------------------------------------------------------
-class TextContentPart(OpenAIBaseModel):
+class TextContentPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
-class ChatMessage(OpenAIBaseModel):
+class FunctionCall(RequestModel):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON object's text.")
+
+
+class ToolCall(RequestModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(RequestModel):
     role: Role
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
+    refusal: str | None = Field(None, description="Accepted in history (assistant turns).")
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         # Only an assistant turn may omit content (OpenAI allows it next to tool calls).
         if self.content is None and self.role != "assistant":
             raise field_error("content", f"a {self.role!r} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise field_error("tool_calls", "only an assistant message carries tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise field_error("tool_call_id", "a 'tool' message names the call it answers")
         return self
 
     def text(self) -> str:
@@ -202,32 +389,133 @@ class ChatMessage(OpenAIBaseModel):
         message: dict[str, Any] = {"role": role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            # Hugging Face chat templates take the arguments as a mapping
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _json_or_text(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
         return message
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="A JSON schema of the arguments (an object with no properties if null)."
+    )
+    strict: bool | None = Field(
+        None, description="Forced calls always conform to the schema (constrained decoding)."
+    )
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(SamplingFields):
     # https://platform.openai.com/docs/api-reference/chat/create
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
-    logprobs: bool | None = Field(None, description="Not supported: only false is accepted.")
+    logprobs: bool | None = Field(None, description="Return each token's log-probability.")
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(
         None, ge=1, description="Deprecated by OpenAI for max_completion_tokens."
     )
+    parallel_tool_calls: bool | None = Field(
+        None, description="Whether one answer may hold several tool calls (default true)."
+    )
+    response_format: ResponseFormat | None = None
+    tool_choice: ToolChoice | None = None
+    tools: list[ChatTool] | None = None
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the most likely tokens too."
+    )
 
-    @field_validator("logprobs")
+    @model_validator(mode="before")
     @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported by this server")
-        return value
+    def _not_implemented(cls, data: Any) -> Any:
+        return refuse_not_implemented(
+            data,
+            (
+                "audio",
+                "modalities",
+                "functions",
+                "function_call",
+                "prediction",
+                "reasoning_effort",
+                "verbosity",
+                "web_search_options",
+                "moderation",
+                "store",
+                "metadata",
+                "service_tier",
+                "prompt_cache_key",
+                "prompt_cache_options",
+                "prompt_cache_retention",
+            ),
+        )
 
     @model_validator(mode="after")
-    def _min_tokens_within_max(self) -> ChatCompletionRequest:
+    def _consistent(self) -> ChatCompletionRequest:
         limit = self.requested_max_tokens
         if limit is not None and self.min_tokens > limit:
             raise field_error("min_tokens", f"{self.min_tokens} is more than max_tokens ({limit})")
+        if self.top_logprobs and not self.logprobs:
+            raise field_error("top_logprobs", "needs logprobs set to true")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise field_error("tool_choice", "needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names:
+            raise field_error(
+                "tool_choice",
+                f"names {choice.function.name!r}, which is not among the tools "
+                f"({', '.join(self.tool_names)})",
+            )
+        if self.forces_tool_call and self.constraint() is not None:
+            raise field_error("tool_choice", "a forced tool call cannot have an output format too")
         return self
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [tool.function.name for tool in self.tools or []]
+
+    @property
+    def forces_tool_call(self) -> bool:
+        """tool_choice "required" or a named function: the answer is a constrained call."""
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -239,13 +527,14 @@ class ChatCompletionRequest(SamplingFields):
 
 class ChatResponseMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -258,11 +547,26 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A fragment of call `index`: its first fragment carries the id and the name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(OpenAIBaseModel):
     """A chunk's delta carries only what changed: {"content": "..."}, and {} in the last one."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -272,7 +576,7 @@ class DeltaMessage(OpenAIBaseModel):
 class ChatCompletionStreamChoice(OpenAIBaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -293,25 +597,25 @@ class CompletionRequest(SamplingFields):
     # https://platform.openai.com/docs/api-reference/completions/create
     model: str
     prompt: Prompt
-    best_of: int | None = Field(None, ge=1, description="Only best_of == n is supported.")
+    best_of: int | None = Field(
+        None, ge=1, le=MAX_CHOICES, description="Only best_of == n is supported."
+    )
     echo: bool = Field(False, description="Put the prompt before each choice's text.")
-    logprobs: int | None = Field(None, description="Not supported: only null is accepted.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        description="Each token's log-probability and this many most likely tokens.",
+    )
     max_tokens: int | None = Field(16, ge=1, description="null means up to the context length.")
-    suffix: str | None = Field(None, description="Not supported: only null is accepted.")
 
-    @field_validator("logprobs")
+    @model_validator(mode="before")
     @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError("logprobs are not supported by this server")
-        return value
+    def _not_implemented(cls, data: Any) -> Any:
+        return refuse_not_implemented(data, ("suffix",))
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("suffix is not supported by this server")
-        return value
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -330,6 +634,10 @@ class CompletionRequest(SamplingFields):
             raise field_error(
                 "min_tokens", f"{self.min_tokens} is more than max_tokens ({self.max_tokens})"
             )
+        if self.echo and self.logprobs is not None:
+            raise field_error(
+                "logprobs", "the prompt's logprobs (echo with logprobs) are not supported"
+            )
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -345,7 +653,7 @@ class CompletionRequest(SamplingFields):
 class CompletionChoice(OpenAIBaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

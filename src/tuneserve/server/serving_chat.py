@@ -1,4 +1,7 @@
-"""POST /v1/chat/completions: render the conversation, run n choices, answer whole or streamed."""
+"""POST /v1/chat/completions: render the conversation, run n choices, answer whole or streamed.
+
+Tool calls (tools.py) and logprobs (logprobs.py) are read from each choice's deltas here.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from tuneserve.engine.types import StreamDelta
+from tuneserve.engine.types import StreamDelta, TokenLogprob
 from tuneserve.server.errors import ServiceUnavailableError
 from tuneserve.server.generation import GenerationService
+from tuneserve.server.logprobs import chat_logprobs
 from tuneserve.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -17,12 +21,20 @@ from tuneserve.server.protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatResponseMessage,
+    ChoiceLogprobs,
     DeltaMessage,
     FinishReason,
     UsageInfo,
     random_id,
 )
 from tuneserve.server.streaming import collect_choices, merge_streams
+from tuneserve.server.tools import (
+    ToolCallReader,
+    forced_call_constraint,
+    hermes_messages,
+    template_knows_tools,
+    tool_schemas,
+)
 
 
 def checked_finish(delta: StreamDelta) -> FinishReason:
@@ -52,6 +64,12 @@ class _Job:
     model: str
     prompt_tokens: int
     streams: list[AsyncIterator[StreamDelta]]
+    request: ChatCompletionRequest
+
+
+def _finish(delta: StreamDelta, reader: ToolCallReader) -> FinishReason:
+    reason = checked_finish(delta)
+    return "tool_calls" if reader.calls and reason == "stop" else reason
 
 
 class OpenAIServingChat:
@@ -65,19 +83,26 @@ class OpenAIServingChat:
         service = self.service
         await service.resolve_model(request.model)  # 404 (or an on-demand load) first
         ensure_running(service)
-        prompt_ids = service.render_chat([m.to_template() for m in request.messages])
+        messages = [m.to_template() for m in request.messages]
+        tools = None
+        if request.tools:
+            if template_knows_tools(service.served.tokenizer):
+                tools = tool_schemas(request.tools)
+            else:
+                messages = hermes_messages(messages, request.tools)
+        prompt_ids = service.render_chat(messages, tools)
         max_tokens = service.check_length(
             prompt_ids, request.requested_max_tokens, param="messages"
         )
+        choices = request.to_sampling_params(max_tokens, forced_call_constraint(request))
+        service.check_logit_bias(choices[0])
         job = _Job(
             id=random_id("chatcmpl"),
             created=int(time.time()),
             model=request.model,
             prompt_tokens=len(prompt_ids),
-            streams=[
-                service.stream(request.model, prompt_ids, params)
-                for params in request.to_sampling_params(max_tokens)
-            ],
+            streams=[service.stream(request.model, prompt_ids, params) for params in choices],
+            request=request,
         )
         if request.stream:
             return self._chunks(job, include_usage=request.include_usage)
@@ -85,15 +110,24 @@ class OpenAIServingChat:
 
     async def _whole(self, job: _Job) -> ChatCompletionResponse:
         results = await collect_choices(job.streams)
-        choices = [
-            ChatCompletionChoice(
-                index=index,
-                message=ChatResponseMessage(content=text),
-                finish_reason=checked_finish(final),
+        choices = []
+        for index, (text, final, entries) in enumerate(results):
+            reader = ToolCallReader(job.request)
+            content, _ = reader.feed(text)
+            tail, _ = reader.end()
+            content += tail
+            choices.append(
+                ChatCompletionChoice(
+                    index=index,
+                    message=ChatResponseMessage(
+                        content=None if reader.forced and not content else content,
+                        tool_calls=reader.calls,
+                    ),
+                    logprobs=self._logprobs(job, entries),
+                    finish_reason=_finish(final, reader),
+                )
             )
-            for index, (text, final) in enumerate(results)
-        ]
-        completion_tokens = sum(final.completion_tokens for _, final in results)
+        completion_tokens = sum(final.completion_tokens for _, final, _ in results)
         return ChatCompletionResponse(
             id=job.id,
             created=job.created,
@@ -110,17 +144,26 @@ class OpenAIServingChat:
             # OpenAI sends "usage": null in every chunk only when usage was asked for.
             return body.model_dump_json(exclude=None if include_usage else {"usage"})
 
+        readers = [ToolCallReader(job.request) for _ in job.streams]
         for index in range(len(job.streams)):
             role = DeltaMessage(role="assistant", content="")
             yield chunk([ChatCompletionStreamChoice(index=index, delta=role)])
         completion_tokens = 0
         async with aclosing(merge_streams(job.streams)) as merged:
             async for index, delta in merged:
-                if delta.text:
-                    content = DeltaMessage(content=delta.text)
-                    yield chunk([ChatCompletionStreamChoice(index=index, delta=content)])
+                reader = readers[index]
+                content, calls = reader.feed(delta.text)
                 if delta.finish_reason is not None:
-                    reason = checked_finish(delta)
+                    tail, last_calls = reader.end()
+                    content, calls = content + tail, calls + last_calls
+                logprobs = self._logprobs(job, delta.logprobs or [])
+                if content or calls or logprobs:
+                    message = DeltaMessage(content=content or None, tool_calls=calls or None)
+                    yield chunk(
+                        [ChatCompletionStreamChoice(index=index, delta=message, logprobs=logprobs)]
+                    )
+                if delta.finish_reason is not None:
+                    reason = _finish(delta, reader)
                     completion_tokens += delta.completion_tokens
                     yield chunk(
                         [
@@ -131,3 +174,8 @@ class OpenAIServingChat:
                     )
         if include_usage:
             yield chunk([], UsageInfo.of(job.prompt_tokens, completion_tokens))
+
+    def _logprobs(self, job: _Job, entries: list[TokenLogprob]) -> ChoiceLogprobs | None:
+        if not job.request.logprobs or not entries:
+            return None
+        return chat_logprobs(entries, self.service.token_texts)

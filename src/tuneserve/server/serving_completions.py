@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from tuneserve.engine.types import StreamDelta
+from tuneserve.engine.types import StreamDelta, TokenLogprob
 from tuneserve.server.generation import GenerationService
+from tuneserve.server.logprobs import completion_logprobs
 from tuneserve.server.protocol import (
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     UsageInfo,
@@ -28,6 +30,7 @@ class _Job:
     prompt_tokens: int  # each prompt counted once, however many choices it has
     streams: list[AsyncIterator[StreamDelta]]  # choice index = prompt index * n + i
     echoes: list[str]  # per choice: the prompt text when echo is on, else ""
+    logprobs: bool
 
 
 class OpenAIServingCompletion:
@@ -50,6 +53,7 @@ class OpenAIServingCompletion:
             if request.echo:
                 echo = prompt if isinstance(prompt, str) else service.decode(ids)
             for params in request.to_sampling_params(max_tokens):
+                service.check_logit_bias(params)
                 streams.append(service.stream(request.model, ids, params))
                 echoes.append(echo)
         job = _Job(
@@ -59,6 +63,7 @@ class OpenAIServingCompletion:
             prompt_tokens=prompt_tokens,
             streams=streams,
             echoes=echoes,
+            logprobs=request.logprobs is not None,
         )
         if request.stream:
             return self._chunks(job, include_usage=request.include_usage)
@@ -67,10 +72,17 @@ class OpenAIServingCompletion:
     async def _whole(self, job: _Job) -> CompletionResponse:
         results = await collect_choices(job.streams)
         choices = [
-            CompletionChoice(index=index, text=echo + text, finish_reason=checked_finish(final))
-            for index, ((text, final), echo) in enumerate(zip(results, job.echoes, strict=True))
+            CompletionChoice(
+                index=index,
+                text=echo + text,
+                logprobs=self._logprobs(job, entries, len(echo)),
+                finish_reason=checked_finish(final),
+            )
+            for index, ((text, final, entries), echo) in enumerate(
+                zip(results, job.echoes, strict=True)
+            )
         ]
-        completion_tokens = sum(final.completion_tokens for _, final in results)
+        completion_tokens = sum(final.completion_tokens for _, final, _ in results)
         return CompletionResponse(
             id=job.id,
             created=job.created,
@@ -90,14 +102,27 @@ class OpenAIServingCompletion:
             if echo:
                 yield chunk([CompletionChoice(index=index, text=echo)])
         completion_tokens = 0
+        offsets = [len(echo) for echo in job.echoes]  # where each choice's next text starts
         async with aclosing(merge_streams(job.streams)) as merged:
             async for index, delta in merged:
-                if not delta.text and delta.finish_reason is None:
+                logprobs = self._logprobs(job, delta.logprobs or [], offsets[index])
+                if not delta.text and delta.finish_reason is None and logprobs is None:
                     continue
+                offsets[index] += len(delta.text)
                 reason = None
                 if delta.finish_reason is not None:
                     reason = checked_finish(delta)
                     completion_tokens += delta.completion_tokens
-                yield chunk([CompletionChoice(index=index, text=delta.text, finish_reason=reason)])
+                choice = CompletionChoice(
+                    index=index, text=delta.text, logprobs=logprobs, finish_reason=reason
+                )
+                yield chunk([choice])
         if include_usage:
             yield chunk([], UsageInfo.of(job.prompt_tokens, completion_tokens))
+
+    def _logprobs(
+        self, job: _Job, entries: list[TokenLogprob], offset: int
+    ) -> CompletionLogprobs | None:
+        if not job.logprobs or not entries:
+            return None
+        return completion_logprobs(entries, self.service.token_texts, offset)

@@ -22,7 +22,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tuneserve.engine.types import StreamDelta
+from tuneserve.engine.types import StreamDelta, TokenLogprob
 from tuneserve.server.error_handlers import as_api_error
 
 logger = logging.getLogger(__name__)
@@ -36,19 +36,22 @@ _CANCEL_GRACE_S = 10.0
 
 async def collect_choices(
     streams: Sequence[AsyncIterator[StreamDelta]],
-) -> list[tuple[str, StreamDelta]]:
-    """Run every choice to its end: (whole text, final delta) per choice, in choice order."""
+) -> list[tuple[str, StreamDelta, list[TokenLogprob]]]:
+    """Run every choice to its end: (whole text, final delta, logprobs) per choice, in
+    choice order."""
     texts: list[list[str]] = [[] for _ in streams]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in streams]
     finals: list[StreamDelta | None] = [None] * len(streams)
     async with aclosing(merge_streams(streams)) as merged:
         async for index, delta in merged:
             texts[index].append(delta.text)
+            logprobs[index].extend(delta.logprobs or [])
             if delta.finish_reason is not None:
                 finals[index] = delta
     results = []
-    for parts, final in zip(texts, finals, strict=True):
+    for parts, final, entries in zip(texts, finals, logprobs, strict=True):
         assert final is not None, "the engine ended a stream without a finish_reason"
-        results.append(("".join(parts), final))
+        results.append(("".join(parts), final, entries))
     return results
 
 
