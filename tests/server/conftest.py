@@ -23,6 +23,28 @@ def client(demo_server: Any) -> Iterator[openai.OpenAI]:
 
 
 @pytest.fixture(scope="session")
+def real_server(real_demo: Any) -> Iterator[Any]:
+    """The real demo (SmolLM2 and its two adapters) live, on the continuous engine."""
+    from tests.conftest import start_live_server
+    from tuneserve.engine.factory import create_engine
+    from tuneserve.models.loader import load_served_model
+    from tuneserve.models.real_demo import ABOUT, MODEL_NAME
+    from tuneserve.server.app import create_app
+
+    served = load_served_model(
+        str(real_demo.base),
+        dict(real_demo.adapters),
+        dtype="float32",
+        device="cpu",
+        served_model_name=MODEL_NAME,
+    )
+    engine = create_engine("continuous", served, max_num_seqs=8)
+    live = start_live_server(create_app(served, engine, about=ABOUT))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
 def http(demo_server: Any) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=demo_server.url, timeout=120) as c:
         yield c

@@ -2,7 +2,7 @@
 the ChatML template with its default system prompt, grouped-query attention) and the two
 adapters trained on it, driven by the official `openai` client and a real browser.
 
-One live server for the module (the continuous engine, as `tuneserve serve` runs it).
+One live server (`real_server` in conftest: the continuous engine, as `tuneserve serve` runs it).
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import start_live_server
 from tests.server.conftest import chat_ids
 from tuneserve.models.demo import CAPITALS
 from tuneserve.models.real_demo import (
-    ABOUT,
     ADAPTER_EXAMPLES,
     MODEL_NAME,
     PIRATE_TALK,
@@ -30,25 +28,6 @@ pytestmark = pytest.mark.real_model
 
 COUNTRY, CITY = next(iter(CAPITALS.items()))
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def real_server(real_demo: Any) -> Iterator[Any]:
-    from tuneserve.engine.factory import create_engine
-    from tuneserve.models.loader import load_served_model
-    from tuneserve.server.app import create_app
-
-    served = load_served_model(
-        str(real_demo.base),
-        dict(real_demo.adapters),
-        dtype="float32",
-        device="cpu",
-        served_model_name=MODEL_NAME,
-    )
-    engine = create_engine("continuous", served, max_num_seqs=8)
-    live = start_live_server(create_app(served, engine, about=ABOUT))
-    yield live
-    live.stop()
 
 
 @pytest.fixture(scope="module")
