@@ -222,7 +222,7 @@ class LoraPair(Generic[T]):
 
 def lora_pairs(name: str, file: Path, tensors: Mapping[str, T]) -> dict[str, LoraPair[T]]:
     """The file's tensors (or shapes) by module, prefix stripped; AdapterError for a tensor
-    that is no LoRA weight, a module with one half only, or a file with none."""
+    that is not a LoRA weight, a module with one half only, or a file with none."""
     halves: dict[str, dict[str, tuple[str, T]]] = {}
     for key, value in tensors.items():
         match = _KEY.fullmatch(key)
@@ -277,10 +277,11 @@ def read_tensors(name: str, file: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(file), device="cpu")
         state = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(
-            isinstance(v, torch.Tensor) for v in state.values()
-        ):
+        if not isinstance(state, dict):
             raise ValueError(f"it holds a {type(state).__name__}, not a dict of tensors")
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"its {key!r} is a {type(value).__name__}, not a tensor")
         return state
 
 
