@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -248,3 +249,35 @@ def test_server_root_elsewhere_is_a_clear_error(replicas: Replicas, demo_paths: 
     assert "not a folder on this machine" in result.stderr
     assert "--workspace" in result.stderr
     assert not (replicas.root / "elsewhere").exists()
+
+
+def test_a_listing_of_another_shape_is_one_clear_line() -> None:
+    """The CLI reads the server's answer through the protocol models: a server speaking another
+    shape (an older tuneserve, here a card without most fields) is named, not a traceback."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = json.dumps({"root": None, "data": [{"name": "a"}], "errors": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        result = cli("list", "--url", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 1
+    assert f"{url}/v1/adapters answered a listing this tuneserve cannot read" in result.stderr
+    assert "data.0.path" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -5,7 +5,9 @@ TuneserveError
  ├── AdapterError          one adapter is unusable: wrong base, bad file, unsupported PEFT type
  ├── WorkspaceError        a --workspace folder does not have the AI Toolkit layout
  ├── UnknownAdapterError   a request names an adapter the engine does not serve
- └── EngineError           generation failed inside the engine (e.g. the model forward raised)
+ ├── EngineError           generation failed inside the engine (e.g. the model forward raised)
+ └── RegistryError         an adapter load or unload asked of a server cannot be done (400)
+      └── AdapterNotLoadedError  the unload names an adapter that is not served (404)
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ class EngineError(TuneserveError):
 
     The engine itself keeps serving; only the requests in the failed step are ended.
     """
+
+
+class RegistryError(TuneserveError):
+    """Raised by the server's adapter registry; `param` names the request field at fault."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class AdapterNotLoadedError(RegistryError):
+    pass
 
 
 # --- deploy/ (provision, deploy, endpoint, status, logs, stop) --------------------------------

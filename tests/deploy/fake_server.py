@@ -1,12 +1,13 @@
-"""A stand-in for `tuneserve serve` in the fast local-provider tests (stdlib only, loads no model).
+"""A stand-in for `tuneserve serve` in the fast local-provider tests (loads no model).
 
     python fake_server.py --port 7860 [--ready-after SECONDS] [--fail]
 
 /health -> {"status": "ok", "revision": $TUNESERVE_REVISION}; /ready -> 200 after the delay;
 /v1/models -> the folders under ./models; /answer -> the text of ./answer.txt (the "code"), the
 pid and the keys in the environment.
-/v1/adapters: the admin API's shape over $TUNESERVE_ADAPTER_ROOT (GET lists what POST loaded,
-POST {"name", "path"} needs ROOT/PATH/adapter_config.json, DELETE /v1/adapters/NAME).
+/v1/adapters: the admin API over $TUNESERVE_ADAPTER_ROOT, in the server's own protocol models
+(GET lists what POST loaded, POST {"name", "path"} needs ROOT/PATH/adapter_config.json,
+DELETE /v1/adapters/NAME). Those models are all it imports of tuneserve: they are light.
 """
 
 from __future__ import annotations
@@ -19,31 +20,42 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from tuneserve.server.protocol import (
+    AdapterCard,
+    AdapterDeleted,
+    AdapterList,
+    AdapterLoaded,
+    AdapterLoadRequest,
+    ErrorInfo,
+    ErrorResponse,
+)
+
 STARTED = time.monotonic()
 ADAPTER_ROOT = os.environ.get("TUNESERVE_ADAPTER_ROOT")
 LOADED: dict[str, str] = {}  # adapter name -> its folder
 
 
-def _card(name: str) -> dict[str, object]:
-    return {
-        "name": name,
-        "object": "adapter",
-        "path": LOADED[name],
-        "source": "api",
-        "rank": 8,
-        "alpha": 16.0,
-        "target_modules": ["q_proj", "v_proj"],
-        "size_bytes": 0,
-        "state": "cpu",
-        "last_used": None,
-        "loaded_at": time.time(),
-    }
+def _card(name: str) -> AdapterCard:
+    return AdapterCard(
+        name=name,
+        path=LOADED[name],
+        source="api",
+        rank=8,
+        alpha=16.0,
+        target_modules=["q_proj", "v_proj"],
+        size_bytes=0,
+        state="cpu",
+        last_used=None,
+        loaded_at=time.time(),
+    )
 
 
-def _error(message: str, param: str | None) -> dict[str, object]:
-    return {
-        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}
-    }
+def _error(message: str, param: str | None) -> ErrorResponse:
+    return ErrorResponse(
+        error=ErrorInfo(message=message, type="invalid_request_error", param=param)
+    )
 
 
 def main() -> None:
@@ -58,6 +70,8 @@ def main() -> None:
 
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, payload: object) -> None:
+            if isinstance(payload, BaseModel):
+                payload = payload.model_dump(mode="json")
             body = json.dumps(payload).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -82,9 +96,7 @@ def main() -> None:
                 self._send(200, {"object": "list", "data": cards})
             elif self.path == "/v1/adapters":
                 data = [_card(n) for n in sorted(LOADED)]
-                self._send(
-                    200, {"object": "list", "root": ADAPTER_ROOT, "data": data, "errors": []}
-                )
+                self._send(200, AdapterList(root=ADAPTER_ROOT, data=data, errors=[]))
             elif self.path == "/answer":
                 self._send(
                     200,
@@ -103,24 +115,26 @@ def main() -> None:
 
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"{}")
             if self.path != "/v1/adapters":
                 self._send(404, _error("not found", None))
-            elif not ADAPTER_ROOT:
+                return
+            body = AdapterLoadRequest.model_validate_json(self.rfile.read(length) or b"{}")
+            if not ADAPTER_ROOT:
                 self._send(400, _error("no adapter root", "path"))
-            elif not (Path(ADAPTER_ROOT) / body["path"] / "adapter_config.json").is_file():
-                self._send(400, _error(f"no adapter folder at {body['path']!r}", "path"))
+            elif not (Path(ADAPTER_ROOT) / body.path / "adapter_config.json").is_file():
+                self._send(400, _error(f"no adapter folder at {body.path!r}", "path"))
             else:
-                replaced = body["name"] in LOADED
-                LOADED[body["name"]] = str(Path(ADAPTER_ROOT) / body["path"])
-                self._send(200, {**_card(body["name"]), "replaced": replaced})
+                replaced = body.name in LOADED
+                LOADED[body.name] = str(Path(ADAPTER_ROOT) / body.path)
+                card = _card(body.name)
+                self._send(200, AdapterLoaded(**card.model_dump(), replaced=replaced))
 
         def do_DELETE(self) -> None:  # noqa: N802
             name = self.path.removeprefix("/v1/adapters/")
             if LOADED.pop(name, None) is None:
                 self._send(404, _error(f"adapter {name!r} is not loaded", "name"))
             else:
-                self._send(200, {"name": name, "object": "adapter", "deleted": True})
+                self._send(200, AdapterDeleted(name=name))
 
         def log_message(self, fmt: str, *a: object) -> None:
             print("fake server:", fmt % a, flush=True)

@@ -7,6 +7,7 @@ the adapter read from the same folder the engine was given.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -231,6 +232,34 @@ def test_adapter_on_modules_no_startup_adapter_targets_is_exact(
     if isinstance(engine, ContinuousBatchingEngine):
         o_proj = served.model.get_submodule("model.layers.1.self_attn.o_proj")
         assert isinstance(o_proj, BatchedLoRALinear)  # wrapped when "delta" arrived
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_a_bin_adapter_that_validates_is_served_exactly(
+    kind: str,
+    tiny_llama: TinyFamily,
+    folders: Folders,
+    engines: list[ThreadedEngine],
+    tmp_path: Path,
+) -> None:
+    """One file policy: an adapter_model.bin that passes validation is one each engine reads."""
+    from safetensors.torch import load_file
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(folders.delta / "adapter_config.json", legacy)
+    tensors = load_file(str(folders.delta / "adapter_model.safetensors"))
+    torch.save(tensors, legacy / "adapter_model.bin")
+    served = tiny_llama.served([])
+    engine = build(kind, served, engines)
+    ids = prompt(7, seed=20)
+
+    async def body() -> list[list[StreamDelta]]:
+        await asyncio.to_thread(engine.add_adapter, spec_for("legacy", legacy, served.model))
+        return await gather(engine, greedy(ids, "legacy", "l", 6))
+
+    (deltas,) = run(body)
+    assert token_ids(deltas) == expected(tiny_llama, folders.delta, ids, 6)
 
 
 @pytest.mark.parametrize("kind", ENGINES)

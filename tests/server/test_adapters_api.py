@@ -119,7 +119,9 @@ def test_load_chat_replace_under_a_running_request_then_unload(
         for chunk in stream:
             if chunk.choices:
                 chunks.append(chunk.choices[0].delta.content or "")
-                first_chunk.set()
+                # the role chunk comes before the engine admits the request: wait for a token
+                if chunk.choices[0].delta.content:
+                    first_chunk.set()
                 if chunk.choices[0].finish_reason:
                     finish.append(chunk.choices[0].finish_reason)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -20,6 +21,7 @@ from rich.table import Table
 from tuneserve.cli.deploy import _errors  # the same one-line errors as the deploy commands
 from tuneserve.deploy.sync import human_size
 from tuneserve.errors import NotProvisionedError
+from tuneserve.server.protocol import AdapterList
 
 stdout = Console(highlight=False, soft_wrap=True, markup=False)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -122,33 +124,49 @@ def list_adapters(
 
     target = _urls(url)[0] if url else _deployment(workspace).endpoint
     with AdminClient(_key(api_key, url, workspace)) as client:
-        listing = client.listing(target)
+        body = client.listing(target)
+    listing = _typed_listing(target, body)
     if as_json:
-        typer.echo(json.dumps(listing, indent=2))
+        typer.echo(json.dumps(body, indent=2))
         return
     table = Table(title=f"adapters at {target}", title_justify="left", box=None, pad_edge=False)
     table.add_column("name", no_wrap=True)
     for column in ("state", "rank", "targets", "size", "last used", "source"):
         table.add_column(column, justify="right" if column in ("rank", "size") else "left")
     now = time.time()
-    for adapter in sorted(listing["data"], key=lambda a: str(a.get("name"))):
+    for adapter in sorted(listing.data, key=lambda a: a.name):
         table.add_row(
-            str(adapter.get("name")),
-            str(adapter.get("state", "")),
-            str(adapter.get("rank", "")),
-            ", ".join(adapter.get("target_modules") or []),
-            human_size(adapter.get("size_bytes") or 0),
-            _ago(adapter.get("last_used"), now),
-            str(adapter.get("source", "")),
+            adapter.name,
+            adapter.state,
+            str(adapter.rank),
+            ", ".join(adapter.target_modules),
+            human_size(adapter.size_bytes),
+            _ago(adapter.last_used, now),
+            adapter.source,
         )
-    if listing["data"]:
+    if listing.data:
         stdout.print(table)
     else:
         stdout.print(f"no adapters at {target}")
-    stdout.print(f"root: {listing.get('root') or '(none: adapters cannot be pushed)'}")
-    for problem in listing.get("errors") or []:
-        where = f" ({problem['path']})" if problem.get("path") else ""
-        stdout.print(f"not served: {problem.get('name')}{where}: {problem.get('message')}")
+    stdout.print(f"root: {listing.root or '(none: adapters cannot be pushed)'}")
+    for problem in listing.errors:
+        where = f" ({problem.path})" if problem.path else ""
+        stdout.print(f"not served: {problem.name}{where}: {problem.message}")
+
+
+def _typed_listing(target: str, body: dict[str, Any]) -> AdapterList:
+    from tuneserve.deploy.adapters import ReplicaError
+
+    try:
+        return AdapterList.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ReplicaError(
+            f"{target}/v1/adapters answered a listing this tuneserve cannot read ({where}: "
+            f"{first['msg']}; {exc.error_count()} problem(s)): is the server a different "
+            "tuneserve version?"
+        ) from None
 
 
 def _print_report(report: Any, verb: str) -> None:

@@ -17,8 +17,10 @@ DESIGN.md). Modules no active slot touches, and steps with no adapter rows, skip
 
 `LoRAManager` owns the slots: a bounded set of hot slots filled on demand, least recently used
 adapter evicted when no running request holds it; a CPU-side store of loaded adapter weights
-(LRU, `max_cpu_loras`); adapters read from their folder's `adapter_model.safetensors`. A request
-whose adapter cannot get a slot waits (the scheduler retries next step); it never fails for that.
+(LRU, `max_cpu_loras`). The files are read, and the scales computed, by models/adapters.py (the one
+home of the PEFT rules); what is this engine's own is that it adapts nn.Linear layers only. A
+request whose adapter cannot get a slot waits (the scheduler retries next step); it never fails
+for that.
 
 Adapters come and go while serving (`install`, `remove`): a new adapter's modules are wrapped
 when it arrives (the other slots have rank 0 there). A replaced or removed version leaves the
@@ -30,8 +32,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,13 +43,17 @@ from torch import nn
 
 from tuneserve.engine.types import AdapterUsage
 from tuneserve.errors import AdapterError, UnknownAdapterError
+from tuneserve.models.adapters import (
+    CONFIG_FILE,
+    lora_pairs,
+    read_shapes,
+    read_tensors,
+    served_config,
+    weights_file,
+)
 from tuneserve.models.types import AdapterSpec
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "adapter_model.safetensors"
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-
 
 # -- the batched op and its oracle -----------------------------------------------------------
 def lora_reference(
@@ -257,101 +261,29 @@ class AdapterWeights:
         )
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return patterns[key]
-    return default
-
-
-def check_lora_config(name: str, config: Mapping[str, Any]) -> None:
-    """Refuse, clearly, the LoRA variants the batched layers cannot compute."""
-    raw_type = config.get("peft_type", "LORA")
-    peft_type = str(getattr(raw_type, "value", raw_type)).upper()  # a str, or PeftType in memory
-    if peft_type != "LORA":
-        raise AdapterError(
-            name, f"adapter_config.json: peft_type is {peft_type!r}; only 'LORA' is served"
-        )
-    if config.get("use_dora"):
-        raise AdapterError(
-            name, "adapter_config.json: use_dora=true is not supported; use a plain LoRA"
-        )
-    if config.get("bias", "none") != "none":
-        raise AdapterError(
-            name, f"adapter_config.json: bias={config.get('bias')!r} is not supported; use 'none'"
-        )
-    if config.get("lora_bias"):
-        raise AdapterError(name, "adapter_config.json: lora_bias=true is not supported")
-    if config.get("modules_to_save"):
-        raise AdapterError(
-            name,
-            f"adapter_config.json: modules_to_save={config.get('modules_to_save')!r} is not "
-            "supported "
-            "(fully trained modules cannot be batched per request); train without it",
-        )
-    if config.get("fan_in_fan_out"):
-        raise AdapterError(
-            name, "adapter_config.json: fan_in_fan_out=true (Conv1D layers) is not supported"
-        )
-
-
 def read_layout(spec: AdapterSpec) -> AdapterLayout:
     """The module paths and ranks in the adapter's weights file, without loading the weights."""
-    from safetensors import safe_open
-
-    check_lora_config(spec.name, spec.config)
-    file = Path(spec.path) / WEIGHTS_FILE
-    if not file.is_file():
-        raise AdapterError(spec.name, f"{file} not found; adapters are read from {WEIGHTS_FILE}")
-    ranks: dict[str, int] = {}
-    seen_b: set[str] = set()
-    with safe_open(str(file), framework="pt") as handle:
-        for key in handle.keys():
-            match = _KEY.match(key)
-            if match is None:
-                raise AdapterError(
-                    spec.name,
-                    f"{file}: tensor {key!r} is not a LoRA A/B weight of a Linear layer "
-                    "(embedding LoRA, DoRA magnitudes and saved modules are not supported)",
-                )
-            module, which = match["module"], match["which"]
-            if which == "A":
-                ranks[module] = int(handle.get_slice(key).get_shape()[0])
-            else:
-                seen_b.add(module)
-    if set(ranks) != seen_b:
-        missing = sorted(set(ranks) ^ seen_b)[0]
-        raise AdapterError(
-            spec.name, f"{file}: module {missing!r} lacks its lora_A or lora_B weight"
-        )
-    if not ranks:
-        raise AdapterError(spec.name, f"{file} holds no LoRA weights")
-    return AdapterLayout(spec.name, file, ranks)
+    served_config(spec)
+    file = weights_file(spec.name, Path(spec.path))
+    pairs = lora_pairs(spec.name, file, read_shapes(spec.name, file))
+    return AdapterLayout(spec.name, file, {module: pair.a[0] for module, pair in pairs.items()})
 
 
 def load_adapter_weights(spec: AdapterSpec, layout: AdapterLayout) -> AdapterWeights:
     """Read A and B from the file, fold the scale into B (float32, on CPU)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(layout.file), device="cpu")
-    config = spec.config
-    alpha_default = float(config.get("lora_alpha", spec.alpha))
-    alpha_pattern: Mapping[str, Any] = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
+    config = served_config(spec)
+    pairs = lora_pairs(spec.name, layout.file, read_tensors(spec.name, layout.file))
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match is None or match["which"] != "A":
-            continue
-        module = match["module"]
-        b_key = key[: match.start("which")] + "B" + key[match.end("which") :]
-        a = tensor.float()
-        b = tensors[b_key].float()
-        rank = a.shape[0]
-        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
-        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        modules[module] = (a.contiguous(), (b * scale).contiguous())
+    for module, pair in pairs.items():
+        rank = config.rank_for(module)
+        if pair.a.shape[0] != rank:  # the scale below is PEFT's, computed from the config's r
+            raise AdapterError(
+                spec.name,
+                f"{layout.file}: {pair.keys[0]} has rank {pair.a.shape[0]} but {CONFIG_FILE} "
+                f"says r={rank} (see r and rank_pattern)",
+            )
+        b = pair.b.float() * config.scale_for(module)
+        modules[module] = (pair.a.float().contiguous(), b.contiguous())
     return AdapterWeights(spec.name, modules)
 
 

@@ -30,12 +30,13 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import load_peft_weights, set_peft_model_state_dict
+from peft.utils import set_peft_model_state_dict
 from transformers import DynamicCache
 
 from tuneserve.engine.output import RequestOutput, eos_token_ids, invalid_prompt
@@ -52,7 +53,14 @@ from tuneserve.engine.types import (
     TokenLogprob,
 )
 from tuneserve.errors import AdapterError
-from tuneserve.models.adapters import BaseLayers, validate_adapter
+from tuneserve.models.adapters import (
+    CONFIG_FILE,
+    BaseLayers,
+    read_adapter_config,
+    read_tensors,
+    validate_adapter,
+    weights_file,
+)
 from tuneserve.models.types import AdapterSpec, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -83,12 +91,17 @@ class LoadedAdapter:
 
 def read_adapter(spec: AdapterSpec, device: str | torch.device) -> LoadedAdapter:
     """Read the folder's config and weights (the slow part of loading: no model involved)."""
+    folder = Path(spec.path)
+    raw, _ = read_adapter_config(spec.name, folder / CONFIG_FILE)
+    file = weights_file(spec.name, folder)
+    weights = {key: tensor.to(device) for key, tensor in read_tensors(spec.name, file).items()}
+    # runtime_config holds one run's settings, not the adapter's: PEFT's own loader drops it too
+    fields = {key: value for key, value in raw.items() if key != "runtime_config"}
     try:
-        config = LoraConfig.from_pretrained(str(spec.path))
-        weights = load_peft_weights(str(spec.path), device=str(device))
-    except Exception as exc:  # a missing, corrupt or foreign file: the same to the user
+        config = LoraConfig.from_peft_type(**fields)
+    except Exception as exc:  # a config PEFT cannot build: the same to the user as a bad file
         raise AdapterError(
-            spec.name, f"cannot read the adapter in {spec.path}: {type(exc).__name__}: {exc}"
+            spec.name, f"PEFT cannot read {folder / CONFIG_FILE}: {type(exc).__name__}: {exc}"
         ) from exc
     config.inference_mode = True
     # modules the file has no weights for must add nothing (as in the continuous engine)

@@ -1,18 +1,30 @@
-"""Check a PEFT LoRA adapter folder against the base model before anything tries to serve it.
+"""The PEFT LoRA adapter, in one place: what its folder holds, which variants are served, how its
+weights are named, read and scaled, and whether it fits the base model.
 
-Everything is read from the files (adapter_config.json and the weights' headers), so a bad
-adapter fails here with a message naming the adapter, the file and what was expected, instead
-of deep inside PEFT or the engine.
+Every engine and the server go through this module, so an adapter that passes `validate_adapter`
+is one every engine can read: the same config schema, the same refusals (each naming the file,
+the field, the value and what is accepted), the same weight keys and the same file policy.
+
+Files: `adapter_config.json` and `adapter_model.safetensors`, or the older `adapter_model.bin`.
+A `.bin` is a pickle, so it is read with `torch.load(weights_only=True)`, which refuses anything
+but tensors and plain containers: a pickle that would run code fails as a corrupt file.
+
+Validation reads only the files (the config and the weights' headers) and the base model's
+layer sizes, so a bad adapter fails here, with a message naming the adapter and the file,
+instead of deep inside PEFT or the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,21 +32,27 @@ from tuneserve.errors import AdapterError
 from tuneserve.models.gguf import SUFFIX as GGUF_SUFFIX
 from tuneserve.models.types import AdapterSpec
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-_PEFT_PREFIX = "base_model.model."
-# PEFT saves `<module>.lora_A.weight` / `<module>.lora_B.weight` (Linear, Conv1D) and
-# `<module>.lora_embedding_A` / `<module>.lora_embedding_B` (Embedding), adapter name removed.
-_KEY = re.compile(
-    r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight"
-    r"|(?P<emodule>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)"
-)
+SAFETENSORS_FILE = "adapter_model.safetensors"
+BIN_FILE = "adapter_model.bin"
+WEIGHT_FILES = (SAFETENSORS_FILE, BIN_FILE)  # the first one present is read
+PEFT_PREFIX = "base_model.model."
+_SAVED_BY = f"{CONFIG_FILE} and {SAFETENSORS_FILE}, as PeftModel.save_pretrained writes them"
+
+T = TypeVar("T")
+
+
+# -- adapter_config.json -------------------------------------------------------------------
 
 
 class LoraAdapterConfig(BaseModel):
-    """The fields of adapter_config.json that decide whether we can serve it (others ignored)."""
+    """The fields of adapter_config.json that decide how (and whether) it is served; the
+    others are kept (`extra="allow"`) and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -52,6 +70,235 @@ class LoraAdapterConfig(BaseModel):
     target_parameters: list[str] | None = None
     trainable_token_indices: Any = None
     base_model_name_or_path: str | None = None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        targets = self.target_modules
+        return (targets,) if isinstance(targets, str) else tuple(targets or ())
+
+    def rank_for(self, module: str) -> int:
+        return pattern_value(self.rank_pattern, module, self.r)
+
+    def alpha_for(self, module: str) -> float:
+        return float(pattern_value(self.alpha_pattern, module, self.lora_alpha))
+
+    def scale_for(self, module: str) -> float:
+        """The factor PEFT multiplies `B @ A @ x` by at `module`: alpha/r, or alpha/sqrt(r)
+        with rsLoRA, each of them after rank_pattern/alpha_pattern."""
+        rank, alpha = self.rank_for(module), self.alpha_for(module)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def pattern_value(patterns: Mapping[str, T], module: str, default: T) -> T:
+    """PEFT's rule for rank_pattern/alpha_pattern keys (peft.utils.other.get_pattern_key): the
+    first key that, as a regex, matches the end of the module's name after a dot."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def read_adapter_config(name: str, file: Path) -> tuple[dict[str, Any], LoraAdapterConfig]:
+    """adapter_config.json as read, and parsed; AdapterError naming the file, line or field."""
+    if not file.is_file():
+        present = ", ".join(sorted(p.name for p in file.parent.iterdir())) or "nothing"
+        raise AdapterError(
+            name,
+            f"{file} is missing (the folder holds: {present}); a PEFT adapter folder holds "
+            f"{_SAVED_BY}",
+        )
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterError(name, f"cannot read {file}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise AdapterError(
+            name, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from exc
+    if not isinstance(raw, dict):
+        raise AdapterError(name, f"{file} must hold a JSON object, not {type(raw).__name__}")
+    return raw, parse_adapter_config(name, file, raw)
+
+
+def parse_adapter_config(name: str, file: Path, raw: Mapping[str, Any]) -> LoraAdapterConfig:
+    """`raw` (the contents of `file`) as a LoraAdapterConfig; AdapterError naming each field."""
+    try:
+        return LoraAdapterConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field {'.'.join(map(str, e['loc']))!r}"
+            + (f" = {e['input']!r}" if e["type"] != "missing" else "")
+            + f": {e['msg']}"
+            for e in exc.errors()
+        )
+        raise AdapterError(name, f"{file}: {problems}") from exc
+
+
+def served_config(spec: AdapterSpec) -> LoraAdapterConfig:
+    """The config of a validated adapter, checked again: a spec may be built by hand."""
+    file = Path(spec.path) / CONFIG_FILE
+    config = parse_adapter_config(spec.name, file, spec.config)
+    check_supported(spec.name, file, config)
+    return config
+
+
+# -- the variants that are refused ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    field: str
+    refused: Callable[[LoraAdapterConfig], bool]
+    why: str
+    accepted: str
+
+
+_REFUSALS = (
+    _Refusal(
+        "peft_type",
+        lambda c: c.peft_type.upper() != "LORA",
+        "only LoRA adapters are served",
+        '"LORA"',
+    ),
+    _Refusal(
+        "use_dora",
+        lambda c: c.use_dora,
+        "DoRA adapters are not supported; retrain as plain LoRA",
+        "false",
+    ),
+    _Refusal("bias", lambda c: c.bias != "none", "trained biases are not supported", '"none"'),
+    _Refusal("lora_bias", lambda c: c.lora_bias, "LoRA biases are not supported", "false"),
+    _Refusal(
+        "modules_to_save",
+        lambda c: bool(c.modules_to_save),
+        "adapters that replace whole modules cannot be applied per request",
+        "null or []",
+    ),
+    _Refusal(
+        "target_parameters",
+        lambda c: bool(c.target_parameters),
+        "LoRA on raw parameters is not supported, only on target_modules",
+        "null or []",
+    ),
+    _Refusal(
+        "trainable_token_indices",
+        lambda c: bool(c.trainable_token_indices),
+        "trained token embeddings are not supported",
+        "null",
+    ),
+)
+
+
+def check_supported(name: str, file: Path, config: LoraAdapterConfig) -> None:
+    """Refuse the PEFT variants no engine serves: AdapterError naming the file, the field,
+    its value and what is accepted."""
+    for refusal in _REFUSALS:
+        if refusal.refused(config):
+            value = json.dumps(getattr(config, refusal.field))
+            raise AdapterError(
+                name,
+                f"{file}: {refusal.field} is {value}: {refusal.why} (accepted: {refusal.accepted})",
+            )
+
+
+# -- the weights -----------------------------------------------------------------------------
+
+# PEFT saves `<module>.lora_A.weight` / `.lora_B.weight` (Linear, Conv1D) and
+# `<module>.lora_embedding_A` / `_B` (Embedding), under PEFT_PREFIX, the adapter name removed.
+_KEY = re.compile(
+    re.escape(PEFT_PREFIX)
+    + r"(?P<module>.+)\.(?:lora_(?P<factor>[AB])\.weight|lora_embedding_(?P<efactor>[AB]))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraPair(Generic[T]):
+    """One module's two LoRA tensors (or their shapes): A [r, in] and B [out, r]."""
+
+    a: T
+    b: T
+    keys: tuple[str, str]  # A's and B's names in the file
+
+
+def lora_pairs(name: str, file: Path, tensors: Mapping[str, T]) -> dict[str, LoraPair[T]]:
+    """The file's tensors (or shapes) by module, prefix stripped; AdapterError for a tensor
+    that is not a LoRA weight, a module with one half only, or a file with none."""
+    halves: dict[str, dict[str, tuple[str, T]]] = {}
+    for key, value in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise AdapterError(
+                name,
+                f"{file}: unexpected tensor {key!r}; a LoRA adapter holds only "
+                f"'{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' tensors",
+            )
+        module = match["module"]
+        halves.setdefault(module, {})[match["factor"] or match["efactor"]] = (key, value)
+    if not halves:
+        raise AdapterError(name, f"{file} holds no tensors")
+    pairs: dict[str, LoraPair[T]] = {}
+    for module, found in halves.items():
+        if len(found) < 2:
+            lacking = "lora_B" if "A" in found else "lora_A"
+            raise AdapterError(name, f"{file}: {module} has no {lacking} weight")
+        (a_key, a), (b_key, b) = found["A"], found["B"]
+        pairs[module] = LoraPair(a, b, (a_key, b_key))
+    return pairs
+
+
+def weights_file(name: str, folder: Path) -> Path:
+    """The adapter's weights: adapter_model.safetensors, else adapter_model.bin."""
+    for candidate in WEIGHT_FILES:
+        if (folder / candidate).is_file():
+            return folder / candidate
+    raise AdapterError(
+        name, f"no weights in {folder}: expected {SAFETENSORS_FILE} (or the older {BIN_FILE})"
+    )
+
+
+def read_shapes(name: str, file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape; a safetensors file's header only."""
+    if file.suffix == ".safetensors":
+        with _unreadable(name, file):
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as weights:
+                return {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}
+    return {k: tuple(v.shape) for k, v in read_tensors(name, file).items()}
+
+
+def read_tensors(name: str, file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the weights file, on the CPU, as saved (keys unchanged)."""
+    with _unreadable(name, file):
+        import torch
+
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file), device="cpu")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not a dict of tensors")
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"its {key!r} is a {type(value).__name__}, not a tensor")
+        return state
+
+
+@contextlib.contextmanager
+def _unreadable(name: str, file: Path) -> Iterator[None]:
+    """Any reader's error means the same to the user: a corrupt or foreign file."""
+    try:
+        yield
+    except AdapterError:
+        raise
+    except Exception as exc:
+        raise AdapterError(
+            name, f"cannot read {file}: {exc}. The file is corrupt or not a PEFT weights file"
+        ) from exc
+
+
+# -- validation against the base model -------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,24 +343,20 @@ def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
         raise AdapterError(name, refusal)
     if not path.is_dir():
         what = f"{path} is not a folder" if path.exists() else f"folder {path} does not exist"
-        raise AdapterError(
-            name,
-            f"{what}; pass the folder PeftModel.save_pretrained wrote (it holds {CONFIG_FILE} "
-            f"and {WEIGHT_FILES[0]})",
-        )
-    raw, config = read_adapter_config(name, path / CONFIG_FILE)
-    _check_supported(name, path / CONFIG_FILE, config)
-    _check_targets(name, path / CONFIG_FILE, config, base)
-    weights = _weights_file(name, path)
-    _check_weights(name, weights, _read_shapes(name, weights), config, base)
-    _check_base_hint(name, path / CONFIG_FILE, config, base)
-    targets = config.target_modules
+        raise AdapterError(name, f"{what}; pass the folder holding {_SAVED_BY}")
+    config_file = path / CONFIG_FILE
+    raw, config = read_adapter_config(name, config_file)
+    check_supported(name, config_file, config)
+    _check_targets(name, config_file, config, base)
+    weights = weights_file(name, path)
+    _check_weights(name, weights, read_shapes(name, weights), config, base)
+    _check_base_hint(name, config_file, config, base)
     return AdapterSpec(
         name=name,
         path=path,
         rank=config.r,
         alpha=config.lora_alpha,
-        target_modules=(targets,) if isinstance(targets, str) else tuple(targets or ()),
+        target_modules=config.targets,
         config=raw,
     )
 
@@ -131,71 +374,8 @@ def gguf_refusal(path: Path) -> str | None:
         return None
     return (
         f"{found[0]} is a GGUF file: GGUF adapters are not supported. Serve the PEFT adapter "
-        f"folder instead ({CONFIG_FILE} and {WEIGHT_FILES[0]}, as PeftModel.save_pretrained "
-        "writes them)"
+        f"folder instead ({_SAVED_BY})"
     )
-
-
-# -- adapter_config.json -------------------------------------------------------------------
-
-
-def read_adapter_config(name: str, file: Path) -> tuple[dict[str, Any], LoraAdapterConfig]:
-    if not file.is_file():
-        present = ", ".join(sorted(p.name for p in file.parent.iterdir())) or "nothing"
-        raise AdapterError(
-            name,
-            f"{file} is missing (the folder holds: {present}); a PEFT adapter folder holds "
-            f"{CONFIG_FILE} and {WEIGHT_FILES[0]} as written by PeftModel.save_pretrained",
-        )
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdapterError(name, f"cannot read {file}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise AdapterError(
-            name, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from exc
-    if not isinstance(raw, dict):
-        raise AdapterError(name, f"{file} must hold a JSON object, not {type(raw).__name__}")
-    try:
-        return raw, LoraAdapterConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"field {'.'.join(map(str, e['loc']))!r}"
-            + (f" = {e['input']!r}" if e["type"] != "missing" else "")
-            + f": {e['msg']}"
-            for e in exc.errors()
-        )
-        raise AdapterError(name, f"{file}: {problems}") from exc
-
-
-def _check_supported(name: str, file: Path, config: LoraAdapterConfig) -> None:
-    if config.peft_type.upper() != "LORA":
-        raise AdapterError(
-            name,
-            f'{file}: peft_type is {config.peft_type!r}; only LoRA adapters ("LORA") are served',
-        )
-    refusals = {
-        "use_dora": (config.use_dora, "DoRA adapters are not supported; retrain as plain LoRA"),
-        "bias": (config.bias != "none", 'trained biases are not supported (only "none")'),
-        "lora_bias": (config.lora_bias, "LoRA biases are not supported (only false)"),
-        "modules_to_save": (
-            bool(config.modules_to_save),
-            "adapters that replace whole modules are not supported (only null or [])",
-        ),
-        "target_parameters": (
-            bool(config.target_parameters),
-            "LoRA on raw parameters is not supported, only on target_modules (only null)",
-        ),
-        "trainable_token_indices": (
-            bool(config.trainable_token_indices),
-            "trained token embeddings are not supported (only null)",
-        ),
-    }
-    for field, (refused, why) in refusals.items():
-        if refused:
-            value = json.dumps(getattr(config, field))
-            raise AdapterError(name, f"{file}: {field} is {value}: {why}")
 
 
 def _adaptable_modules(model: Any) -> dict[str, tuple[int, int]]:
@@ -222,6 +402,17 @@ def _adaptable_modules(model: Any) -> dict[str, tuple[int, int]]:
         if isinstance(layer, kinds):
             found[name] = _in_out(layer)
     return found
+
+
+def _in_out(module: Any) -> tuple[int, int]:
+    import torch
+
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features"):  # Linear, quantized Linear
+        return int(module.in_features), int(module.out_features)
+    n_in, n_out = module.weight.shape  # transformers' Conv1D stores [in, out]
+    return int(n_in), int(n_out)
 
 
 def _check_targets(name: str, file: Path, config: LoraAdapterConfig, base: BaseLayers) -> None:
@@ -270,141 +461,44 @@ def _same_model(hint: str, base: str) -> bool:
     return hint_path.name == base_path.name
 
 
-# -- weights ---------------------------------------------------------------------------------
-
-
-def _weights_file(name: str, folder: Path) -> Path:
-    for candidate in WEIGHT_FILES:
-        if (folder / candidate).is_file():
-            return folder / candidate
-    raise AdapterError(
-        name,
-        f"no weights in {folder}: expected {WEIGHT_FILES[0]} (or the older {WEIGHT_FILES[1]})",
-    )
-
-
-def _read_shapes(name: str, file: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, reading only the header where the format allows."""
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as weights:
-                return {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}
-        import torch
-
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"it holds a {type(state).__name__}, not a dict of tensors")
-        return {k: tuple(v.shape) for k, v in state.items()}
-    except Exception as exc:  # every reader error means the same to the user: a bad file
-        raise AdapterError(
-            name, f"cannot read {file}: {exc}. The file is corrupt or not a PEFT weights file"
-        ) from exc
-
-
-@dataclass(frozen=True, slots=True)
-class _Expected:
-    shape: tuple[int, int]
-    module: str
-    rank: int
-    is_a: bool  # lora_A [r, in]; else lora_B [out, r]
-
-
 def _check_weights(
     name: str,
     file: Path,
-    shapes: dict[str, tuple[int, ...]],
+    shapes: Mapping[str, tuple[int, ...]],
     config: LoraAdapterConfig,
     base: BaseLayers,
 ) -> None:
-    if not shapes:
-        raise AdapterError(name, f"{file} holds no tensors")
-    seen: dict[str, set[str]] = {}
     hint = config.base_model_name_or_path
-    trained_on = f" (adapter_config.json says it was trained on {hint!r})" if hint else ""
-    for key, shape in shapes.items():
-        expected = _expected_shape(name, file, key, config, base, trained_on)
-        if shape != expected.shape:
-            rank_at = 0 if expected.is_a else 1
-            only_rank_differs = (
-                len(shape) == 2 and shape[1 - rank_at] == expected.shape[1 - rank_at]
+    trained_on = f" ({CONFIG_FILE} says it was trained on {hint!r})" if hint else ""
+    for module, pair in lora_pairs(name, file, shapes).items():
+        sizes = base.modules.get(module)
+        if sizes is None:
+            what = (
+                "is not a Linear or Embedding layer" if module in base.names else "does not exist"
             )
+            raise AdapterError(
+                name,
+                f"{file}: {pair.keys[0]} is for the module {module!r}, which {what} in the "
+                f"base model ({base.class_name}); the adapter was trained for a different base "
+                f"model{trained_on}",
+            )
+        rank = config.rank_for(module)
+        n_in, n_out = sizes
+        for key, shape, expected, rank_at in (
+            (pair.keys[0], pair.a, (rank, n_in), 0),
+            (pair.keys[1], pair.b, (n_out, rank), 1),
+        ):
+            if shape == expected:
+                continue
+            only_rank_differs = len(shape) == 2 and shape[1 - rank_at] == expected[1 - rank_at]
             why = (
-                f"its rank is {shape[rank_at]} but {CONFIG_FILE} says r={expected.rank} "
+                f"its rank is {shape[rank_at]} but {CONFIG_FILE} says r={rank} "
                 "(see r and rank_pattern)"
                 if only_rank_differs
                 else f"the adapter was trained for a different base model{trained_on}"
             )
             raise AdapterError(
                 name,
-                f"{file}: {key} has shape {list(shape)} but the base model's {expected.module} "
-                f"with rank {expected.rank} needs {list(expected.shape)}; {why}",
+                f"{file}: {key} has shape {list(shape)} but the base model's {module} "
+                f"({n_in} -> {n_out}) with rank {rank} needs {list(expected)}; {why}",
             )
-        module, _, kind = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
-        seen.setdefault(module, set()).add(kind.split(".")[0].replace("embedding_", ""))
-    for module, kinds in seen.items():
-        if kinds != {"A", "B"}:
-            lacking = "lora_B" if "A" in kinds else "lora_A"
-            raise AdapterError(name, f"{file}: {module} has no {lacking} weight")
-
-
-def _expected_shape(
-    name: str,
-    file: Path,
-    key: str,
-    config: LoraAdapterConfig,
-    base: BaseLayers,
-    trained_on: str,
-) -> _Expected:
-    match = _KEY.fullmatch(key.removeprefix(_PEFT_PREFIX)) if key.startswith(_PEFT_PREFIX) else None
-    if match is None:
-        raise AdapterError(
-            name,
-            f"{file}: unexpected tensor {key!r}; a LoRA adapter holds only "
-            f"'{_PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' tensors",
-        )
-    module_name = match["module"] or match["emodule"]
-    kind = match["kind"] or match["ekind"]
-    sizes = base.modules.get(module_name)
-    if sizes is None:
-        exists = module_name in base.names
-        what = "is not a Linear or Embedding layer" if exists else "does not exist"
-        raise AdapterError(
-            name,
-            f"{file}: {key} is for the module {module_name!r}, which {what} in the base model "
-            f"({base.class_name}); the adapter was trained for a different base model"
-            f"{trained_on}",
-        )
-    rank = _pattern_value(config.rank_pattern, module_name, config.r)
-    n_in, n_out = sizes
-    is_a = kind.endswith("A")
-    shape = (rank, n_in) if is_a else (n_out, rank)
-    return _Expected(shape, f"{module_name} ({n_in} -> {n_out})", rank, is_a)
-
-
-def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    """PEFT's rule for rank_pattern/alpha_pattern keys: the key, as a regex, ends the name."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return value
-    return default
-
-
-def _in_out(module: Any) -> tuple[int, int]:
-    import torch
-
-    if isinstance(module, torch.nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    if hasattr(module, "in_features"):  # Linear, quantized Linear
-        return int(module.in_features), int(module.out_features)
-    n_in, n_out = module.weight.shape  # transformers' Conv1D stores [in, out]
-    return int(n_in), int(n_out)
-
-
-def lora_scale(config: dict[str, Any], module_name: str) -> float:
-    """The factor PEFT multiplies `B @ A @ x` by for `module_name`: alpha/r, or alpha/sqrt(r)."""
-    parsed = LoraAdapterConfig.model_validate(config)
-    rank = _pattern_value(parsed.rank_pattern, module_name, parsed.r)
-    alpha = _pattern_value(parsed.alpha_pattern, module_name, parsed.lora_alpha)
-    return float(alpha / (rank**0.5 if parsed.use_rslora else rank))

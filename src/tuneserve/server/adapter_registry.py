@@ -27,10 +27,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from tuneserve.engine.base import Engine
-from tuneserve.errors import AdapterError
+from tuneserve.engine.types import AdapterState
+from tuneserve.errors import AdapterError, AdapterNotLoadedError, RegistryError
 from tuneserve.models.adapter_root import (
     AdapterPathError,
     AdapterRoot,
@@ -40,16 +40,15 @@ from tuneserve.models.adapter_root import (
 )
 from tuneserve.models.adapters import CONFIG_FILE, WEIGHT_FILES, BaseLayers, validate_adapter
 from tuneserve.models.types import AdapterSpec, ServedModel
+from tuneserve.server.protocol import AdapterSource
 
 logger = logging.getLogger(__name__)
-
-Source = Literal["startup", "api", "share"]
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
     path: Path
-    source: Source
+    source: AdapterSource
     fingerprint: Fingerprint
     loaded_at: float
 
@@ -67,23 +66,14 @@ class Problem:
 class AdapterInfo:
     name: str
     path: Path
-    source: Source
+    source: AdapterSource
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
     size_bytes: int
-    state: str
+    state: AdapterState
     last_used: float | None
     loaded_at: float
-
-
-class RegistryError(Exception):
-    """A load or unload the caller asked for cannot be done; `param` names the field."""
-
-    def __init__(self, message: str, *, param: str | None = None, missing: bool = False) -> None:
-        super().__init__(message)
-        self.param = param
-        self.missing = missing  # the adapter is not served (a 404, not a 400)
 
 
 class AdapterRegistry:
@@ -218,11 +208,10 @@ class AdapterRegistry:
         async with self._lock:
             entry = self._entries.get(name)
             if name not in self.engine.adapters:
-                raise RegistryError(
+                raise AdapterNotLoadedError(
                     f"adapter {name!r} is not loaded; loaded: "
                     f"{', '.join(self.engine.adapter_names) or '(none)'}",
                     param="name",
-                    missing=True,
                 )
             await self._uninstall(name)
             if entry is not None and self.root is not None and self.root.contains(entry.path):
@@ -293,7 +282,7 @@ class AdapterRegistry:
         self.last_scan = time.time()
 
     async def _try_install(
-        self, name: str, folder: Path, source: Source, stamp: Fingerprint
+        self, name: str, folder: Path, source: AdapterSource, stamp: Fingerprint
     ) -> None:
         """A rescan's install: a bad folder is reported once per version, not raised."""
         problem = self._problems.get(name)
@@ -308,7 +297,7 @@ class AdapterRegistry:
             else:
                 logger.warning("%s", exc)
 
-    async def _install(self, name: str, folder: Path, source: Source) -> None:
+    async def _install(self, name: str, folder: Path, source: AdapterSource) -> None:
         """Validate and hand to the engine (which swaps atomically). Lock held."""
         stamp = fingerprint(folder)
         spec: AdapterSpec = await asyncio.to_thread(validate_adapter, name, folder, self._base)

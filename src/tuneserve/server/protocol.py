@@ -664,3 +664,69 @@ class CompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+
+
+# -- /v1/adapters (admin): not OpenAI's -------------------------------------------------------
+# The server answers with these and `tuneserve adapters` reads its answers with them, so the
+# two sides of the wire share one definition (server/routes_adapters.py has the routes).
+AdapterSource = Literal["startup", "api", "share"]
+
+
+class AdapterLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        description="The adapter's id in requests (`model`).", examples=["support-v2"]
+    )
+    path: str = Field(
+        description="Its folder, relative to the adapter root (or absolute, inside it).",
+        examples=["support-v2"],
+    )
+
+
+class AdapterCard(BaseModel):
+    name: str
+    object: Literal["adapter"] = "adapter"
+    path: str
+    source: AdapterSource
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    state: Literal["hot", "cpu", "disk"] = Field(
+        description="hot: in an engine slot; cpu: in CPU memory; disk: read on first use."
+    )
+    last_used: float | None = Field(description="Unix time of the last request using it.")
+    loaded_at: float
+
+
+class AdapterLoaded(AdapterCard):
+    replaced: bool = Field(description="True when it replaced an adapter of the same name.")
+
+
+class AdapterProblem(BaseModel):
+    name: str
+    path: str | None
+    message: str
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    root: str | None = Field(description="The adapter root; null when none is configured.")
+    data: list[AdapterCard]
+    errors: list[AdapterProblem]
+
+
+class AdapterDeleted(BaseModel):
+    name: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+class VLLMLoadRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class VLLMUnloadRequest(BaseModel):
+    lora_name: str

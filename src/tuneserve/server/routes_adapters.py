@@ -11,15 +11,25 @@ too, so scripts written for vLLM work unchanged. All of them need the admin key 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import PlainTextResponse
 
-from tuneserve.server.adapter_registry import AdapterInfo, AdapterRegistry, RegistryError
+from tuneserve.errors import AdapterNotLoadedError, RegistryError
+from tuneserve.server.adapter_registry import AdapterInfo, AdapterRegistry
 from tuneserve.server.errors import APIError, InvalidRequestError
-from tuneserve.server.protocol import ErrorResponse
+from tuneserve.server.protocol import (
+    AdapterCard,
+    AdapterDeleted,
+    AdapterList,
+    AdapterLoaded,
+    AdapterLoadRequest,
+    AdapterProblem,
+    ErrorResponse,
+    VLLMLoadRequest,
+    VLLMUnloadRequest,
+)
 
 router = APIRouter(prefix="/v1", tags=["adapters (admin)"])
 
@@ -31,84 +41,24 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class AdapterLoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(
-        description="The adapter's id in requests (`model`).", examples=["support-v2"]
-    )
-    path: str = Field(
-        description="Its folder, relative to the adapter root (or absolute, inside it).",
-        examples=["support-v2"],
-    )
-
-
-class AdapterCard(BaseModel):
-    name: str
-    object: Literal["adapter"] = "adapter"
-    path: str
-    source: Literal["startup", "api", "share"]
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    size_bytes: int
-    state: Literal["hot", "cpu", "disk"] = Field(
-        description="hot: in an engine slot; cpu: in CPU memory; disk: read on first use."
-    )
-    last_used: float | None = Field(description="Unix time of the last request using it.")
-    loaded_at: float
-
-
-class AdapterLoaded(AdapterCard):
-    replaced: bool = Field(description="True when it replaced an adapter of the same name.")
-
-
-class AdapterProblem(BaseModel):
-    name: str
-    path: str | None
-    message: str
-
-
-class AdapterList(BaseModel):
-    object: Literal["list"] = "list"
-    root: str | None = Field(description="The adapter root; null when none is configured.")
-    data: list[AdapterCard]
-    errors: list[AdapterProblem]
-
-
-class AdapterDeleted(BaseModel):
-    name: str
-    object: Literal["adapter"] = "adapter"
-    deleted: bool = True
-
-
-class VLLMLoadRequest(BaseModel):
-    lora_name: str
-    lora_path: str
-
-
-class VLLMUnloadRequest(BaseModel):
-    lora_name: str
-
-
 def _registry(request: Request) -> AdapterRegistry:
     registry: AdapterRegistry = request.app.state.adapters
     return registry
 
 
-def _card(info: AdapterInfo) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "path": str(info.path),
-        "source": info.source,
-        "rank": info.rank,
-        "alpha": info.alpha,
-        "target_modules": list(info.target_modules),
-        "size_bytes": info.size_bytes,
-        "state": info.state,
-        "last_used": info.last_used,
-        "loaded_at": info.loaded_at,
-    }
+def _card(info: AdapterInfo) -> AdapterCard:
+    return AdapterCard(
+        name=info.name,
+        path=str(info.path),
+        source=info.source,
+        rank=info.rank,
+        alpha=info.alpha,
+        target_modules=list(info.target_modules),
+        size_bytes=info.size_bytes,
+        state=info.state,
+        last_used=info.last_used,
+        loaded_at=info.loaded_at,
+    )
 
 
 def _listing(registry: AdapterRegistry) -> AdapterList:
@@ -123,13 +73,13 @@ def _listing(registry: AdapterRegistry) -> AdapterList:
     ]
     return AdapterList(
         root=str(registry.root.path) if registry.root else None,
-        data=[AdapterCard(**_card(info)) for info in registry.infos()],
+        data=[_card(info) for info in registry.infos()],
         errors=problems,
     )
 
 
 def _api_error(exc: RegistryError) -> APIError:
-    if exc.missing:
+    if isinstance(exc, AdapterNotLoadedError):
         return APIError.of_status(404, str(exc), code="adapter_not_found")
     return InvalidRequestError(str(exc), param=exc.param)
 
@@ -145,7 +95,7 @@ async def load_adapter(body: AdapterLoadRequest, request: Request) -> AdapterLoa
         info, replaced = await _registry(request).load(body.name, body.path)
     except RegistryError as exc:
         raise _api_error(exc) from None
-    return AdapterLoaded(**_card(info), replaced=replaced)
+    return AdapterLoaded(**_card(info).model_dump(), replaced=replaced)
 
 
 @router.post("/adapters/rescan", response_model=AdapterList, responses=ERRORS)
