@@ -35,7 +35,7 @@ import re
 import secrets
 import string
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -46,18 +46,15 @@ from rich.console import Console
 
 from tuneserve.deploy import naming
 from tuneserve.deploy.base import (
-    Ask,
     DeployResult,
     Provider,
     ProvisionRequest,
     StatusReport,
     option,
-    pick,
 )
 from tuneserve.deploy.http import get_json, http_get, is_ready, open_lines
 from tuneserve.deploy.infra import (
     CONFIG_KEYS,
-    FinetuningConfig,
     GpuPlan,
     InferenceConfig,
     InfraPaths,
@@ -68,6 +65,7 @@ from tuneserve.deploy.shares import (
     Advance,
     FolderFiles,
     RemoteFile,
+    SyncTarget,
     install_by_renames,
     remove_by_rename,
 )
@@ -329,6 +327,7 @@ class AzureProvisionRequest(ProvisionRequest):
 class AzureProvider(Provider):
     name = "azure"
     summary = "Azure Container Apps"
+    has_scope = True
     request_type = AzureProvisionRequest
     default_timeout_s = 1800.0
     # STORAGE_ACCOUNT_NAME names an Azure storage account (the local provider's is a folder)
@@ -416,31 +415,6 @@ class AzureProvider(Provider):
         return ShareClient(
             url, str(config.FILE_SHARE_NAME), credential=self.credential(), token_intent="backup"
         )
-
-    @classmethod
-    def scope(
-        cls,
-        subscription: str | None,
-        resource_group: str | None,
-        finetuning: FinetuningConfig | None,
-        ask: Ask | None,
-    ) -> tuple[str, str]:
-        """The flags, else the user's answers, else the fine-tuning step's."""
-        sub = pick(
-            subscription,
-            finetuning.SUBSCRIPTION_ID if finetuning else None,
-            question="Azure subscription id",
-            option="--subscription",
-            ask=ask,
-        )
-        rg = pick(
-            resource_group,
-            finetuning.RESOURCE_GROUP_NAME if finetuning else None,
-            question="Resource group",
-            option="--resource-group",
-            ask=ask,
-        )
-        return sub, rg
 
     def _app_names(self) -> tuple[str, str]:
         config = self._config()
@@ -612,17 +586,12 @@ class AzureProvider(Provider):
 
     # -- deploy --
 
-    def _sync(self, prune: bool, force: bool, include_model_cache: bool | None) -> str:
-        target = self.share_target()
-        with azure_errors(
+    def share_errors(self, target: SyncTarget) -> contextlib.AbstractContextManager[None]:
+        return azure_errors(
             f"syncing to the file share {target.describe()}",
             not_found="Check STORAGE_ACCOUNT_NAME and FILE_SHARE_NAME in "
             f"{self.paths.rel(self.paths.config)}",
-        ):
-            result = self.sync_workspace(
-                target, prune=prune, force=force, include_model_cache=include_model_cache
-            )
-        return result.summary()
+        )
 
     def live_plan(self, apps: Any, app: dict[str, Any]) -> GpuPlan | None:
         """The app's nodes and replicas as Azure has them: its scale.maxReplicas and the GPU
@@ -650,24 +619,16 @@ class AzureProvider(Provider):
         replicas = int(scale.get("maxReplicas") or CONTAINERAPP_DEFAULT_MAX_REPLICAS)
         return GpuPlan(nodes=int(profile.get("maximumCount") or 0), max_replicas=replicas)
 
-    def deploy(
-        self,
-        *,
-        timeout: float | None = None,
-        replicas: int | None = None,
-        prune: bool = False,
-        force: bool = False,
-        include_model_cache: bool | None = None,
-    ) -> DeployResult:
-        config = self._config()
-        timeout = self.default_timeout_s if timeout is None else timeout
+    def deploying(self, replicas: int | None) -> contextlib.AbstractContextManager[None]:
         if replicas is not None:
             self.console.print(
                 "note: --replicas applies to the local provider; Azure scales between 1 and "
                 "max(1, maximumInstanceCount - 1) replicas by HTTP concurrency"
             )
-        summary = self._sync(prune, force, include_model_cache)
+        return super().deploying(replicas)
 
+    def roll_out(self, summary: str, *, timeout: float, replicas: int | None) -> DeployResult:
+        config = self._config()
         rg, name = self._app_names()
         apps = self._apps()
         app = self._get_app(apps, rg, name)
@@ -738,21 +699,9 @@ class AzureProvider(Provider):
             ]
             return max(1, len(running))
 
-        try:
-            with self.console.status(f"Waiting for {revision} to be ready") as status:
-                ready = wait_until(
-                    ready_replicas,
-                    timeout=timeout,
-                    interval=self.poll_s,
-                    on_wait=lambda s: status.update(
-                        f"Waiting for {revision} to be ready ({s:.0f} s; {states})"
-                    ),
-                )
-            if ready:
-                return ready
-            why = f"not ready after {timeout:.0f} s"
-        except _RevisionFailed as exc:
-            why = str(exc)
+        ready, why = self._wait(f"{revision} to be ready", ready_replicas, timeout, lambda: states)
+        if ready:
+            return ready
         logs = [("Last lines of its log:", self._log_tail(apps, rg, name, revision))]
         warnings = []
         try:
@@ -823,22 +772,14 @@ class AzureProvider(Provider):
                     return len(running)
             return None
 
-        try:
-            with self.console.status(f"Waiting for {revision} to restart") as status:
-                ready = wait_until(
-                    restarted_replicas,
-                    timeout=timeout,
-                    interval=self.poll_s,
-                    on_wait=lambda s: status.update(
-                        f"Waiting for {revision} to restart ({s:.0f} s; "
-                        f"{restarted} replica(s) restarted)"
-                    ),
-                )
-            if ready:
-                return DeployResult(revision, endpoint, summary, replicas=ready)
-            why = f"not ready after {timeout:.0f} s"
-        except _RevisionFailed as exc:
-            why = str(exc)
+        ready, why = self._wait(
+            f"{revision} to restart",
+            restarted_replicas,
+            timeout,
+            lambda: f"{restarted} replica(s) restarted",
+        )
+        if ready:
+            return DeployResult(revision, endpoint, summary, replicas=ready)
         tail = self._log_tail(apps, rg, name, revision)
         lines = [f"deploy failed: revision {revision} did not come back after its restart: {why}."]
         lines += ["Last lines of its log:"] + [f"  | {t}" for t in tail]
@@ -847,6 +788,27 @@ class AzureProvider(Provider):
             f"until {revision} recovers ('tuneserve logs --revision {revision}')."
         )
         raise DeployFailedError("\n".join(lines), previous_revision=None)
+
+    def _wait(
+        self,
+        what: str,
+        check: Callable[[], int | None],
+        timeout: float,
+        detail: Callable[[], str],
+    ) -> tuple[int | None, str]:
+        """Poll `check` (it raises _RevisionFailed for a state that does not recover) under a
+        spinner showing `detail()`; returns its result, else None and why."""
+        try:
+            with self.console.status(f"Waiting for {what}") as status:
+                result = wait_until(
+                    check,
+                    timeout=timeout,
+                    interval=self.poll_s,
+                    on_wait=lambda s: status.update(f"Waiting for {what} ({s:.0f} s; {detail()})"),
+                )
+        except _RevisionFailed as exc:
+            return None, str(exc)
+        return result, f"not ready after {timeout:.0f} s"
 
     def _check_key(self, endpoint: str) -> None:
         """Tell the user when the endpoint refuses the workspace's key (secrets changed)."""

@@ -8,6 +8,7 @@ the CLI makes a flag of each.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
@@ -179,6 +180,8 @@ class Provider(ABC):
     addresses_replicas: ClassVar[bool] = False
     # whether deploy --replicas sets how many replicas run (else the platform scales them)
     fixed_replicas: ClassVar[bool] = False
+    # whether the platform has subscriptions and resource groups (else they only seed names)
+    has_scope: ClassVar[bool] = False
     # rules for infra/inference.config.json's values beyond the shared ones
     config_rules: ClassVar[dict[str, naming.NameRule]] = {}
 
@@ -197,9 +200,20 @@ class Provider(ABC):
         finetuning: FinetuningConfig | None,
         ask: Ask | None,
     ) -> tuple[str, str]:
-        """The subscription and resource group to provision into (they seed the derived
-        names); a platform without them takes its own name for both."""
-        return subscription or cls.name, resource_group or cls.name
+        """The subscription and resource group to provision into, which seed the derived
+        names: the flags, else (where the platform has them) the user's answers or the
+        fine-tuning step's, else the provider's name."""
+        if not cls.has_scope:
+            return subscription or cls.name, resource_group or cls.name
+        asked = [
+            (subscription, "SUBSCRIPTION_ID", "Subscription id", "--subscription"),
+            (resource_group, "RESOURCE_GROUP_NAME", "Resource group", "--resource-group"),
+        ]
+        sub, rg = (
+            pick(flag, getattr(finetuning, key, None), question=question, option=opt, ask=ask)
+            for flag, key, question, opt in asked
+        )
+        return sub, rg
 
     def _config(self) -> InferenceConfig:
         if self.config is None:
@@ -213,7 +227,6 @@ class Provider(ABC):
     @abstractmethod
     def provision(self, request: Any) -> InferenceConfig: ...
 
-    @abstractmethod
     def deploy(
         self,
         *,
@@ -222,7 +235,27 @@ class Provider(ABC):
         prune: bool = False,
         force: bool = False,
         include_model_cache: bool | None = None,
-    ) -> DeployResult: ...
+    ) -> DeployResult:
+        """Sync the workspace to the share, then roll out a new revision (the previous one
+        serves until the new one is ready, where the platform allows)."""
+        with self.deploying(replicas):
+            result = self.sync_workspace(
+                self.share_target(),
+                prune=prune,
+                force=force,
+                include_model_cache=include_model_cache,
+            )
+            timeout = self.default_timeout_s if timeout is None else timeout
+            return self.roll_out(result.summary(), timeout=timeout, replicas=replicas)
+
+    def deploying(self, replicas: int | None) -> contextlib.AbstractContextManager[None]:
+        """Held for a whole deploy (a lock, where two deploys could collide); it checks the
+        request before anything is synced."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def roll_out(self, sync_summary: str, *, timeout: float, replicas: int | None) -> DeployResult:
+        """Deploy after the sync: a new revision running what the share now holds."""
 
     @abstractmethod
     def status(self, *, api_key: str | None = None) -> StatusReport: ...
@@ -253,16 +286,21 @@ class Provider(ABC):
     ) -> SyncResult:
         """Deploy's first step on every platform."""
         self.console.print(f"Syncing {self.paths.workspace} to the share {target.describe()}")
-        result = sync_to_share(
-            self.paths,
-            target,
-            prune=prune,
-            force=force,
-            include_model_cache=include_model_cache,
-            console=self.console,
-        )
+        with self.share_errors(target):
+            result = sync_to_share(
+                self.paths,
+                target,
+                prune=prune,
+                force=force,
+                include_model_cache=include_model_cache,
+                console=self.console,
+            )
         self.console.print(f"  {result.summary()}")
         return result
+
+    def share_errors(self, target: SyncTarget) -> contextlib.AbstractContextManager[None]:
+        """Turns the share's own errors into ones that say what to check."""
+        return contextlib.nullcontext()
 
     def not_ready(
         self,

@@ -276,79 +276,68 @@ class LocalProvider(Provider):
 
     # -- deploy --
 
-    def deploy(
-        self,
-        *,
-        timeout: float | None = None,
-        replicas: int | None = None,
-        prune: bool = False,
-        force: bool = False,
-        include_model_cache: bool | None = None,
-        grace: float = STOP_GRACE_S,
-    ) -> DeployResult:
-        timeout = self.default_timeout_s if timeout is None else timeout
+    @contextlib.contextmanager
+    def deploying(self, replicas: int | None) -> Iterator[None]:
         with self._lock():
             spec = self.load_spec()
-            count = replicas or 1
-            if count > spec.max_replicas:
+            if (replicas or 1) > spec.max_replicas:
                 raise ProviderError(
-                    f"--replicas {count} is more than maximumInstanceCount ({spec.max_replicas}); "
-                    f"raise it in {self.paths.rel(self.paths.parameters)} and provision again"
+                    f"--replicas {replicas} is more than maximumInstanceCount "
+                    f"({spec.max_replicas}); raise it in "
+                    f"{self.paths.rel(self.paths.parameters)} and provision again"
                 )
             state = self.load_state()
             self._stop_pending(state)
-
-            # 1. sync the workspace to the share
-            result = self.sync_workspace(
-                self.share_target(),
-                prune=prune,
-                force=force,
-                include_model_cache=include_model_cache,
-            )
-
-            # 2. a new revision: its own snapshot of the share, its own replicas
-            state.seq += 1
-            revision = f"{self.app_name}--r{state.seq}"
-            rev_dir = self.app_dir / "revisions" / revision
-            if rev_dir.exists():
-                shutil.rmtree(rev_dir)
-            mount = rev_dir / "mount"
-            snapshot(self.share_dir, mount)
-            self._ensure_proxy(state, spec.port)
-            procs = [self._start_replica(spec, revision, i, mount, rev_dir) for i in range(count)]
-            state.pending = [replica for replica, _ in procs]
             self._save_state(state)
+            yield
 
-            # 3. wait until every new replica is ready; on failure the old revision serves on
-            try:
-                self._wait_ready(revision, procs, timeout)
-            except (DeployFailedError, KeyboardInterrupt):
-                terminate_groups([r.pid for r in state.pending], grace=2)
-                state.pending = []
-                state.last_failed = revision
-                self._save_state(state)
-                raise
+    def roll_out(self, sync_summary: str, *, timeout: float, replicas: int | None) -> DeployResult:
+        # 1. (the sync, under deploying's lock) done: the share holds the workspace
+        spec, state, count = self.load_spec(), self.load_state(), replicas or 1
 
-            # 4. switch the endpoint, then retire the old revision: its replicas drain (they
-            # finish what runs; new connections already reach the new revision) and exit
-            new, old = state.pending, state.replicas
-            write_atomic(
-                self._routes_path(),
-                json.dumps({"revision": revision, "ports": [r.port for r in new]}) + "\n",
-            )
-            state.revision, state.replicas, state.pending = revision, new, []
+        # 2. a new revision: its own snapshot of the share, its own replicas
+        state.seq += 1
+        revision = f"{self.app_name}--r{state.seq}"
+        rev_dir = self.app_dir / "revisions" / revision
+        if rev_dir.exists():
+            shutil.rmtree(rev_dir)
+        mount = rev_dir / "mount"
+        snapshot(self.share_dir, mount)
+        self._ensure_proxy(state, spec.port)
+        procs = [self._start_replica(spec, revision, i, mount, rev_dir) for i in range(count)]
+        state.pending = [replica for replica, _ in procs]
+        self._save_state(state)
+
+        # 3. wait until every new replica is ready; on failure the old revision serves on
+        try:
+            self._wait_ready(revision, procs, timeout)
+        except (DeployFailedError, KeyboardInterrupt):
+            terminate_groups([r.pid for r in state.pending], grace=2)
+            state.pending = []
+            state.last_failed = revision
             self._save_state(state)
-            self._confirm_switch(revision)
-            if old:
-                self.console.print(
-                    f"Retiring the previous revision: {len(old)} replica(s) finish their running "
-                    f"requests (up to {grace:.0f} s)"
-                )
-                started = time.monotonic()
-                terminate_groups([r.pid for r in old], grace=grace)
-                self.console.print(f"  retired in {time.monotonic() - started:.1f} s")
-            self._prune_revisions(keep={revision, state.last_failed})
-            return DeployResult(revision, self.endpoint, result.summary(), replicas=len(new))
+            raise
+
+        # 4. switch the endpoint, then retire the old revision: its replicas drain (they
+        # finish what runs; new connections already reach the new revision) and exit
+        new, old = state.pending, state.replicas
+        write_atomic(
+            self._routes_path(),
+            json.dumps({"revision": revision, "ports": [r.port for r in new]}) + "\n",
+        )
+        state.revision, state.replicas, state.pending = revision, new, []
+        self._save_state(state)
+        self._confirm_switch(revision)
+        if old:
+            self.console.print(
+                f"Retiring the previous revision: {len(old)} replica(s) finish their running "
+                f"requests (up to {STOP_GRACE_S:.0f} s)"
+            )
+            started = time.monotonic()
+            terminate_groups([r.pid for r in old], grace=STOP_GRACE_S)
+            self.console.print(f"  retired in {time.monotonic() - started:.1f} s")
+        self._prune_revisions(keep={revision, state.last_failed})
+        return DeployResult(revision, self.endpoint, sync_summary, replicas=len(new))
 
     def _start_replica(
         self, spec: AppSpec, revision: str, index: int, mount: Path, rev_dir: Path
@@ -415,9 +404,7 @@ class LocalProvider(Provider):
                 all_ready,
                 timeout=timeout,
                 interval=0.5,
-                on_wait=lambda s: status.update(
-                    f"Waiting for {revision} to be ready ({s:.0f} s)"
-                ),
+                on_wait=lambda s: status.update(f"Waiting for {revision} to be ready ({s:.0f} s)"),
             )
         if not done:
             why = f"{', '.join(sorted(waiting))} not ready after {timeout:.0f} s"

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol, runtime_checkable
 
 from tuneserve.deploy.atomic import replacing, write_atomic
-from tuneserve.deploy.transfer import CHUNK, copy_chunks
+from tuneserve.deploy.transfer import copy_chunks
 
 Advance = Callable[[int], None]
 FolderFiles = list[tuple[str, Path]]  # (posix path inside the folder, local file), in upload order
@@ -68,11 +68,8 @@ class HashingTarget(Protocol):
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def hidden_beside(rel: str, what: str) -> str:

@@ -74,6 +74,7 @@ EXCLUDED_FILES = frozenset({".DS_Store", "Thumbs.db", ".tuneserveignore"})
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".swp", ".tmp")
 IGNORE_FILE = ".tuneserveignore"
 
+
 @dataclass
 class SyncResult:
     uploaded: list[str] = field(default_factory=list)
