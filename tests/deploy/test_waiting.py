@@ -39,10 +39,15 @@ def test_gives_none_at_the_deadline_after_checking_once_more_there() -> None:
 
 
 def test_checks_once_even_with_no_time() -> None:
-    calls = []
-    assert wait_until(lambda: calls.append(1) or "now", timeout=0, interval=1) == "now"
-    assert wait_until(lambda: calls.append(1), timeout=0, interval=1) is None
-    assert len(calls) == 2
+    calls: list[str] = []
+
+    def check(answer: str) -> str:
+        calls.append(answer)
+        return answer
+
+    assert wait_until(lambda: check("now"), timeout=0, interval=1) == "now"
+    assert wait_until(lambda: check(""), timeout=0, interval=1) is None
+    assert calls == ["now", ""]
 
 
 def test_a_check_raising_ends_the_wait() -> None:

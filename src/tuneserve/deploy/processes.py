@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from pathlib import Path
 
 import psutil
@@ -128,7 +128,9 @@ def tail_lines(path: Path, n: int, *, end: int | None = None) -> list[str]:
     return data.splitlines()[-n:] if n > 0 else []
 
 
-def log_lines(files: list[Path], *, tail: int, follow: bool, poll_s: float = 0.25) -> Iterator[str]:
+def log_lines(
+    files: list[Path], *, tail: int, follow: bool, poll_s: float = 0.25
+) -> Generator[str, None, None]:
     """The last `tail` lines of each file, then (following) the lines appended to any of them
     as they come, for ever. Lines carry `[file stem] ` when there are several files."""
 
