@@ -20,6 +20,7 @@ from tuneserve.cli import app
 from tuneserve.deploy.http import get_json
 from tuneserve.deploy.infra import InfraPaths, load_config
 from tuneserve.deploy.local import LocalProvider
+from tuneserve.deploy.shares import LocalDirTarget
 
 
 def adapters(*args: Any, ok: bool = True) -> Any:
@@ -145,9 +146,10 @@ def test_install_folder_swaps_the_folder_whole(tmp_path: Path) -> None:
     (_fake_adapter(tmp_path / "v1", rank=8) / "README.md").write_text("old")
     first = mod.check_adapter_folder("a", tmp_path / "v1")
     assert first.files[-1][0] == "adapter_config.json"  # the file that makes it an adapter: last
-    assert mod.install_folder(first, root, "a", lambda n: None) is False
+    share = LocalDirTarget(root)
+    assert mod.install(share, first, "a", lambda n: None) is False
     second = mod.check_adapter_folder("a", _fake_adapter(tmp_path / "v2", rank=4))
-    assert mod.install_folder(second, root, "a", lambda n: None) is True
+    assert mod.install(share, second, "a", lambda n: None) is True
     assert sorted(p.name for p in (root / "a").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -157,9 +159,9 @@ def test_install_folder_swaps_the_folder_whole(tmp_path: Path) -> None:
     # a symlinked adapter is replaced as a link: what it leads to stays untouched
     (root / "a").rename(tmp_path / "elsewhere")
     (root / "a").symlink_to(tmp_path / "elsewhere")
-    assert mod.install_folder(first, root, "a", lambda n: None) is True
+    assert mod.install(share, first, "a", lambda n: None) is True
     assert not (root / "a").is_symlink() and (root / "a" / "README.md").exists()
     assert (tmp_path / "elsewhere" / "adapter_config.json").exists()
 
-    mod.remove_folder(root / "a")
+    share.remove_dir("a")
     assert list(root.iterdir()) == []

@@ -31,10 +31,10 @@ from tests.deploy.azure_standin import Fault, StandIn  # noqa: E402
 from tuneserve.deploy import azure  # noqa: E402
 from tuneserve.deploy.azure import (  # noqa: E402
     AzureProvider,
+    AzureProvisionRequest,
     packaged_template,
     revision_suffix,
 )
-from tuneserve.deploy.base import ProvisionRequest  # noqa: E402
 from tuneserve.deploy.infra import (  # noqa: E402
     FinetuningConfig,
     InferenceConfig,
@@ -108,10 +108,12 @@ def _provider(
     )
 
 
-def _request(ws: Path, **kw: Any) -> ProvisionRequest:
+def _request(ws: Path, **kw: Any) -> AzureProvisionRequest:
     params = load_parameters(ws / "infra" / "provision" / "inference.parameters.json")
     kw.setdefault("keys", KEYS)
-    return ProvisionRequest(subscription_id="sub-1", resource_group="rg-1", parameters=params, **kw)
+    return AzureProvisionRequest(
+        subscription_id="sub-1", resource_group="rg-1", parameters=params, **kw
+    )
 
 
 def _at_standin(config: InferenceConfig, standin: StandIn) -> InferenceConfig:

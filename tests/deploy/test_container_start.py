@@ -44,8 +44,9 @@ from tuneserve.deploy.base import sync_to_share
 from tuneserve.deploy.build import BUILD_BACKEND, BUILD_REQUIRES, write_build
 from tuneserve.deploy.http import get_json, is_ready
 from tuneserve.deploy.infra import BUILD_DIR, DEFAULT_COMMANDS, InfraPaths
-from tuneserve.deploy.local import localize_commands, tail_lines, terminate_group
-from tuneserve.deploy.sync import LocalDirTarget
+from tuneserve.deploy.local import localize_commands
+from tuneserve.deploy.processes import tail_lines, terminate_group
+from tuneserve.deploy.shares import LocalDirTarget
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 150.0  # the install plus the model load, on a busy 2-core machine

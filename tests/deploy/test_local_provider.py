@@ -15,7 +15,8 @@ from typing import Any
 from tests.conftest import free_port
 from tuneserve.deploy.http import get_json
 from tuneserve.deploy.infra import InfraPaths, load_config
-from tuneserve.deploy.local import LocalProvider, localize_commands, pid_alive
+from tuneserve.deploy.local import LocalProvider, localize_commands
+from tuneserve.deploy.processes import pid_alive
 
 
 def _state(ws: Path) -> dict[str, Any]:

@@ -14,17 +14,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from tuneserve.deploy.sync import (
-    MANIFEST,
-    HashCache,
-    HashingTarget,
-    LocalDirTarget,
-    RemoteFile,
-    base_models,
-    file_sha256,
-    sync,
-    workspace_files,
-)
+from tuneserve.deploy.shares import HashingTarget, LocalDirTarget, RemoteFile, file_sha256
+from tuneserve.deploy.sync import MANIFEST, HashCache, base_models, sync, workspace_files
 from tuneserve.errors import DeployError
 
 

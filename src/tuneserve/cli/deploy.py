@@ -7,6 +7,7 @@ hints go to stderr.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -18,6 +19,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from tuneserve.deploy import registry
+from tuneserve.deploy.infra import DEFAULT_PROVIDER
 from tuneserve.errors import TuneserveError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,7 +36,6 @@ Workspace = Annotated[
         help="The AI Toolkit workspace (holds infra/, model-cache/, models/).",
     ),
 ]
-ProviderOpt = Literal["local", "azure"]
 
 
 def _errors(fn: F) -> F:
@@ -163,14 +165,13 @@ def _ask() -> Callable[[str, str | None], str] | None:
     return ask
 
 
-@_errors
 def provision(
     workspace: Workspace = Path("."),
     provider: Annotated[
-        ProviderOpt | None,
+        str | None,
         typer.Option(
-            help="local: processes on this machine; azure: Azure Container Apps "
-            "(default: the config's PROVIDER, else azure)."
+            help="; ".join(f"{name}: {cls.summary}" for name, cls in registry.PROVIDERS.items())
+            + f" (default: the config's PROVIDER, else {DEFAULT_PROVIDER}).",
         ),
     ] = None,
     subscription: Annotated[
@@ -178,22 +179,6 @@ def provision(
     ] = None,
     resource_group: Annotated[
         str | None, typer.Option(help="Resource group (default: the fine-tuning step's).")
-    ] = None,
-    location: Annotated[
-        str | None, typer.Option(help="Azure region for a resource group that does not exist yet.")
-    ] = None,
-    port: Annotated[
-        int | None,
-        typer.Option(
-            help="local: the endpoint's loopback port (default: the first free from 7861)."
-        ),
-    ] = None,
-    share_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="local: the folder standing in for the "
-            "storage account (default: .tuneserve/storage)."
-        ),
     ] = None,
     api_key: Annotated[
         str | None,
@@ -208,26 +193,24 @@ def provision(
             "workspace's, else a new random one)."
         ),
     ] = None,
+    **options: Any,
 ) -> None:
     from tuneserve.deploy.infra import load_config
     from tuneserve.deploy.workflow import provision as run_provision
 
     paths = _paths(workspace)
     if provider is None:
-        provider = "azure"
+        provider = DEFAULT_PROVIDER
         if paths.config.exists():
-            config = load_config(paths.config, shown=paths.rel(paths.config))
-            provider = config.PROVIDER or "azure"
+            provider = load_config(paths.config, shown=paths.rel(paths.config)).provider
     config, keys, new_keys = run_provision(
         paths,
         provider=provider,
         subscription=subscription,
         resource_group=resource_group,
-        location=location,
-        port=port,
-        share_dir=share_dir,
         api_key=api_key,
         admin_key=admin_key,
+        options=options,
         ask=_ask(),
         console=stderr,
     )
@@ -239,20 +222,58 @@ def provision(
     stdout.print(config.to_json().rstrip())
 
 
+def _with_providers(command: F) -> F:
+    """The command with --provider choosing among the registry's providers and a flag for each
+    provider's own provision option (deploy/registry.py), placed before --api-key; the command
+    takes those as **options."""
+    signature = inspect.signature(command, eval_str=True)
+    shared = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    chosen = next(i for i, p in enumerate(shared) if p.name == "provider")
+    [option_info] = shared[chosen].annotation.__metadata__
+    choices = Literal[tuple(registry.names())]  # type: ignore[valid-type]
+    shared[chosen] = shared[chosen].replace(annotation=Annotated[choices | None, option_info])
+    at = next(i for i, p in enumerate(shared) if p.name == "api_key")
+    own = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                takers[0][1].type,
+                typer.Option(help="; ".join(f"{who}: {opt.help}" for who, opt in takers)),
+            ],
+        )
+        for name, takers in registry.provision_options().items()
+    ]
+    keyword = [p.replace(kind=p.KEYWORD_ONLY) for p in shared]
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*keyword[:at], *own, *keyword[at:]]
+    )
+    return command
+
+
+provision = _with_providers(_errors(provision))
+
+
 @_errors
 def deploy(
     workspace: Workspace = Path("."),
     timeout: Annotated[
         float | None,
         typer.Option(
-            help="Seconds to wait for the new revision "
-            "to be ready (default: local 300, azure 1800)."
+            help="Seconds to wait for the new revision to be ready (default: "
+            + ", ".join(
+                f"{name} {cls.default_timeout_s:.0f}" for name, cls in registry.PROVIDERS.items()
+            )
+            + ")."
         ),
     ] = None,
     replicas: Annotated[
         int | None,
         typer.Option(
-            min=1, help="local: replicas to start (at most maximumInstanceCount) (default: 1)."
+            min=1,
+            help=", ".join(n for n, cls in registry.PROVIDERS.items() if cls.fixed_replicas)
+            + ": replicas to start (at most maximumInstanceCount) (default: 1).",
         ),
     ] = None,
     prune: Annotated[

@@ -8,13 +8,10 @@ Where the folder goes:
 - running servers (`--url`): `ROOT/NAME`, ROOT being the adapter root the first server reports,
   when that folder is on this machine.
 
-Servers list every folder holding adapter_config.json under their root, on a timer too, so a
-folder must never be seen half-written (an Azure Files upload even creates a file at its full
-size before writing its bytes). So the files are copied into a hidden folder beside NAME
-(servers skip dot-folders) and moved into place by two directory renames (the old folder aside,
-the new one in), the old one deleted afterwards. A replaced adapter keeps serving during the
-upload; a rescan landing between the two renames unloads it until the load each replica is
-told to do right after.
+Servers list every folder holding adapter_config.json under their root, on a timer too, so the
+folder is swapped in and out whole (the share's install_dir / remove_dir, deploy/shares.py). A
+replaced adapter keeps serving during the upload; a rescan landing between the two renames of
+the swap unloads it until the load each replica is told to do right after.
 """
 
 from __future__ import annotations
@@ -22,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -32,24 +27,16 @@ from urllib.parse import urlparse
 
 import httpx
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from tuneserve.deploy.base import Provider
-from tuneserve.deploy.sync import LocalDirTarget, SyncTarget
+from tuneserve.deploy.shares import LocalDirTarget, SyncTarget
+from tuneserve.deploy.transfer import Advance, transfer_progress
 from tuneserve.errors import AdapterError, DeployError
 from tuneserve.models.adapter_root import check_adapter_name
 from tuneserve.models.adapters import CONFIG_FILE, WEIGHT_FILES, read_adapter_config
 from tuneserve.models.workspace import MODELS as ADAPTERS_DIR
 
 DEFAULT_TIMEOUT_S = 120.0  # loading an adapter is a disk read plus a check; a cold replica is slow
-Advance = Callable[[int], None]
 
 
 class AdaptersError(DeployError):
@@ -109,69 +96,11 @@ def check_adapter_folder(name: str, path: Path) -> AdapterFolder:
     return AdapterFolder(path, files, sum(f.stat().st_size for _, f in files))
 
 
-# --- folders on this machine -----------------------------------------------------------------
-
-
-def _aside(path: Path, what: str) -> Path:
-    """A hidden name beside `path` (servers skip dot-folders when they scan the root)."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{what}")
+# --- where the folder goes ------------------------------------------------------------------
 
 
 def _is_adapter_dir(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
-
-
-def _refuse_non_adapter(dest: Path, where: str) -> None:
-    raise AdaptersError(
-        f"{where} exists and is not an adapter folder (no {CONFIG_FILE} in it): pushing would "
-        "replace it; pick another name, or move that folder away first"
-    )
-
-
-def install_folder(adapter: AdapterFolder, root: Path, name: str, advance: Advance) -> bool:
-    """Copy the adapter to root/name, swapped in whole; True when it replaced a previous one."""
-    dest = root / name
-    if dest.exists() and not _is_adapter_dir(dest):
-        _refuse_non_adapter(dest, str(dest))
-    root.mkdir(parents=True, exist_ok=True)
-    staging = _aside(dest, "part")
-    staging.mkdir()
-    try:
-        for rel, src in adapter.files:
-            out_path = staging / rel
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            with src.open("rb") as inp, out_path.open("wb") as out:
-                while chunk := inp.read(1 << 20):
-                    out.write(chunk)
-                    advance(len(chunk))
-            shutil.copymode(src, out_path)
-        replaced = dest.exists()
-        if not replaced:
-            os.rename(staging, dest)
-        else:  # root/name is missing for an instant
-            old = _aside(dest, "old")
-            os.rename(dest, old)
-            os.rename(staging, dest)
-            _discard(old)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return replaced
-
-
-def _discard(path: Path) -> None:
-    """Delete a folder; a symlink is unlinked, never followed (what it leads to stays)."""
-    if path.is_symlink():
-        path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_folder(folder: Path) -> None:
-    """Delete an adapter folder, renamed away first so no scan sees it half-deleted."""
-    trash = _aside(folder, "deleted")
-    os.rename(folder, trash)
-    _discard(trash)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -179,67 +108,25 @@ def _inside(path: Path, root: Path) -> bool:
     return path != root and path.is_relative_to(root)
 
 
-# --- the share of a deployment ---------------------------------------------------------------
-
-
 def share_folder(name: str) -> str:
     return f"{ADAPTERS_DIR}/{name}"
 
 
-def upload_to_share(
-    target: SyncTarget, adapter: AdapterFolder, name: str, advance: Advance
-) -> bool:
-    """Put the adapter at models/NAME/ on the share; True when it replaced a previous one."""
-    if isinstance(target, LocalDirTarget):
-        return install_folder(adapter, target.root / ADAPTERS_DIR, name, advance)
-    prefix = share_folder(name)
-    existing = target.list_files(under=prefix)
-    if existing and f"{prefix}/{CONFIG_FILE}" not in existing:
-        _refuse_non_adapter(Path(prefix), f"{target.describe()}/{prefix}")
-    replaced = bool(existing)
-    staging = f"{ADAPTERS_DIR}/.{name}.{secrets.token_hex(4)}.part"
-    try:
-        for rel, src in adapter.files:
-            target.upload(src, f"{staging}/{rel}", advance)
-        if replaced:
-            old = f"{ADAPTERS_DIR}/.{name}.{secrets.token_hex(4)}.old"
-            target.rename_dir(prefix, old)
-            try:
-                target.rename_dir(staging, prefix)
-            except BaseException:
-                target.rename_dir(old, prefix)
-                raise
-            remove_tree(target, old)
-        else:
-            target.delete_empty_dirs(prefix)  # an empty folder of that name would block the move
-            target.rename_dir(staging, prefix)
-    except BaseException:
-        remove_tree(target, staging)
-        raise
-    return replaced
-
-
 def share_has_adapter(target: SyncTarget, rel_folder: str) -> bool:
-    if isinstance(target, LocalDirTarget):
-        return _is_adapter_dir(target.root / rel_folder)
     return f"{rel_folder}/{CONFIG_FILE}" in target.list_files(under=rel_folder)
 
 
-def remove_tree(target: SyncTarget, rel_folder: str) -> None:
-    """Delete a folder of the share and what it holds; adapter_config.json files go first, so
-    from the first call on no scan takes what is left for an adapter."""
-    files = target.list_files(under=rel_folder)
-    for rel in sorted(files, key=lambda r: (not r.endswith(f"/{CONFIG_FILE}"), r)):
-        target.delete(rel)
-    target.delete_empty_dirs(rel_folder)
-
-
-def remove_from_share(target: SyncTarget, rel_folder: str) -> None:
-    """Delete the adapter folder `rel_folder` (relative to the share) and what it holds."""
-    if isinstance(target, LocalDirTarget):
-        remove_folder(target.root / rel_folder)
-    else:
-        remove_tree(target, rel_folder)
+def install(target: SyncTarget, adapter: AdapterFolder, rel_folder: str, advance: Advance) -> bool:
+    """Put the adapter at `rel_folder` of the share, swapped in whole; True when it replaced a
+    previous one. A folder there that is not an adapter is refused, not replaced."""
+    existing = target.list_files(under=rel_folder)
+    if existing and f"{rel_folder}/{CONFIG_FILE}" not in existing:
+        raise AdaptersError(
+            f"{target.describe()}/{rel_folder} exists and is not an adapter folder (no "
+            f"{CONFIG_FILE} in it): pushing would replace it; pick another name, or move that "
+            "folder away first"
+        )
+    return target.install_dir(rel_folder, adapter.files, advance)
 
 
 # --- the admin API ---------------------------------------------------------------------------
@@ -372,26 +259,17 @@ class Deployment:
     share: SyncTarget
     replicas: list[str]  # the URLs to tell about a change
     endpoint: str
+    each_replica: bool  # whether `replicas` are every replica (else the endpoint: one of them)
 
 
 def deployment(provider: Provider, endpoint: str) -> Deployment:
-    return Deployment(provider.name, provider.share_target(), provider.replica_urls(), endpoint)
-
-
-@contextlib.contextmanager
-def transfer_progress(console: Console, total: int, what: str) -> Iterator[Advance]:
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(what, total=total or 1)
-        yield lambda n: progress.advance(task, n)
+    return Deployment(
+        provider.name,
+        provider.share_target(),
+        provider.replica_urls(),
+        endpoint,
+        each_replica=provider.addresses_replicas,
+    )
 
 
 @contextlib.contextmanager
@@ -474,9 +352,9 @@ def push_to_urls(
     report.notes += _other_roots(root, listings, name)
     with (
         _storage_errors(str(root / name), "copy the adapter to"),
-        transfer_progress(console, adapter.size, f"copy -> {root / name}") as advance,
+        transfer_progress(console, adapter.size, f"copy -> {root / name}") as transfer,
     ):
-        report.replaced = install_folder(adapter, root, name, advance)
+        report.replaced = install(LocalDirTarget(root), adapter, name, transfer.advance)
     report.replicas = _tell_load(client, urls, name)
     return report
 
@@ -493,16 +371,16 @@ def push_to_deployment(
     report = Report(name, folder=where)
     with (
         _storage_errors(where, "upload the adapter to"),
-        transfer_progress(console, adapter.size, f"upload -> {where}") as advance,
+        transfer_progress(console, adapter.size, f"upload -> {where}") as transfer,
     ):
-        report.replaced = upload_to_share(target.share, adapter, name, advance)
+        report.replaced = install(target.share, adapter, share_folder(name), transfer.advance)
     report.replicas = _tell_load(client, target.replicas, name)
     if not target.replicas:
         report.notes.append(
             "no replica is serving: the share holds the adapter, and the next "
             "'tuneserve deploy' serves it"
         )
-    elif target.provider == "azure":
+    elif not target.each_replica:
         report.notes.append(
             f"told the endpoint {target.endpoint} (one replica); the other replicas load "
             f"{name!r} on their next rescan of the share (every 10 s by default)"
@@ -532,7 +410,7 @@ def remove_from_urls(client: AdminClient, urls: list[str], name: str) -> Report:
         folder = next((c for c in candidates if _is_adapter_dir(c) and _inside(c, root)), None)
         if folder is not None:
             with _storage_errors(str(folder), "delete"):
-                remove_folder(folder)
+                LocalDirTarget(folder.parent).remove_dir(folder.name)
             report.folder = str(folder)
     elif root_text:
         report.notes.append(
@@ -563,9 +441,9 @@ def remove_from_deployment(client: AdminClient, target: Deployment, name: str) -
     if folder is not None:
         report.folder = f"{target.share.describe()}/{folder}"
         with _storage_errors(report.folder, "delete"):
-            remove_from_share(target.share, folder)
+            target.share.remove_dir(folder)
     report.replicas = _tell_remove(client, target.replicas, name)
-    if target.provider == "azure" and target.replicas:
+    if not target.each_replica and target.replicas:
         report.notes.append(
             f"told the endpoint {target.endpoint} (one replica); the other replicas drop "
             f"{name!r} on their next rescan of the share"

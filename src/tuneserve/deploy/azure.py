@@ -28,7 +28,6 @@ Azure Files data access uses the same credential (token_intent="backup": the ide
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import queue
@@ -36,9 +35,8 @@ import re
 import secrets
 import string
 import threading
-import time
-import urllib.request
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -46,14 +44,15 @@ from typing import Any
 
 from rich.console import Console
 
+from tuneserve.deploy import naming
 from tuneserve.deploy.base import (
     DeployResult,
+    Provider,
     ProvisionRequest,
     StatusReport,
-    stderr_console,
-    sync_to_share,
+    option,
 )
-from tuneserve.deploy.http import get_json, http_get, is_ready
+from tuneserve.deploy.http import get_json, http_get, is_ready, open_lines
 from tuneserve.deploy.infra import (
     CONFIG_KEYS,
     GpuPlan,
@@ -62,8 +61,16 @@ from tuneserve.deploy.infra import (
     gpu_plan,
 )
 from tuneserve.deploy.keys import keys_path, resolve_key
-from tuneserve.deploy.sync import RemoteFile
-from tuneserve.errors import DeployFailedError, NotProvisionedError, ProviderError
+from tuneserve.deploy.shares import (
+    Advance,
+    FolderFiles,
+    RemoteFile,
+    SyncTarget,
+    install_by_renames,
+    remove_by_rename,
+)
+from tuneserve.deploy.waiting import wait_until
+from tuneserve.errors import DeployFailedError, ProviderError
 
 try:
     from azure.core.exceptions import (
@@ -92,7 +99,6 @@ except ImportError:  # the azure extra is not installed: no SDK call can raise t
 
 
 DEPLOYMENT_NAME = "tuneserve-inference"
-DEFAULT_TIMEOUT_S = 1800.0
 POLL_S = 10.0
 GPU_PROFILE = "GPU"  # the templates' GPU workload profile (and the fine-tuning template's)
 CONTAINERAPP_DEFAULT_MAX_REPLICAS = 10  # Container Apps' scale.maxReplicas when none is set
@@ -306,9 +312,26 @@ class AzureFileShareTarget:
                     raise
             self._dirs.discard(path)
 
+    def install_dir(self, rel: str, files: FolderFiles, advance: Advance) -> bool:
+        return install_by_renames(self, rel, files, advance)
 
-class AzureProvider:
+    def remove_dir(self, rel: str) -> None:
+        remove_by_rename(self, rel)
+
+
+@dataclass
+class AzureProvisionRequest(ProvisionRequest):
+    location: str | None = option("the region for a resource group that does not exist yet.")
+
+
+class AzureProvider(Provider):
     name = "azure"
+    summary = "Azure Container Apps"
+    has_scope = True
+    request_type = AzureProvisionRequest
+    default_timeout_s = 1800.0
+    # STORAGE_ACCOUNT_NAME names an Azure storage account (the local provider's is a folder)
+    config_rules = {"STORAGE_ACCOUNT_NAME": naming.STORAGE_ACCOUNT}
 
     def __init__(
         self,
@@ -323,9 +346,7 @@ class AzureProvider:
         poll_s: float = POLL_S,
     ) -> None:
         """`arm_endpoint`, `storage_url` and `client_kwargs` exist for tests against a stand-in."""
-        self.paths = paths
-        self.config = config
-        self.console = console or stderr_console()
+        super().__init__(paths, config, console)
         self._credential = credential
         self.arm_endpoint = arm_endpoint
         self.storage_url = storage_url
@@ -394,11 +415,6 @@ class AzureProvider:
         return ShareClient(
             url, str(config.FILE_SHARE_NAME), credential=self.credential(), token_intent="backup"
         )
-
-    def _config(self) -> InferenceConfig:
-        if self.config is None:
-            raise NotProvisionedError("run 'tuneserve provision' first")
-        return self.config
 
     def _app_names(self) -> tuple[str, str]:
         config = self._config()
@@ -510,7 +526,7 @@ class AzureProvider:
                 return int(profile["maximumCount"])
         return None
 
-    def provision(self, request: ProvisionRequest) -> InferenceConfig:
+    def provision(self, request: AzureProvisionRequest) -> InferenceConfig:
         sub, rg = request.subscription_id, request.resource_group
         with azure_errors(f"checking resource group {rg!r} in subscription {sub}"):
             groups = self._resource_client(sub).resource_groups
@@ -565,31 +581,17 @@ class AzureProvider:
             )
         # as the template writes them (ACA_APP_ENDPOINT: the ingress FQDN, no scheme)
         values = {key: str(outputs[key.lower()]["value"]) for key in CONFIG_KEYS}
-        self.config = InferenceConfig(**values, PROVIDER="azure")
+        self.config = InferenceConfig(**values, PROVIDER=self.name)
         return self.config
 
     # -- deploy --
 
-    def _sync(
-        self, prune: bool, force: bool = False, include_model_cache: bool | None = None
-    ) -> str:
-        target = AzureFileShareTarget(self._share())
-        self.console.print(f"Syncing {self.paths.workspace} to {target.describe()}")
-        with azure_errors(
+    def share_errors(self, target: SyncTarget) -> contextlib.AbstractContextManager[None]:
+        return azure_errors(
             f"syncing to the file share {target.describe()}",
             not_found="Check STORAGE_ACCOUNT_NAME and FILE_SHARE_NAME in "
             f"{self.paths.rel(self.paths.config)}",
-        ):
-            result = sync_to_share(
-                self.paths,
-                target,
-                prune=prune,
-                force=force,
-                include_model_cache=include_model_cache,
-                console=self.console,
-            )
-        self.console.print(f"  {result.summary()}")
-        return result.summary()
+        )
 
     def live_plan(self, apps: Any, app: dict[str, Any]) -> GpuPlan | None:
         """The app's nodes and replicas as Azure has them: its scale.maxReplicas and the GPU
@@ -617,24 +619,16 @@ class AzureProvider:
         replicas = int(scale.get("maxReplicas") or CONTAINERAPP_DEFAULT_MAX_REPLICAS)
         return GpuPlan(nodes=int(profile.get("maximumCount") or 0), max_replicas=replicas)
 
-    def deploy(
-        self,
-        *,
-        timeout: float | None = None,
-        replicas: int | None = None,
-        prune: bool = False,
-        force: bool = False,
-        include_model_cache: bool | None = None,
-    ) -> DeployResult:
-        config = self._config()
-        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    def deploying(self, replicas: int | None) -> contextlib.AbstractContextManager[None]:
         if replicas is not None:
             self.console.print(
                 "note: --replicas applies to the local provider; Azure scales between 1 and "
                 "max(1, maximumInstanceCount - 1) replicas by HTTP concurrency"
             )
-        summary = self._sync(prune, force, include_model_cache)
+        return super().deploying(replicas)
 
+    def roll_out(self, summary: str, *, timeout: float, replicas: int | None) -> DeployResult:
+        config = self._config()
         rg, name = self._app_names()
         apps = self._apps()
         app = self._get_app(apps, rg, name)
@@ -680,38 +674,36 @@ class AzureProvider:
         """Wait for a new revision; returns its running replicas. On failure or timeout the
         revision is deactivated (a failed deactivation is reported) and DeployFailedError says
         the previous one still serves."""
-        start = time.monotonic()
-        why = "timed out"
         endpoint = self._config().endpoint_url
-        with self.console.status(f"Waiting for {revision} to be ready") as status:
-            while time.monotonic() - start < timeout:
-                p, state = self._revision_state(apps, rg, name, revision)
-                if "Failed" in state or p.get("runningState") == "Degraded":
-                    why = f"revision state {'/'.join(str(s) for s in state)}"
-                    break
-                if p.get("healthState") == "Healthy" and p.get("runningState") in (
-                    "Running",
-                    "RunningAtMaxScale",
-                ):
-                    health = get_json(endpoint + "/health", timeout=10)
-                    if isinstance(health, dict) and health.get("revision") in (revision, None):
-                        self._check_key(endpoint)
-                        running = [
-                            r
-                            for r in self._replicas(apps, rg, name, revision)
-                            if r.get("properties", {}).get("runningState") == "Running"
-                        ]
-                        return max(1, len(running))
-                status.update(
-                    f"Waiting for {revision} to be ready ({time.monotonic() - start:.0f} s; "
-                    f"{'/'.join(str(s) for s in state)})"
-                )
-                time.sleep(self.poll_s)
-            else:
-                why = f"not ready after {timeout:.0f} s"
-        tail = self._log_tail(apps, rg, name, revision)
-        lines = [f"deploy failed: revision {revision} did not become ready: {why}."]
-        lines += ["Last lines of its log:"] + [f"  | {t}" for t in tail]
+        states = ""  # the last (provisioning/running/health) states seen
+
+        def ready_replicas() -> int | None:
+            nonlocal states
+            p, state = self._revision_state(apps, rg, name, revision)
+            states = "/".join(str(s) for s in state)
+            if "Failed" in state or p.get("runningState") == "Degraded":
+                raise _RevisionFailed(f"revision state {states}")
+            if p.get("healthState") != "Healthy" or p.get("runningState") not in (
+                "Running",
+                "RunningAtMaxScale",
+            ):
+                return None
+            health = get_json(endpoint + "/health", timeout=10)
+            if not isinstance(health, dict) or health.get("revision") not in (revision, None):
+                return None
+            self._check_key(endpoint)
+            running = [
+                r
+                for r in self._replicas(apps, rg, name, revision)
+                if r.get("properties", {}).get("runningState") == "Running"
+            ]
+            return max(1, len(running))
+
+        ready, why = self._wait(f"{revision} to be ready", ready_replicas, timeout, lambda: states)
+        if ready:
+            return ready
+        logs = [("Last lines of its log:", self._log_tail(apps, rg, name, revision))]
+        warnings = []
         try:
             with azure_errors(f"deactivating revision {revision}"):
                 apps.container_apps_revisions.deactivate_revision(rg, name, revision)
@@ -723,13 +715,8 @@ class AzureProvider:
                 f"{name} --revision {revision}'."
             )
             self.console.print(f"[yellow]warning:[/] {warning}", markup=True, highlight=False)
-            lines.append(f"Warning: {warning}")
-        lines.append(
-            f"The previous revision {previous} is still serving at {endpoint}."
-            if previous
-            else "No previous revision is serving."
-        )
-        raise DeployFailedError("\n".join(lines), previous_revision=previous)
+            warnings.append(warning)
+        raise self.not_ready(revision, why, logs, previous, warnings)
 
     def _restart_in_place(
         self,
@@ -765,29 +752,34 @@ class AzureProvider:
 
         with azure_errors(f"restarting revision {revision}"):
             apps.container_apps_revisions.restart_revision(rg, name, revision)
-        start = time.monotonic()
-        why = f"not ready after {timeout:.0f} s"
-        with self.console.status(f"Waiting for {revision} to restart") as status:
-            while time.monotonic() - start < timeout:
-                p, state = self._revision_state(apps, rg, name, revision)
-                if "Failed" in state:
-                    why = f"revision state {'/'.join(str(s) for s in state)}"
-                    break
-                now = self._replicas(apps, rg, name, revision)
-                running = [
-                    r
-                    for r in now
-                    if fresh(r) and r.get("properties", {}).get("runningState") == "Running"
-                ]
-                if now and len(running) == len(now) and p.get("healthState") == "Healthy":
-                    if is_ready(endpoint, timeout=10):
-                        self._check_key(endpoint)
-                        return DeployResult(revision, endpoint, summary, replicas=len(running))
-                status.update(
-                    f"Waiting for {revision} to restart ({time.monotonic() - start:.0f} s; "
-                    f"{len(running)}/{len(now)} replica(s) restarted)"
-                )
-                time.sleep(self.poll_s)
+        restarted = ""  # "N/M": the replicas restarted so far
+
+        def restarted_replicas() -> int | None:
+            nonlocal restarted
+            p, state = self._revision_state(apps, rg, name, revision)
+            if "Failed" in state:
+                raise _RevisionFailed(f"revision state {'/'.join(str(s) for s in state)}")
+            now = self._replicas(apps, rg, name, revision)
+            running = [
+                r
+                for r in now
+                if fresh(r) and r.get("properties", {}).get("runningState") == "Running"
+            ]
+            restarted = f"{len(running)}/{len(now)}"
+            if now and len(running) == len(now) and p.get("healthState") == "Healthy":
+                if is_ready(endpoint, timeout=10):
+                    self._check_key(endpoint)
+                    return len(running)
+            return None
+
+        ready, why = self._wait(
+            f"{revision} to restart",
+            restarted_replicas,
+            timeout,
+            lambda: f"{restarted} replica(s) restarted",
+        )
+        if ready:
+            return DeployResult(revision, endpoint, summary, replicas=ready)
         tail = self._log_tail(apps, rg, name, revision)
         lines = [f"deploy failed: revision {revision} did not come back after its restart: {why}."]
         lines += ["Last lines of its log:"] + [f"  | {t}" for t in tail]
@@ -796,6 +788,27 @@ class AzureProvider:
             f"until {revision} recovers ('tuneserve logs --revision {revision}')."
         )
         raise DeployFailedError("\n".join(lines), previous_revision=None)
+
+    def _wait(
+        self,
+        what: str,
+        check: Callable[[], int | None],
+        timeout: float,
+        detail: Callable[[], str],
+    ) -> tuple[int | None, str]:
+        """Poll `check` (it raises _RevisionFailed for a state that does not recover) under a
+        spinner showing `detail()`; returns its result, else None and why."""
+        try:
+            with self.console.status(f"Waiting for {what}") as status:
+                result = wait_until(
+                    check,
+                    timeout=timeout,
+                    interval=self.poll_s,
+                    on_wait=lambda s: status.update(f"Waiting for {what} ({s:.0f} s; {detail()})"),
+                )
+        except _RevisionFailed as exc:
+            return None, str(exc)
+        return result, f"not ready after {timeout:.0f} s"
 
     def _check_key(self, endpoint: str) -> None:
         """Tell the user when the endpoint refuses the workspace's key (secrets changed)."""
@@ -817,7 +830,7 @@ class AzureProvider:
     def _log_tail(self, apps: Any, rg: str, name: str, revision: str) -> list[str]:
         try:
             return list(self._log_lines(apps, rg, name, revision, tail=20, follow=False))
-        except (ProviderError, OSError, http.client.HTTPException) as exc:  # a courtesy here
+        except (ProviderError, OSError) as exc:  # a courtesy here
             return [f"(no logs: {exc})"]
 
     # -- status, logs, stop --
@@ -828,7 +841,7 @@ class AzureProvider:
         apps = self._apps()
         props = self._get_app(apps, rg, name).get("properties", {})
         revision = props.get("latestReadyRevisionName")
-        report = StatusReport("azure", name, config.endpoint_url, revision, ready=False)
+        report = StatusReport(self.name, name, config.endpoint_url, revision, ready=False)
         if revision:
             for replica in self._replicas(apps, rg, name, revision):
                 rp = replica.get("properties", {})
@@ -842,9 +855,7 @@ class AzureProvider:
         except OSError:
             report.notes.append("the endpoint did not answer")
         if report.ready:
-            from tuneserve.deploy.local import _fill_models
-
-            _fill_models(report, config.endpoint_url, resolve_key(self.paths, api_key))
+            report.fill_models(config.endpoint_url, resolve_key(self.paths, api_key))
         return report
 
     def _log_lines(
@@ -885,10 +896,8 @@ class AzureProvider:
         if not follow:
             for replica_name, url in urls:
                 prefix = f"[{replica_name}] " if many else ""
-                request = urllib.request.Request(url, headers=headers)
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    for raw in response:
-                        yield prefix + raw.decode("utf-8", errors="replace").rstrip("\n")
+                with open_lines(url, headers, timeout=30) as (_, lines):
+                    yield from (prefix + line for line in lines)
             return
         yield from _follow_streams(urls, headers, prefixed=many)
 
@@ -916,6 +925,10 @@ class AzureProvider:
         return f"Stopped {config.ACA_APP_NAME} (Azure: no replicas run until the next deploy)."
 
 
+class _RevisionFailed(Exception):
+    """A revision reached a state it does not recover from (ends a readiness wait)."""
+
+
 def _follow_streams(
     urls: list[tuple[str, str]], headers: dict[str, str], *, prefixed: bool
 ) -> Iterator[str]:
@@ -927,14 +940,13 @@ def _follow_streams(
 
     def pump(replica: str, url: str) -> None:
         try:
-            request = urllib.request.Request(url, headers=headers)
-            with urllib.request.urlopen(request, timeout=None) as response:
+            with open_lines(url, headers, timeout=None) as (response, stream):
                 responses.append(response)
-                for raw in response:
+                for line in stream:
                     if stop.is_set():
                         return
-                    lines.put((replica, raw.decode("utf-8", errors="replace").rstrip("\n")))
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+                    lines.put((replica, line))
+        except (OSError, ValueError) as exc:
             if not stop.is_set():
                 lines.put((replica, f"(log stream of {replica} ended: {exc})"))
         finally:

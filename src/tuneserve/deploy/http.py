@@ -1,29 +1,30 @@
-"""Small blocking HTTP helpers for readiness waits and status (stdlib only, no proxies)."""
+"""Small blocking HTTP helpers (httpx) for readiness waits, status and log streams.
+
+Proxy variables are ignored (trust_env=False): the local provider's replicas are on loopback,
+and a corporate proxy would turn "not listening yet" into a proxy's 502."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+import httpx
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def http_get(url: str, *, timeout: float = 5.0, api_key: str | None = None) -> tuple[int, bytes]:
     """(status, body); raises OSError when nothing answers."""
-    request = urllib.request.Request(url, method="GET")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read() or b""
-    except urllib.error.URLError as exc:
-        reason = exc.reason if isinstance(exc.reason, OSError) else OSError(str(exc.reason))
-        raise reason from None
+        response = httpx.get(url, headers=_headers(api_key), timeout=timeout, trust_env=False)
+    except httpx.TransportError as exc:
+        raise OSError(f"{url}: {exc or type(exc).__name__}") from None
+    return response.status_code, response.content
 
 
 def get_json(url: str, *, timeout: float = 5.0, api_key: str | None = None) -> Any:
@@ -40,6 +41,24 @@ def is_ready(base_url: str, *, timeout: float = 3.0) -> bool:
         return http_get(base_url.rstrip("/") + "/ready", timeout=timeout)[0] == 200
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def open_lines(
+    url: str, headers: dict[str, str], *, timeout: float | None
+) -> Iterator[tuple[httpx.Response, Iterator[str]]]:
+    """A streamed GET as lines (no line endings), and the response (close it to stop a reader
+    blocked in another thread). Raises OSError when nothing answers or the status is not 200."""
+    try:
+        with (
+            httpx.Client(timeout=timeout, trust_env=False) as client,
+            client.stream("GET", url, headers=headers) as response,
+        ):
+            if response.status_code != 200:
+                raise OSError(f"{url.split('?')[0]} answered {response.status_code}")
+            yield response, response.iter_lines()
+    except httpx.TransportError as exc:
+        raise OSError(f"{url.split('?')[0]}: {exc or type(exc).__name__}") from None
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:

@@ -11,11 +11,9 @@ file, line and field.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -118,7 +116,8 @@ def gpu_plan(maximum_instance_count: int, profile_maximum_count: int | None = No
     return GpuPlan(nodes=nodes, max_replicas=max(1, maximum_instance_count - 1))
 
 
-Provider = Literal["local", "azure"]
+# infra/inference.config.json without PROVIDER is the AI Toolkit's own file: Azure's
+DEFAULT_PROVIDER = "azure"
 T = TypeVar("T")
 
 
@@ -281,16 +280,30 @@ class InferenceConfig(BaseModel):
     FILE_SHARE_NAME: str | None
     ACA_APP_NAME: str | None
     ACA_APP_ENDPOINT: str | None
-    PROVIDER: Provider | None = Field(
-        None, description="tuneserve's addition: 'local' or 'azure' (absent means azure)."
+    PROVIDER: str | None = Field(
+        None,
+        description="tuneserve's addition: a provider of deploy/registry.py (absent means "
+        f"{DEFAULT_PROVIDER}).",
     )
+
+    @field_validator("PROVIDER")
+    @classmethod
+    def _known_provider(cls, value: str | None) -> str | None:
+        # imported here: the providers themselves import this module
+        from tuneserve.deploy.registry import names
+
+        if value is not None and value not in names():
+            accepted = " or ".join(repr(n) for n in names())
+            raise ValueError(f"Input should be {accepted} (got {value!r})")
+        return value
 
     @model_validator(mode="after")
     def _check_values(self) -> InferenceConfig:
+        from tuneserve.deploy.registry import PROVIDERS
+
         problems = []
         rules = {"ACA_APP_NAME": naming.CONTAINER_APP, "FILE_SHARE_NAME": naming.FILE_SHARE}
-        if self.provider == "azure":
-            rules["STORAGE_ACCOUNT_NAME"] = naming.STORAGE_ACCOUNT
+        rules.update(PROVIDERS[self.provider].config_rules)
         for key in CONFIG_KEYS:
             value = getattr(self, key)
             if value is None:
@@ -306,8 +319,8 @@ class InferenceConfig(BaseModel):
         return self
 
     @property
-    def provider(self) -> Provider:
-        return self.PROVIDER or "azure"
+    def provider(self) -> str:
+        return self.PROVIDER or DEFAULT_PROVIDER
 
     @classmethod
     def empty(cls) -> InferenceConfig:
@@ -515,15 +528,3 @@ def load_finetuning_names(path: Path, *, shown: str | None = None) -> dict[str, 
             raise InfraFileError(where, f"{line}parameters.{name}.value: {problem}")
         names[name] = value
     return names
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

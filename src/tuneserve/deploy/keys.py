@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import stat
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from tuneserve.deploy.atomic import write_atomic
 from tuneserve.deploy.infra import InfraPaths
 from tuneserve.errors import InfraFileError
 
@@ -71,12 +71,7 @@ def save_keys(paths: InfraPaths, keys: EndpointKeys) -> Path:
     ignore = path.parent / ".gitignore"
     if not ignore.exists():  # a workspace is often a git repository: keep the keys out of it
         ignore.write_text("# tuneserve's local state and the endpoint's keys: not for git\n*\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(keys.model_dump(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(keys.model_dump(), indent=2) + "\n", mode=0o600)
     return path
 
 

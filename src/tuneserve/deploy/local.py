@@ -38,7 +38,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -48,16 +47,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from rich.console import Console
-
-from tuneserve.deploy.base import (
-    DeployResult,
-    ProvisionRequest,
-    StatusReport,
-    stderr_console,
-    sync_to_share,
-)
-from tuneserve.deploy.http import free_port, get_json, http_get, is_ready, port_open
+from tuneserve.deploy.atomic import write_atomic
+from tuneserve.deploy.base import DeployResult, Provider, ProvisionRequest, StatusReport, option
+from tuneserve.deploy.http import free_port, get_json, is_ready, port_open
 from tuneserve.deploy.infra import (
     DEFAULT_COMMANDS,
     DEFAULT_MAXIMUM_INSTANCE_COUNT,
@@ -65,16 +57,22 @@ from tuneserve.deploy.infra import (
     TARGET_PORT,
     TERMINATION_GRACE_S,
     InferenceConfig,
-    InfraPaths,
     load_parameters,
-    write_text_atomic,
 )
 from tuneserve.deploy.keys import EndpointKeys, keys_path, load_keys, provision_keys
-from tuneserve.deploy.sync import MANIFEST, LocalDirTarget
-from tuneserve.errors import DeployFailedError, NotProvisionedError, ProviderError
+from tuneserve.deploy.processes import (
+    log_lines,
+    pid_alive,
+    start_detached,
+    tail_lines,
+    terminate_group,
+    terminate_groups,
+)
+from tuneserve.deploy.shares import LocalDirTarget
+from tuneserve.deploy.waiting import wait_until
+from tuneserve.errors import DeployFailedError, ProviderError
 from tuneserve.models.workspace import MODELS as ADAPTERS_DIR
 
-DEFAULT_TIMEOUT_S = 300.0
 # A replica drains running requests after SIGTERM: it gets what the templates give it.
 STOP_GRACE_S = float(TERMINATION_GRACE_S)
 KEEP_REVISIONS = 3
@@ -120,84 +118,6 @@ class AppState:
         )
 
 
-# --- processes -------------------------------------------------------------------------------
-
-
-def pid_alive(pid: int) -> bool:
-    """True while the process exists (reaping it first when it is our exited child)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    except OSError:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    pid_alive(pgid)  # reap the leader if it is our child
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def terminate_group(pid: int, grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM the process group we started (pid = its session leader), SIGKILL after `grace`."""
-    terminate_groups([pid], grace)
-
-
-def terminate_groups(pids: list[int], grace: float = STOP_GRACE_S) -> None:
-    """terminate_group for several groups at once: all drain at the same time, as the
-    platforms stop replicas."""
-    ours = [pid for pid in pids if _group_alive(pid) and _session_leader(pid)]
-    for pid in ours:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_group_alive(pid) for pid in ours):
-        time.sleep(0.1)
-    for pid in ours:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_group_alive(pid) for pid in ours):
-        time.sleep(0.05)
-
-
-def _session_leader(pid: int) -> bool:
-    """Whether `pid` leads its own session, as every process we start does (else the pid was
-    reused by a process that is not ours)."""
-    try:
-        return os.getsid(pid) == pid
-    except ProcessLookupError:
-        return True  # gone meanwhile (a zombie leader of a live group): still ours to signal
-
-
-def tail_lines(path: Path, n: int, *, end: int | None = None) -> list[str]:
-    """The last `n` lines of a text file (of its first `end` bytes when given)."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell() if end is None else end
-            fh.seek(max(0, size - 64 * 1024))
-            data = fh.read(size - fh.tell()).decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    return data.splitlines()[-n:] if n > 0 else []
-
-
 _PORT_FLAG = re.compile(rf"(--port(?:=|\s+))({TARGET_PORT})\b")
 _HOST_FLAG = re.compile(r"(--host(?:=|\s+))(0\.0\.0\.0|::)(?=\s|;|$)")
 _MOUNT_PATH = re.compile(rf"(?<![\w./-]){re.escape(MOUNT)}(?=$|[/\s;:'\"&|)])")
@@ -230,26 +150,27 @@ def snapshot(share: Path, dest: Path) -> None:
 # --- the provider ----------------------------------------------------------------------------
 
 
-class LocalProvider:
-    name = "local"
+@dataclass
+class LocalProvisionRequest(ProvisionRequest):
+    port: int | None = option("the endpoint's loopback port (default: the first free from 7861).")
+    share_dir: Path | None = option(
+        "the folder standing in for the storage account (default: .tuneserve/storage)."
+    )
 
-    def __init__(
-        self, paths: InfraPaths, config: InferenceConfig | None, console: Console | None = None
-    ) -> None:
-        self.paths = paths
-        self.config = config
-        self.console = console or stderr_console()
+
+class LocalProvider(Provider):
+    name = "local"
+    summary = "processes on this machine"
+    request_type = LocalProvisionRequest
+    default_timeout_s = 300.0
+    addresses_replicas = True
+    fixed_replicas = True
 
     # -- layout --
 
-    def _require_config(self) -> InferenceConfig:
-        if self.config is None:
-            raise NotProvisionedError("run 'tuneserve provision --provider local' first")
-        return self.config
-
     @property
     def app_name(self) -> str:
-        return str(self._require_config().ACA_APP_NAME)
+        return str(self._config().ACA_APP_NAME)
 
     @property
     def app_dir(self) -> Path:
@@ -257,15 +178,11 @@ class LocalProvider:
 
     @property
     def share_dir(self) -> Path:
-        config = self._require_config()
+        config = self._config()
         root = Path(str(config.STORAGE_ACCOUNT_NAME)).expanduser()
         if not root.is_absolute():
             root = self.paths.workspace / root
         return root / str(config.FILE_SHARE_NAME)
-
-    @property
-    def endpoint(self) -> str:
-        return self._require_config().endpoint_url
 
     @property
     def port(self) -> int:
@@ -307,7 +224,7 @@ class LocalProvider:
         return AppState.from_json(json.loads(path.read_text(encoding="utf-8")))
 
     def _save_state(self, state: AppState) -> None:
-        write_text_atomic(self._state_path(), json.dumps(asdict(state), indent=2) + "\n")
+        write_atomic(self._state_path(), json.dumps(asdict(state), indent=2) + "\n")
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -326,9 +243,16 @@ class LocalProvider:
 
     # -- provision --
 
-    def provision(self, request: ProvisionRequest) -> InferenceConfig:
+    def provision(self, request: LocalProvisionRequest) -> InferenceConfig:
         names = request.resolved_names()
-        share_root = request.share_root or Path(LOCAL_STORAGE)
+        derived = sorted(set(names) - set(request.explicit_names()))
+        if derived:
+            self.console.print(
+                f"note: {', '.join(derived)} derived as the template does (prefix + first 5 "
+                "characters of uniqueString(resourceGroup().id), reimplemented: an approximation "
+                "of Azure's)"
+            )
+        share_root = request.share_dir or Path(LOCAL_STORAGE)
         port = request.port or _default_port()
         params = request.parameters.parameters
         self.config = InferenceConfig(
@@ -338,7 +262,7 @@ class LocalProvider:
             FILE_SHARE_NAME=names["fileShareName"],
             ACA_APP_NAME=names["acaAppName"],
             ACA_APP_ENDPOINT=f"http://127.0.0.1:{port}",
-            PROVIDER="local",
+            PROVIDER=self.name,
         )
         self.share_dir.mkdir(parents=True, exist_ok=True)
         spec = AppSpec(
@@ -347,92 +271,73 @@ class LocalProvider:
             max_replicas=params.maximumInstanceCount.value,
             port=port,
         )
-        write_text_atomic(self._spec_path(), json.dumps(asdict(spec), indent=2) + "\n")
+        write_atomic(self._spec_path(), json.dumps(asdict(spec), indent=2) + "\n")
         return self.config
 
     # -- deploy --
 
-    def deploy(
-        self,
-        *,
-        timeout: float | None = None,
-        replicas: int | None = None,
-        prune: bool = False,
-        force: bool = False,
-        include_model_cache: bool | None = None,
-        grace: float = STOP_GRACE_S,
-    ) -> DeployResult:
-        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    @contextlib.contextmanager
+    def deploying(self, replicas: int | None) -> Iterator[None]:
         with self._lock():
             spec = self.load_spec()
-            count = replicas or 1
-            if count > spec.max_replicas:
+            if (replicas or 1) > spec.max_replicas:
                 raise ProviderError(
-                    f"--replicas {count} is more than maximumInstanceCount ({spec.max_replicas}); "
-                    f"raise it in {self.paths.rel(self.paths.parameters)} and provision again"
+                    f"--replicas {replicas} is more than maximumInstanceCount "
+                    f"({spec.max_replicas}); raise it in "
+                    f"{self.paths.rel(self.paths.parameters)} and provision again"
                 )
             state = self.load_state()
             self._stop_pending(state)
-
-            # 1. sync the workspace to the share
-            self.console.print(f"Syncing {self.paths.workspace} to the share {self.share_dir}")
-            result = sync_to_share(
-                self.paths,
-                LocalDirTarget(self.share_dir),
-                prune=prune,
-                force=force,
-                include_model_cache=include_model_cache,
-                console=self.console,
-            )
-            self.console.print(f"  {result.summary()}")
-
-            # 2. a new revision: its own snapshot of the share, its own replicas
-            state.seq += 1
-            revision = f"{self.app_name}--r{state.seq}"
-            rev_dir = self.app_dir / "revisions" / revision
-            if rev_dir.exists():
-                shutil.rmtree(rev_dir)
-            mount = rev_dir / "mount"
-            snapshot(self.share_dir, mount)
-            self._ensure_proxy(state, spec.port)
-            procs: list[subprocess.Popen[bytes]] = []
-            for i in range(count):
-                replica, proc = self._start_replica(spec, revision, i, mount, rev_dir)
-                state.pending.append(replica)
-                procs.append(proc)
             self._save_state(state)
+            yield
 
-            # 3. wait until every new replica is ready; on failure the old revision serves on
-            try:
-                self._wait_ready(revision, state.pending, procs, timeout)
-            except (DeployFailedError, KeyboardInterrupt):
-                for replica in state.pending:
-                    terminate_group(replica.pid, grace=2)
-                state.pending = []
-                state.last_failed = revision
-                self._save_state(state)
-                raise
+    def roll_out(self, sync_summary: str, *, timeout: float, replicas: int | None) -> DeployResult:
+        # 1. (the sync, under deploying's lock) done: the share holds the workspace
+        spec, state, count = self.load_spec(), self.load_state(), replicas or 1
 
-            # 4. switch the endpoint, then retire the old revision: its replicas drain (they
-            # finish what runs; new connections already reach the new revision) and exit
-            new, old = state.pending, state.replicas
-            write_text_atomic(
-                self._routes_path(),
-                json.dumps({"revision": revision, "ports": [r.port for r in new]}) + "\n",
-            )
-            state.revision, state.replicas, state.pending = revision, new, []
+        # 2. a new revision: its own snapshot of the share, its own replicas
+        state.seq += 1
+        revision = f"{self.app_name}--r{state.seq}"
+        rev_dir = self.app_dir / "revisions" / revision
+        if rev_dir.exists():
+            shutil.rmtree(rev_dir)
+        mount = rev_dir / "mount"
+        snapshot(self.share_dir, mount)
+        self._ensure_proxy(state, spec.port)
+        procs = [self._start_replica(spec, revision, i, mount, rev_dir) for i in range(count)]
+        state.pending = [replica for replica, _ in procs]
+        self._save_state(state)
+
+        # 3. wait until every new replica is ready; on failure the old revision serves on
+        try:
+            self._wait_ready(revision, procs, timeout)
+        except (DeployFailedError, KeyboardInterrupt):
+            terminate_groups([r.pid for r in state.pending], grace=2)
+            state.pending = []
+            state.last_failed = revision
             self._save_state(state)
-            self._confirm_switch(revision)
-            if old:
-                self.console.print(
-                    f"Retiring the previous revision: {len(old)} replica(s) finish their running "
-                    f"requests (up to {grace:.0f} s)"
-                )
-                started = time.monotonic()
-                terminate_groups([r.pid for r in old], grace=grace)
-                self.console.print(f"  retired in {time.monotonic() - started:.1f} s")
-            self._prune_revisions(keep={revision, state.last_failed})
-            return DeployResult(revision, self.endpoint, result.summary(), replicas=len(new))
+            raise
+
+        # 4. switch the endpoint, then retire the old revision: its replicas drain (they
+        # finish what runs; new connections already reach the new revision) and exit
+        new, old = state.pending, state.replicas
+        write_atomic(
+            self._routes_path(),
+            json.dumps({"revision": revision, "ports": [r.port for r in new]}) + "\n",
+        )
+        state.revision, state.replicas, state.pending = revision, new, []
+        self._save_state(state)
+        self._confirm_switch(revision)
+        if old:
+            self.console.print(
+                f"Retiring the previous revision: {len(old)} replica(s) finish their running "
+                f"requests (up to {STOP_GRACE_S:.0f} s)"
+            )
+            started = time.monotonic()
+            terminate_groups([r.pid for r in old], grace=STOP_GRACE_S)
+            self.console.print(f"  retired in {time.monotonic() - started:.1f} s")
+        self._prune_revisions(keep={revision, state.last_failed})
+        return DeployResult(revision, self.endpoint, sync_summary, replicas=len(new))
 
     def _start_replica(
         self, spec: AppSpec, revision: str, index: int, mount: Path, rev_dir: Path
@@ -459,18 +364,13 @@ class LocalProvider:
             PYTHONUNBUFFERED="1",
         )
         script = localize_commands(spec.commands, mount, port)
-        with log_path.open("ab") as log_file:
-            log_file.write(f"tuneserve: {name}: /bin/bash -c {shlex.quote(script)}\n".encode())
-            log_file.flush()
-            proc = subprocess.Popen(
-                ["/bin/bash", "-c", script],
-                cwd=mount,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_detached(
+            ["/bin/bash", "-c", script],
+            log=log_path,
+            cwd=mount,
+            env=env,
+            banner=f"tuneserve: {name}: /bin/bash -c {shlex.quote(script)}",
+        )
         return Replica(name=name, pid=proc.pid, port=port, log=str(log_path)), proc
 
     def _keys(self) -> EndpointKeys:
@@ -485,62 +385,48 @@ class LocalProvider:
         return keys
 
     def _wait_ready(
-        self,
-        revision: str,
-        replicas: list[Replica],
-        procs: list[subprocess.Popen[bytes]],
-        timeout: float,
+        self, revision: str, procs: list[tuple[Replica, subprocess.Popen[bytes]]], timeout: float
     ) -> None:
-        start = time.monotonic()
-        waiting = {r.name for r in replicas}
-        with self.console.status(f"Waiting for {revision} to be ready") as status:
-            while waiting:
-                for replica, proc in zip(replicas, procs, strict=True):
-                    if replica.name not in waiting:
-                        continue
-                    code = proc.poll()
-                    if code is not None:
-                        self._fail(
-                            revision, f"replica {replica.name} exited with code {code}", replicas
-                        )
-                    if is_ready(f"http://127.0.0.1:{replica.port}", timeout=2):
-                        waiting.discard(replica.name)
-                elapsed = time.monotonic() - start
-                if waiting and elapsed > timeout:
-                    self._fail(
-                        revision,
-                        f"{', '.join(sorted(waiting))} not ready after {timeout:.0f} s",
-                        replicas,
-                    )
-                status.update(f"Waiting for {revision} to be ready ({elapsed:.0f} s)")
-                if waiting:
-                    time.sleep(0.5)
+        replicas = [replica for replica, _ in procs]
+        waiting = {replica.name: (replica, proc) for replica, proc in procs}
 
-    def _fail(self, revision: str, why: str, replicas: list[Replica]) -> None:
+        def all_ready() -> bool:
+            for replica, proc in list(waiting.values()):
+                if (code := proc.poll()) is not None:
+                    why = f"replica {replica.name} exited with code {code}"
+                    raise self._not_ready(revision, why, replicas)
+                if is_ready(f"http://127.0.0.1:{replica.port}", timeout=2):
+                    del waiting[replica.name]
+            return not waiting
+
+        with self.console.status(f"Waiting for {revision} to be ready") as status:
+            done = wait_until(
+                all_ready,
+                timeout=timeout,
+                interval=0.5,
+                on_wait=lambda s: status.update(f"Waiting for {revision} to be ready ({s:.0f} s)"),
+            )
+        if not done:
+            why = f"{', '.join(sorted(waiting))} not ready after {timeout:.0f} s"
+            raise self._not_ready(revision, why, replicas)
+
+    def _not_ready(self, revision: str, why: str, replicas: list[Replica]) -> DeployFailedError:
         state = self.load_state()
         previous = state.revision if any(pid_alive(r.pid) for r in state.replicas) else None
-        lines = [f"deploy failed: revision {revision} did not become ready: {why}."]
-        for replica in replicas:
-            tail = tail_lines(Path(replica.log), 15)
-            lines.append(f"Last lines of {replica.log}:")
-            lines += [f"  | {line}" for line in tail] or ["  | (empty)"]
-        if previous:
-            lines.append(f"The previous revision {previous} is still serving at {self.endpoint}.")
-        else:
-            lines.append("No previous revision is serving.")
-        raise DeployFailedError("\n".join(lines), previous_revision=previous)
+        logs = [(f"Last lines of {r.log}:", tail_lines(Path(r.log), 15)) for r in replicas]
+        return self.not_ready(revision, why, logs, previous)
 
     def _confirm_switch(self, revision: str) -> None:
         """Until /health through the endpoint reports the new revision (bounded)."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def switched() -> bool:
             health = get_json(self.endpoint + "/health", timeout=2)
-            if isinstance(health, dict) and health.get("revision") in (revision, None):
-                return
-            time.sleep(0.1)
-        self.console.print(
-            f"[yellow]warning:[/] {self.endpoint}/health does not report {revision} yet"
-        )
+            return isinstance(health, dict) and health.get("revision") in (revision, None)
+
+        if not wait_until(switched, timeout=10, interval=0.1):
+            self.console.print(
+                f"[yellow]warning:[/] {self.endpoint}/health does not report {revision} yet"
+            )
 
     def _ensure_proxy(self, state: AppState, port: int) -> None:
         if state.proxy_pid and pid_alive(state.proxy_pid) and port_open(port):
@@ -553,35 +439,27 @@ class LocalProvider:
                 "'tuneserve provision --provider local --port N' to pick another port"
             )
         log_path = self.app_dir / "proxy.log"
-        with log_path.open("ab") as log_file:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tuneserve.deploy.proxy",
-                    "--port",
-                    str(port),
-                    "--routes",
-                    str(self._routes_path()),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 15
-        while not port_open(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                terminate_group(proc.pid, grace=1)
-                tail = "\n".join(tail_lines(log_path, 10))
-                raise ProviderError(f"the endpoint proxy on port {port} did not start:\n{tail}")
-            time.sleep(0.05)
+        argv = [sys.executable, "-m", "tuneserve.deploy.proxy", "--port", str(port)]
+        proc = start_detached([*argv, "--routes", str(self._routes_path())], log=log_path)
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise ProviderError(self._proxy_failed(port, log_path, proc.pid))
+            return port_open(port)
+
+        if not wait_until(listening, timeout=15, interval=0.05):
+            raise ProviderError(self._proxy_failed(port, log_path, proc.pid))
         state.proxy_pid = proc.pid
         self._save_state(state)
 
+    @staticmethod
+    def _proxy_failed(port: int, log_path: Path, pid: int) -> str:
+        terminate_group(pid, grace=1)
+        tail = "\n".join(tail_lines(log_path, 10))
+        return f"the endpoint proxy on port {port} did not start:\n{tail}"
+
     def _stop_pending(self, state: AppState) -> None:
-        for replica in state.pending:
-            terminate_group(replica.pid, grace=2)
+        terminate_groups([r.pid for r in state.pending], grace=2)
         state.pending = []
 
     def _prune_revisions(self, keep: set[str | None]) -> None:
@@ -612,7 +490,7 @@ class LocalProvider:
                 }
             )
         report = StatusReport(
-            provider="local",
+            provider=self.name,
             app=self.app_name,
             endpoint=self.endpoint,
             revision=state.revision,
@@ -629,7 +507,7 @@ class LocalProvider:
             )
         if proxy_up:
             report.ready = is_ready(self.endpoint)
-            _fill_models(report, self.endpoint, api_key)
+            report.fill_models(self.endpoint, api_key)
         return report
 
     def log_files(self, revision: str | None = None) -> list[Path]:
@@ -645,29 +523,7 @@ class LocalProvider:
         files = self.log_files(revision)
         if not files:
             raise ProviderError(f"no logs yet for {self.app_name!r}: run 'tuneserve deploy'")
-        many = len(files) > 1
-        # remember where each file ends before showing its tail, so nothing written while the
-        # tail is being read is lost when following
-        handles = [(p, p.open("r", encoding="utf-8", errors="replace")) for p in files]
-        try:
-            for path, fh in handles:
-                fh.seek(0, os.SEEK_END)
-                prefix = f"[{path.stem}] " if many else ""
-                for line in tail_lines(path, tail, end=fh.tell()):
-                    yield prefix + line
-            while follow:
-                idle = True
-                for path, fh in handles:
-                    line = fh.readline()
-                    while line:
-                        idle = False
-                        yield (f"[{path.stem}] " if many else "") + line.rstrip("\n")
-                        line = fh.readline()
-                if idle:
-                    time.sleep(0.25)
-        finally:
-            for _, fh in handles:
-                fh.close()
+        return log_lines(files, tail=tail, follow=follow)
 
     # -- adapters at runtime (tuneserve adapters) --
 
@@ -698,27 +554,8 @@ class LocalProvider:
         return f"Stopped {self.app_name} ({what}; {stopped} replica(s) and the endpoint proxy)."
 
 
-def _fill_models(report: StatusReport, endpoint: str, api_key: str | None) -> None:
-    data = get_json(endpoint + "/v1/models", api_key=api_key)
-    if not isinstance(data, dict):
-        try:
-            code = http_get(endpoint + "/v1/models", api_key=api_key)[0]
-            report.notes.append(
-                f"/v1/models answered {code}" + (" (pass --api-key)" if code == 401 else "")
-            )
-        except OSError:
-            report.notes.append("/v1/models did not answer")
-        return
-    cards = [c for c in data.get("data", []) if isinstance(c, dict)]
-    report.models = [str(c.get("id")) for c in cards]
-    report.adapters = [str(c.get("id")) for c in cards if c.get("parent")]
-
-
 def _default_port() -> int:
     for port in range(TARGET_PORT + 1, TARGET_PORT + 100):
         if not port_open(port):
             return port
     return free_port()
-
-
-__all__ = ["LocalProvider", "localize_commands", "MANIFEST"]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from tuneserve.deploy.infra import InferenceConfig, InfraPaths, write_text_atomic
+from tuneserve.deploy.atomic import write_atomic
+from tuneserve.deploy.infra import InferenceConfig, InfraPaths
 
 DEMO_ORG = "tuneserve"
 DEMO_MODEL = "demo-chat"
@@ -34,13 +35,13 @@ def _write(path: Path, text: str, force: bool, actions: list[Action]) -> None:
         actions.append(Action(path, "kept (exists; --force replaces it)"))
         return
     existed = path.exists()
-    write_text_atomic(path, text)
+    write_atomic(path, text)
     actions.append(Action(path, "overwritten" if existed else "created"))
 
 
 def _readme(path: Path, section: str, force: bool, actions: list[Action]) -> None:
     if not path.exists():
-        write_text_atomic(path, f"# {path.parent.name}\n\n{section}")
+        write_atomic(path, f"# {path.parent.name}\n\n{section}")
         actions.append(Action(path, "created"))
         return
     text = path.read_text(encoding="utf-8")
@@ -50,10 +51,10 @@ def _readme(path: Path, section: str, force: bool, actions: list[Action]) -> Non
             return
         head, _, rest = text.partition(BEGIN)
         _, _, tail = rest.partition(END)
-        write_text_atomic(path, head + section.rstrip("\n") + tail)
+        write_atomic(path, head + section.rstrip("\n") + tail)
         actions.append(Action(path, "updated (section refreshed)"))
         return
-    write_text_atomic(path, text.rstrip("\n") + "\n\n" + section)
+    write_atomic(path, text.rstrip("\n") + "\n\n" + section)
     actions.append(Action(path, "updated (section added)"))
 
 

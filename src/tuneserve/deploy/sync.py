@@ -29,30 +29,20 @@ from the share; every other file is kept unless `prune=True`.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
+from tuneserve.deploy.atomic import write_atomic
+from tuneserve.deploy.shares import HashingTarget, RemoteFile, SyncTarget, file_sha256
+from tuneserve.deploy.transfer import transfer_progress
 from tuneserve.errors import DeployError
 from tuneserve.models.workspace import MODEL_CACHE
 
@@ -83,37 +73,6 @@ EXCLUDED_DIRS = frozenset(
 EXCLUDED_FILES = frozenset({".DS_Store", "Thumbs.db", ".tuneserveignore"})
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".swp", ".tmp")
 IGNORE_FILE = ".tuneserveignore"
-
-Progress_ = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    size: int
-    stamp: str  # the share's modification stamp (mtime_ns locally, last-write time on Azure)
-
-
-class SyncTarget(Protocol):
-    """A file share. Paths are POSIX, relative to the share's root."""
-
-    def describe(self) -> str: ...
-    def list_files(self, under: str = "") -> dict[str, RemoteFile]: ...
-    def read_text(self, rel: str) -> str | None: ...
-    def upload(self, src: Path, rel: str, advance: Progress_) -> RemoteFile: ...
-    def write_text(self, rel: str, text: str) -> None: ...
-    def delete(self, rel: str) -> None: ...
-    def delete_empty_dirs(self, rel: str) -> None: ...
-    def rename_dir(self, rel: str, new_rel: str) -> None: ...
-
-
-@runtime_checkable
-class HashingTarget(Protocol):
-    """A share that can hash one of its files (reading it: a download on a remote share).
-
-    Optional: without it a share file that deploy did not upload is never taken to equal the
-    workspace's, so it is kept (and reported) rather than adopted."""
-
-    def sha256(self, rel: str) -> str | None: ...
 
 
 @dataclass
@@ -215,18 +174,7 @@ class HashCache:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._data), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        write_atomic(self.path, json.dumps(self._data))
 
 
 # --- the sync --------------------------------------------------------------------------------
@@ -311,20 +259,10 @@ def sync(
         for rel, _path, size, digest in todo:
             manifest[rel] = {"size": size, "sha256": digest, "stamp": None, "pending": True}
         _write_manifest(target, manifest)
-    with Progress(
-        TextColumn("[bold]sync[/] {task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal or not todo,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(f"-> {target.describe()}", total=total or 1)
+    with transfer_progress(console, total, "[bold]sync[/]", show=bool(todo)) as transfer:
         for rel, path, size, digest in todo:
-            progress.update(task, description=rel[-40:])
-            stat = target.upload(path, rel, lambda n: progress.advance(task, n))
+            transfer.moving(rel[-40:])
+            stat = target.upload(path, rel, transfer.advance)
             manifest[rel] = {"size": size, "sha256": digest, "stamp": stat.stamp}
             result.uploaded.append(rel)
             result.bytes_uploaded += size
@@ -550,84 +488,3 @@ def _read_manifest(target: SyncTarget) -> dict[str, dict[str, object]]:
         log.warning("ignoring a malformed %s on the share", MANIFEST)
         return {}
     return data if isinstance(data, dict) else {}
-
-
-# --- a directory as the share (the local provider) -------------------------------------------
-
-
-class LocalDirTarget:
-    """A folder standing in for the file share. Files are replaced atomically (write to a
-    temporary file, then rename), so hard-linked revision snapshots never see a change."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def describe(self) -> str:
-        return str(self.root)
-
-    def list_files(self, under: str = "") -> dict[str, RemoteFile]:
-        """Every file (or those below the folder `under`), by path relative to the share."""
-        out: dict[str, RemoteFile] = {}
-        top = self.root / under if under else self.root
-        if not top.is_dir():
-            return out
-        for root, _dirs, files in os.walk(top):
-            for name in files:
-                path = Path(root) / name
-                st = path.stat()
-                rel = path.relative_to(self.root).as_posix()
-                out[rel] = RemoteFile(st.st_size, str(st.st_mtime_ns))
-        return out
-
-    def read_text(self, rel: str) -> str | None:
-        try:
-            return (self.root / rel).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-
-    def upload(self, src: Path, rel: str, advance: Progress_) -> RemoteFile:
-        dest = self.root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
-                while chunk := inp.read(1 << 20):
-                    out.write(chunk)
-                    advance(len(chunk))
-            shutil.copymode(src, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        st = dest.stat()
-        return RemoteFile(st.st_size, str(st.st_mtime_ns))
-
-    def write_text(self, rel: str, text: str) -> None:
-        dest = self.root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, dest)
-
-    def delete(self, rel: str) -> None:
-        (self.root / rel).unlink(missing_ok=True)
-
-    def sha256(self, rel: str) -> str | None:
-        """The SHA-256 of a share file (None if it is not there): see HashingTarget."""
-        try:
-            return file_sha256(self.root / rel)
-        except FileNotFoundError:
-            return None
-
-    def rename_dir(self, rel: str, new_rel: str) -> None:
-        """Move a folder (new_rel must not exist; its parent must)."""
-        os.rename(self.root / rel, self.root / new_rel)
-
-    def delete_empty_dirs(self, rel: str) -> None:
-        """Remove the folder `rel` and its subfolders where they hold no file."""
-        top = self.root / rel
-        if not top.is_dir():
-            return
-        for root, _dirs, _files in os.walk(top, topdown=False):
-            with contextlib.suppress(OSError):  # not empty: a file is left there
-                Path(root).rmdir()

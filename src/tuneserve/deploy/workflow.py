@@ -5,12 +5,13 @@ deploy/ never imports engine/ or server/: the replicas it starts run `tuneserve 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
 from rich.console import Console
 
-from tuneserve.deploy.base import Provider, ProvisionRequest, stderr_console
+from tuneserve.deploy.atomic import write_atomic
+from tuneserve.deploy.base import Ask, Provider, stderr_console
 from tuneserve.deploy.infra import (
     InferenceConfig,
     InfraPaths,
@@ -18,31 +19,12 @@ from tuneserve.deploy.infra import (
     load_finetuning_config,
     load_finetuning_names,
     load_parameters,
-    write_text_atomic,
-)
-from tuneserve.deploy.infra import (
-    Provider as ProviderName,
 )
 from tuneserve.deploy.keys import EndpointKeys, keys_path, provision_keys
-from tuneserve.errors import DeployError, NotProvisionedError
+from tuneserve.deploy.registry import open_provider, provider_class
+from tuneserve.errors import NotProvisionedError
 
-Ask = Callable[[str, str | None], str]  # (question, default) -> answer
-
-
-def open_provider(
-    paths: InfraPaths,
-    name: ProviderName,
-    config: InferenceConfig | None,
-    console: Console | None = None,
-) -> Provider:
-    console = console or stderr_console()
-    if name == "local":
-        from tuneserve.deploy.local import LocalProvider
-
-        return LocalProvider(paths, config, console)
-    from tuneserve.deploy.azure import AzureProvider
-
-    return AzureProvider(paths, config, console)
+__all__ = ["open_provider", "provider_for", "provision"]
 
 
 def provider_for(paths: InfraPaths, console: Console | None = None) -> Provider:
@@ -51,60 +33,37 @@ def provider_for(paths: InfraPaths, console: Console | None = None) -> Provider:
     return open_provider(paths, config.provider, config, console)
 
 
-def _pick(
-    flag: str | None,
-    fallback: str | None,
-    *,
-    question: str,
-    option: str,
-    ask: Ask | None,
-) -> str:
-    if flag:
-        return flag
-    if ask is not None:
-        return ask(question, fallback)
-    if fallback:
-        return fallback
-    raise DeployError(f"{question} is needed: pass {option} (no terminal to ask on)")
-
-
 def provision(
     paths: InfraPaths,
     *,
-    provider: ProviderName,
+    provider: str,
     subscription: str | None = None,
     resource_group: str | None = None,
-    location: str | None = None,
-    port: int | None = None,
-    share_dir: Path | None = None,
     api_key: str | None = None,
     admin_key: str | None = None,
+    options: Mapping[str, Any] | None = None,
     ask: Ask | None = None,
     console: Console | None = None,
 ) -> tuple[InferenceConfig, EndpointKeys, bool]:
     """Create or update the resources; returns the config, the endpoint's keys, and whether
-    the keys are new (the caller shows new keys once)."""
+    the keys are new (the caller shows new keys once). `options` are the provider's own
+    (registry.provision_options); those of other providers, or None, are left out."""
     console = console or stderr_console()
+    cls = provider_class(provider)
     if not paths.parameters.exists():
         raise NotProvisionedError(
             f"{paths.rel(paths.parameters)} not found: run 'tuneserve init' first"
         )
     parameters = load_parameters(paths.parameters, shown=paths.rel(paths.parameters))
     finetuning = load_finetuning_config(paths.finetuning_config)
-    ft_sub = finetuning.SUBSCRIPTION_ID if finetuning else None
-    ft_rg = finetuning.RESOURCE_GROUP_NAME if finetuning else None
-    if provider == "local":
-        sub = subscription or "local"
-        rg = resource_group or "local"
-    else:
-        sub = _pick(
-            subscription, ft_sub, question="Azure subscription id", option="--subscription", ask=ask
-        )
-        rg = _pick(
-            resource_group, ft_rg, question="Resource group", option="--resource-group", ask=ask
-        )
+    sub, rg = cls.scope(subscription, resource_group, finetuning, ask)
     keys, new_keys = provision_keys(paths, api_key=api_key, admin_key=admin_key)
-    request = ProvisionRequest(
+    own = {opt.name for opt in cls.request_type.options()}
+    for name, value in (options or {}).items():
+        if value is not None and name not in own:
+            flag = "--" + name.replace("_", "-")
+            console.print(f"note: {flag} does not apply to the {provider} provider; ignored")
+    request = cls.request_type(
         subscription_id=sub,
         resource_group=rg,
         parameters=parameters,
@@ -112,20 +71,11 @@ def provision(
         finetuning_names=load_finetuning_names(
             paths.finetuning_parameters, shown=paths.rel(paths.finetuning_parameters)
         ),
-        location=location,
-        port=port,
-        share_root=share_dir,
         keys=keys,
+        **{k: v for k, v in (options or {}).items() if k in own and v is not None},
     )
-    derived = sorted(set(request.resolved_names()) - set(request.explicit_names()))
-    if provider == "local" and derived:
-        console.print(
-            f"note: {', '.join(derived)} derived as the template does (prefix + first 5 "
-            "characters of uniqueString(resourceGroup().id), reimplemented: an approximation "
-            "of Azure's)"
-        )
-    config = open_provider(paths, provider, None, console).provision(request)
-    write_text_atomic(paths.config, config.to_json())
+    config = cls(paths, None, console).provision(request)
+    write_atomic(paths.config, config.to_json())
     if new_keys:
         console.print(f"Keys kept in {paths.rel(keys_path(paths))} (readable by you only).")
     return config, keys, new_keys
