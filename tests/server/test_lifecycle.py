@@ -199,7 +199,8 @@ def test_a_drain_ends_at_the_timeout_or_a_second_ctrl_c(serve: Any, how: str) ->
         assert timeout - 2.5 <= took <= timeout + 2.5, (took, server.log_text())
         assert "shutdown timeout" in server.log_text()
     else:
-        assert took < 3.0, (took, server.log_text())
+        # sooner than the drain would have ended (a loaded machine takes ~3 s to exit)
+        assert took < timeout, (took, server.log_text())
     assert not any(s.done for s in streams), "they could not have finished: they were cut"
 
 

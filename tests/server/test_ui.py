@@ -6,6 +6,7 @@ sets temperature 0 and checks for the trained answer. Screenshots land in each t
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -355,3 +356,34 @@ def test_the_model_dropdowns_follow_adapters_loaded_at_runtime(
     assert deleted.status_code == 200
     wait_for_options(page, "chat-model", "fresh", absent=True)
     shot(page, tmp_path / "after-unload.png")
+
+
+@needs_chromium
+def test_a_json_schema_makes_the_reply_json_that_validates(
+    page: Page, demo_server: Any, tmp_path: Path
+) -> None:
+    open_ui(page, demo_server.url)
+    pick(page, "chat-model", "capitals")
+    page.locator("#schema-accordion").get_by_text("Structured output").click()
+    editor = page.locator("#json-schema .cm-content")
+    editor.click()
+    page.keyboard.insert_text("{not json")
+    page.locator("#chat-input textarea").fill(QUESTION)
+    page.locator("#chat-send").click()
+    expect(page.locator("[data-testid=toast-body]").last).to_contain_text("not valid JSON")
+    expect(page.locator("#chat-input textarea")).to_have_value(QUESTION)  # back for editing
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 12}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(json.dumps(schema))
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-usage")).to_contain_text("finish reason: stop")
+    reply = json.loads(page.locator("#chatbot [data-testid=bot]").last.inner_text())
+    shot(page, tmp_path / "json-schema.png")
+    assert set(reply) == {"answer"} and len(reply["answer"]) <= 12

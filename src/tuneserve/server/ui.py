@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
@@ -17,7 +18,8 @@ from typing import Any
 import gradio as gr
 from fastapi import FastAPI
 
-from tuneserve.engine.types import SamplingParams, StreamDelta
+from tuneserve.engine.structured import ConstraintError, check_constraint
+from tuneserve.engine.types import Constraint, SamplingParams, StreamDelta
 from tuneserve.errors import TuneserveError
 from tuneserve.server.errors import APIError
 from tuneserve.server.generation import GenerationService
@@ -78,6 +80,25 @@ def sampling_params(
         top_p=float(top_p),
         top_k=int(top_k),
     )
+
+
+def schema_constraint(text: str) -> Constraint | None:
+    """The Chat tab's JSON-schema box as a constraint (None when empty); ValueError says what
+    is wrong with it."""
+    if not text or not text.strip():
+        return None
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"JSON schema: not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise ValueError("JSON schema: must be a JSON object")
+    constraint = Constraint("json_schema", json.dumps(schema))
+    try:
+        check_constraint(constraint)
+    except ConstraintError as exc:
+        raise ValueError(f"JSON schema: cannot be enforced: {exc}") from None
+    return constraint
 
 
 def format_usage(delta: StreamDelta | None, *, status: str | None = None) -> str:
@@ -191,6 +212,7 @@ class ChatHandlers:
         message: str,
         history: list[Message],
         model: str,
+        schema: str,
         system: str,
         max_new_tokens: float,
         temperature: float,
@@ -205,6 +227,12 @@ class ChatHandlers:
         messages = build_messages(history, message, system)
         params = sampling_params(max_new_tokens, temperature, top_p, top_k)
         before = [{"role": m["role"], "content": message_text(m.get("content"))} for m in history]
+        try:
+            params = replace(params, constraint=schema_constraint(schema))
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            yield message, before, f"⚠️ {exc}"
+            return
         turn = {"role": "user", "content": message}
         side = _Side(model)
         async with aclosing(self._run([side], messages, params, _key(request, "chat"))) as runs:
@@ -346,6 +374,7 @@ class _ChatTab:
     stop: gr.Button
     clear: gr.Button
     usage: gr.Markdown
+    schema: gr.Code
 
 
 @dataclass
@@ -376,7 +405,14 @@ def _chat_tab(ids: list[str]) -> _ChatTab:
         stop = gr.Button("Stop", size="sm", elem_id="chat-stop")
         clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
     usage = gr.Markdown("", elem_id="chat-usage")
-    return _ChatTab(model, chatbot, text, send, stop, clear, usage)
+    with gr.Accordion("Structured output (optional)", open=False, elem_id="schema-accordion"):
+        schema = gr.Code(
+            value="",
+            language="json",
+            label="JSON schema: the reply will be JSON that validates against it",
+            elem_id="json-schema",
+        )
+    return _ChatTab(model, chatbot, text, send, stop, clear, usage, schema)
 
 
 def _compare_tab(ids: list[str]) -> _CompareTab:
@@ -455,7 +491,7 @@ def build_ui(
 
         chat_io: dict[str, Any] = {
             "fn": handlers.chat,
-            "inputs": [chat.input, chat.chatbot, chat.model, *sampling],
+            "inputs": [chat.input, chat.chatbot, chat.model, chat.schema, *sampling],
             "outputs": [chat.input, chat.chatbot, chat.usage],
             **run,
         }
