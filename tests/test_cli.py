@@ -153,7 +153,7 @@ def test_a_keyless_server_on_a_network_is_warned_about(
 
 
 def test_the_ui_header_carries_the_warning(load_demo: Any) -> None:
-    from tuneserve.engine.factory import create_engine
+    from tuneserve.engine.registry import create_engine
     from tuneserve.server.generation import GenerationService
     from tuneserve.server.ui import header_markdown
 
