@@ -98,9 +98,7 @@ def backend(name: str) -> Backend:
     try:
         return ENGINES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}"
-        ) from None
+        raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}") from None
 
 
 def create_engine(
