@@ -39,10 +39,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
 from transformers import DynamicCache
 
+from tuneserve.engine.grammar import ConstraintError
 from tuneserve.engine.output import RequestOutput, eos_token_ids, invalid_prompt
 from tuneserve.engine.sampling import sample
 from tuneserve.engine.stream import QueueRequestStream
-from tuneserve.engine.structured import ConstraintError, GrammarCompiler
+from tuneserve.engine.structured import GrammarCompiler
 from tuneserve.engine.threaded import ThreadedEngine
 from tuneserve.engine.types import (
     AdapterUsage,
