@@ -297,16 +297,8 @@ def run_server(settings: ServeSettings) -> None:
             on_stage=lambda stage: status.update(f"{stage}..."),
         )
         # the engine loads the weights it runs, and leaves out adapters that do not fit them
-        engine = create_engine(
-            settings.engine,
-            served,
-            max_num_seqs=settings.max_num_seqs,
-            max_loras=settings.max_loras,
-            max_cpu_loras=settings.max_cpu_loras,
-            kv_cache_memory=settings.kv_cache_memory,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            prefill_chunk=settings.prefill_chunk,
-        )
+        options = {f.name: getattr(settings, f.name) for f in fields(EngineOptions)}
+        engine = create_engine(settings.engine, served, **options)
     for name, why in served.adapter_errors.items():
         stderr.print(f"[yellow]adapter {name!r} is not served:[/] {why}", highlight=False)
     notice = open_to_network(settings)

@@ -10,7 +10,8 @@ Imports stay inside each `build`, so listing the names (settings, --help) import
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from tuneserve.engine.base import Engine
 from tuneserve.models.types import LoadedModel, ServedModel
@@ -49,15 +50,8 @@ def _torch_model(served: ServedModel) -> LoadedModel:
 def _continuous(served: ServedModel, options: EngineOptions) -> Engine:
     from tuneserve.engine.continuous import ContinuousBatchingEngine
 
-    return ContinuousBatchingEngine(
-        _torch_model(served),
-        max_num_seqs=options.max_num_seqs,
-        max_loras=options.max_loras,
-        max_cpu_loras=options.max_cpu_loras,
-        kv_cache_memory=options.kv_cache_memory,
-        gpu_memory_utilization=options.gpu_memory_utilization,
-        prefill_chunk=options.prefill_chunk,
-    )
+    # its keyword arguments are EngineOptions' fields, one for one
+    return ContinuousBatchingEngine(_torch_model(served), **asdict(options))
 
 
 def _simple(served: ServedModel, options: EngineOptions) -> Engine:
@@ -101,28 +95,11 @@ def backend(name: str) -> Backend:
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}") from None
 
 
-def create_engine(
-    name: str,
-    served: ServedModel,
-    *,
-    max_num_seqs: int = 32,
-    max_loras: int = 8,
-    max_cpu_loras: int | None = None,
-    kv_cache_memory: int | None = None,
-    gpu_memory_utilization: float | None = None,
-    prefill_chunk: int | None = None,
-) -> Engine:
-    """Build the engine `name` for `served` (the options as EngineOptions says).
+def create_engine(name: str, served: ServedModel, **options: Any) -> Engine:
+    """Build the engine `name` for `served`; `options` are EngineOptions fields (a TypeError
+    names one that is not).
 
     Given a LoadedModel, the torch engines run its model (never share one between engines: they
     wrap it); given a plain ServedModel they load the weights first.
     """
-    options = EngineOptions(
-        max_num_seqs=max_num_seqs,
-        max_loras=max_loras,
-        max_cpu_loras=max_cpu_loras,
-        kv_cache_memory=kv_cache_memory,
-        gpu_memory_utilization=gpu_memory_utilization,
-        prefill_chunk=prefill_chunk,
-    )
-    return backend(name).build(served, options)
+    return backend(name).build(served, EngineOptions(**options))
