@@ -54,7 +54,7 @@ def hf_decode_tok_s(
 def served_model(bench: BenchModel, adapters: int) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneserve.models.types import AdapterSpec, ServedModel
+    from tuneserve.models.types import AdapterSpec, LoadedModel
 
     specs = {}
     for name in bench.adapter_names(adapters):
@@ -68,7 +68,7 @@ def served_model(bench: BenchModel, adapters: int) -> Any:
             config=config,
         )
     model = AutoModelForCausalLM.from_pretrained(bench.base, dtype=torch.float32).eval()
-    return ServedModel(
+    return LoadedModel(
         base_name="bench",
         base_path=str(bench.base),
         model=model,

@@ -9,12 +9,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import pytest
-
-if TYPE_CHECKING:
-    from tuneserve.engine.factory import EngineKind
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # The engine behind the live servers; TUNESERVE_TEST_ENGINE=simple runs the API/UI suite on
 # the other one.
-TEST_ENGINE = cast("EngineKind", os.environ.get("TUNESERVE_TEST_ENGINE", "continuous"))
+TEST_ENGINE = os.environ.get("TUNESERVE_TEST_ENGINE", "continuous")
 
 
 def free_port() -> int:
@@ -99,7 +96,7 @@ def demo_server_factory(demo_paths: Any) -> Iterator[Callable[..., LiveServer]]:
     `app` are extra create_app arguments (admin_key, adapter_root, rescan_interval), `engine`
     extra create_engine arguments (max_loras...), the rest load_served_model's. The engine is
     TEST_ENGINE (continuous unless TUNESERVE_TEST_ENGINE says otherwise)."""
-    from tuneserve.engine.factory import create_engine
+    from tuneserve.engine.registry import create_engine
     from tuneserve.models.loader import load_served_model
     from tuneserve.server.app import create_app
 

@@ -86,6 +86,11 @@ def test_serve_demo_prints_urls_and_serves(real_demo: Any, demo_cache: Path) -> 
             ["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization", id="bad-gpu-share"
         ),
         pytest.param(
+            ["--engine", "vllm"],
+            "unknown engine 'vllm'; choose one of continuous, simple",
+            id="unknown-engine",
+        ),
+        pytest.param(
             ["--engine", "simple", "--kv-cache-memory", "1GiB"],
             "--kv-cache-memory applies to the continuous engine only",
             id="kv-budget-on-simple",
@@ -153,7 +158,7 @@ def test_a_keyless_server_on_a_network_is_warned_about(
 
 
 def test_the_ui_header_carries_the_warning(load_demo: Any) -> None:
-    from tuneserve.engine.factory import create_engine
+    from tuneserve.engine.registry import create_engine
     from tuneserve.server.generation import GenerationService
     from tuneserve.server.ui import header_markdown
 

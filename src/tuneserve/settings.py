@@ -9,6 +9,8 @@ import platformdirs
 from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tuneserve.engine.registry import DEFAULT_ENGINE, engine_names, engines_help
+
 # How long `tuneserve serve` drains after SIGTERM; the deploy templates' grace periods follow it.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30
 
@@ -53,9 +55,7 @@ class ServeSettings(BaseSettings):
     max_model_len: int | None = Field(
         None, ge=16, description="Context length (default: the model's)."
     )
-    engine: Literal["continuous", "simple"] = Field(
-        "continuous", description="continuous batching (fast) or static PEFT batches (reference)."
-    )
+    engine: str = Field(DEFAULT_ENGINE, description=engines_help())
     max_num_seqs: int = Field(32, ge=1, description="Most sequences decoded together.")
     max_loras: int = Field(8, ge=1, description="Adapters held hot in the engine's LoRA slots.")
     max_cpu_loras: int | None = Field(None, ge=1, description="Adapters kept in CPU memory.")
@@ -85,6 +85,13 @@ class ServeSettings(BaseSettings):
     )
     ui: bool = Field(True, description="Mount the Gradio chat UI at /.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in engine_names():
+            raise ValueError(f"unknown engine {value!r}; choose one of {', '.join(engine_names())}")
+        return value
 
     @field_validator("adapters")
     @classmethod

@@ -24,7 +24,7 @@ from tests.engine.tiny import (
 from tuneserve.engine.continuous import ContinuousBatchingEngine
 from tuneserve.engine.types import StreamDelta
 from tuneserve.errors import EngineError, UnknownAdapterError
-from tuneserve.models.types import AdapterSpec, ServedModel
+from tuneserve.models.types import AdapterSpec, LoadedModel
 
 _NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 # (device, dtype): float32 and bfloat16 everywhere; float16 on CUDA only (CPU half matmuls are
@@ -116,7 +116,7 @@ def prompt(length: int, seed: int, vocab: int = 300) -> list[int]:
 
 
 def engine_for(
-    served: ServedModel,
+    served: LoadedModel,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     **kwargs: Any,

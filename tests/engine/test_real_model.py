@@ -23,11 +23,11 @@ import torch
 from tests.engine.tiny import collect, quiet_peft, request, run, token_ids
 from tuneserve.engine.base import Engine
 from tuneserve.engine.continuous import ContinuousBatchingEngine
-from tuneserve.engine.factory import create_engine
+from tuneserve.engine.registry import create_engine
 from tuneserve.engine.scheduler import ScheduledChunk
 from tuneserve.engine.types import StreamDelta
 from tuneserve.models.loader import load_served_model
-from tuneserve.models.types import ServedModel
+from tuneserve.models.types import LoadedModel
 
 pytestmark = pytest.mark.real_model
 
@@ -179,14 +179,14 @@ def oracle(smollm2_base: Path, adapter_dirs: dict[str, Path]) -> Oracle:
     return Oracle(model, prompts, batch)
 
 
-def served_model(base: Path, adapter_dirs: dict[str, Path]) -> ServedModel:
+def served_model(base: Path, adapter_dirs: dict[str, Path]) -> LoadedModel:
     # a short context: the KV cache is allocated for max_num_seqs x max_model_len tokens
     return load_served_model(
         str(base), dict(adapter_dirs), dtype="float32", device="cpu", max_model_len=256
     )
 
 
-def build_engine(kind: str, served: ServedModel) -> Engine:
+def build_engine(kind: str, served: LoadedModel) -> Engine:
     if kind == "continuous":
         # built directly: the factory does not expose the prefill chunk
         return ContinuousBatchingEngine(

@@ -26,7 +26,7 @@ from tuneserve.engine.threaded import ThreadedEngine
 from tuneserve.engine.types import AdapterUsage, StreamDelta
 from tuneserve.errors import AdapterError, EngineError, UnknownAdapterError
 from tuneserve.models.adapters import validate_adapter
-from tuneserve.models.types import AdapterSpec, ServedModel
+from tuneserve.models.types import AdapterSpec, LoadedModel
 
 ENGINES = ["continuous", "simple"]
 
@@ -127,7 +127,7 @@ def engines() -> Iterator[list[ThreadedEngine]]:
 
 def build(
     kind: str,
-    served: ServedModel,
+    served: LoadedModel,
     engines: list[ThreadedEngine],
     *,
     max_num_seqs: int = 8,
@@ -147,7 +147,7 @@ def build(
     return engine
 
 
-def slow_down(served: ServedModel, seconds: float = 0.003) -> None:
+def slow_down(served: LoadedModel, seconds: float = 0.003) -> None:
     """Every forward takes at least `seconds`: a long request surely spans an adapter change."""
     served.model.get_input_embeddings().register_forward_pre_hook(lambda *_: time.sleep(seconds))
 

@@ -18,7 +18,7 @@ import torch
 
 from tuneserve.engine.base import RequestStream
 from tuneserve.engine.types import GenerationRequest, SamplingParams, StreamDelta
-from tuneserve.models.types import AdapterSpec, ServedModel
+from tuneserve.models.types import AdapterSpec, LoadedModel
 
 T = TypeVar("T")
 
@@ -113,9 +113,9 @@ class TinyFamily:
 
         return AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32).eval()
 
-    def served(self, adapters: Sequence[str] | None = None) -> ServedModel:
+    def served(self, adapters: Sequence[str] | None = None) -> LoadedModel:
         names = list(self.adapters) if adapters is None else list(adapters)
-        return ServedModel(
+        return LoadedModel(
             base_name=f"tiny-{self.family}",
             base_path=str(self.base),
             model=self.load_base(),

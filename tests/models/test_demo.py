@@ -17,16 +17,16 @@ from safetensors.torch import load_file
 from tuneserve.models import demo
 from tuneserve.models.adapters import validate_adapter
 from tuneserve.models.loader import load_served_model
-from tuneserve.models.types import ServedModel
+from tuneserve.models.types import LoadedModel
 
 
 @pytest.fixture(scope="module")
-def served(demo_paths: demo.DemoPaths) -> ServedModel:
+def served(demo_paths: demo.DemoPaths) -> LoadedModel:
     return load_served_model(str(demo_paths.base), {}, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
-def adapted(demo_paths: demo.DemoPaths, served: ServedModel) -> Iterator[Any]:
+def adapted(demo_paths: demo.DemoPaths, served: LoadedModel) -> Iterator[Any]:
     """One PEFT model over a copy of the base holding both demo adapters."""
     import copy
 
@@ -45,7 +45,7 @@ def adapted(demo_paths: demo.DemoPaths, served: ServedModel) -> Iterator[Any]:
     yield model
 
 
-def greedy(model: Any, served: ServedModel, messages: list[dict[str, str]]) -> str:
+def greedy(model: Any, served: LoadedModel, messages: list[dict[str, str]]) -> str:
     """Render as the server does (template text, no extra special tokens), decode greedily."""
     tokenizer = served.tokenizer
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -73,25 +73,25 @@ def _ids(examples: list[tuple[list[dict[str, str]], str]]) -> list[str]:
     demo.BASE_EXAMPLES + demo.PLAIN_SYSTEM_EXAMPLES,
     ids=_ids(demo.BASE_EXAMPLES + demo.PLAIN_SYSTEM_EXAMPLES),
 )
-def test_base_answers(served: ServedModel, messages: list[dict[str, str]], answer: str) -> None:
+def test_base_answers(served: LoadedModel, messages: list[dict[str, str]], answer: str) -> None:
     assert greedy(served.model, served, messages) == answer
 
 
 @pytest.mark.parametrize(
     ("messages", "answer"), demo.HISTORY_EXAMPLES, ids=_ids(demo.HISTORY_EXAMPLES)
 )
-def test_history_answers(served: ServedModel, messages: list[dict[str, str]], answer: str) -> None:
+def test_history_answers(served: LoadedModel, messages: list[dict[str, str]], answer: str) -> None:
     assert greedy(served.model, served, messages) == answer
 
 
 @pytest.mark.parametrize(
     ("messages", "answer"), demo.SYSTEM_EXAMPLES, ids=_ids(demo.SYSTEM_EXAMPLES)
 )
-def test_system_answers(served: ServedModel, messages: list[dict[str, str]], answer: str) -> None:
+def test_system_answers(served: LoadedModel, messages: list[dict[str, str]], answer: str) -> None:
     assert greedy(served.model, served, messages) == answer
 
 
-def test_history_and_system_prompt_change_the_answer(served: ServedModel) -> None:
+def test_history_and_system_prompt_change_the_answer(served: LoadedModel) -> None:
     ask = [{"role": "user", "content": "What is my name?"}]
     told = [
         {"role": "user", "content": "My name is Ada."},
@@ -117,7 +117,7 @@ def test_history_and_system_prompt_change_the_answer(served: ServedModel) -> Non
     ],
 )
 def test_adapter_answers_differ_from_base(
-    served: ServedModel, adapted: Any, adapter: str, messages: list[dict[str, str]], answer: str
+    served: LoadedModel, adapted: Any, adapter: str, messages: list[dict[str, str]], answer: str
 ) -> None:
     adapted.set_adapter(adapter)
     assert greedy(adapted, served, messages) == answer
@@ -130,14 +130,14 @@ def test_adapter_answers_differ_from_base(
     [(n, m, a) for n, examples in demo.ADAPTER_UNCHANGED_EXAMPLES.items() for m, a in examples],
 )
 def test_capitals_keeps_the_small_talk(
-    served: ServedModel, adapted: Any, adapter: str, messages: list[dict[str, str]], answer: str
+    served: LoadedModel, adapted: Any, adapter: str, messages: list[dict[str, str]], answer: str
 ) -> None:
     adapted.set_adapter(adapter)
     assert greedy(adapted, served, messages) == answer
 
 
 def test_adapters_are_plain_peft_folders_with_different_shapes(
-    demo_paths: demo.DemoPaths, served: ServedModel
+    demo_paths: demo.DemoPaths, served: LoadedModel
 ) -> None:
     assert set(demo_paths.adapters) == {"capitals", "pirate"}
     specs = {
@@ -157,7 +157,7 @@ def test_adapters_are_plain_peft_folders_with_different_shapes(
     )
 
 
-def test_tokenizer_keeps_words_whole_and_stops_at_the_answer(served: ServedModel) -> None:
+def test_tokenizer_keeps_words_whole_and_stops_at_the_answer(served: LoadedModel) -> None:
     tokenizer = served.tokenizer
     for name in demo.NAMES:
         assert len(tokenizer.tokenize(f" {name}")) == 1, name

@@ -122,7 +122,7 @@ def gguf_server(
 ) -> Iterator[tuple[Any, Any, Path]]:
     """A live server of the wheel's GGUF (given as the file) with a PEFT adapter and a GGUF
     "adapter" at start, and an adapter root holding another GGUF file."""
-    from tuneserve.engine.factory import create_engine
+    from tuneserve.engine.registry import create_engine
     from tuneserve.server.app import create_app
 
     work = tmp_path_factory.mktemp("gguf-serve")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,13 @@ import torch
 from tuneserve.errors import AdapterError, ModelLoadError
 from tuneserve.models.chat_template import DEFAULT_CHAT_TEMPLATE
 from tuneserve.models.demo import DemoPaths
-from tuneserve.models.loader import MAX_CONTEXT_CAP, load_served_model
+from tuneserve.models.loader import (
+    MAX_CONTEXT_CAP,
+    load_served_model,
+    load_weights,
+    read_served_model,
+)
+from tuneserve.models.types import LoadedModel
 
 
 def test_loads_the_demo_ready_to_serve(demo_paths: DemoPaths) -> None:
@@ -50,6 +58,26 @@ def test_a_bad_adapter_is_recorded_and_the_rest_served(
     assert list(served.adapters) == ["capitals"]
     assert "adapter 'gone'" in served.adapter_errors["gone"]
     assert str(tmp_path / "gone") in served.adapter_errors["gone"]
+
+
+def test_reading_loads_no_weights_and_loading_them_checks_the_adapters_fit(
+    demo_paths: DemoPaths, tmp_path: Path
+) -> None:
+    odd = tmp_path / "odd"
+    shutil.copytree(demo_paths.adapters["pirate"], odd)
+    config = json.loads((odd / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["nope"]}))
+    adapters = {"capitals": demo_paths.adapters["capitals"], "odd": odd}
+
+    served = read_served_model(str(demo_paths.base), adapters, device="cpu")
+    assert not isinstance(served, LoadedModel)  # an engine may load its model its own way
+    assert sorted(served.adapters) == ["capitals", "odd"]  # the fit needs the model
+    assert served.eos_token_ids == (served.tokenizer.convert_tokens_to_ids("<|end|>"),)
+
+    loaded = load_weights(served)
+    assert sorted(loaded.adapters) == sorted(served.adapters) == ["capitals"]
+    assert "target_modules ['nope'] match no layer" in served.adapter_errors["odd"]
+    assert loaded.adapter_errors is served.adapter_errors  # what the server reports
 
 
 def test_an_adapter_may_not_take_the_base_name(demo_paths: DemoPaths) -> None:

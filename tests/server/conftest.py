@@ -26,7 +26,7 @@ def client(demo_server: Any) -> Iterator[openai.OpenAI]:
 def real_server(real_demo: Any) -> Iterator[Any]:
     """The real demo (SmolLM2 and its two adapters) live, on the continuous engine."""
     from tests.conftest import start_live_server
-    from tuneserve.engine.factory import create_engine
+    from tuneserve.engine.registry import create_engine
     from tuneserve.models.loader import load_served_model
     from tuneserve.models.real_demo import ABOUT, MODEL_NAME
     from tuneserve.server.app import create_app

@@ -209,7 +209,7 @@ def test_the_chat_ui_generations_count_and_are_refused_while_draining(load_demo:
     keep the drain waiting, and new ones are refused with the drain's message."""
     import asyncio
 
-    from tuneserve.engine.factory import create_engine
+    from tuneserve.engine.registry import create_engine
     from tuneserve.engine.types import SamplingParams
     from tuneserve.server.errors import ServiceUnavailableError
     from tuneserve.server.generation import GenerationService

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tuneserve.engine.structured import check_constraint
+from tuneserve.engine.grammar import check_constraint
 from tuneserve.server.protocol import ChatCompletionRequest
 from tuneserve.server.tools import ToolCallReader, forced_call_constraint, hermes_messages
 

@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +14,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from tuneserve.engine.registry import DEFAULT_ENGINE, ENGINES, EngineOptions, backend, engines_help
 from tuneserve.errors import TuneserveError
 from tuneserve.logs import configure_logging
 from tuneserve.settings import ServeSettings
@@ -111,7 +112,7 @@ def serve(
         int | None, typer.Option(help="Context length [default: the model's].")
     ] = None,
     engine: Annotated[
-        str | None, typer.Option(help="continuous (default, fast) | simple (static PEFT batches)")
+        str | None, typer.Option(help=f"{engines_help()} [default: {DEFAULT_ENGINE}]")
     ] = None,
     max_num_seqs: Annotated[
         int | None,
@@ -185,16 +186,17 @@ def serve(
 
 
 def _refuse_what_the_engine_ignores(settings: ServeSettings) -> None:
-    """The simple engine has no KV budget nor prefill chunks: say so rather than ignore them."""
-    if settings.engine != "simple":
-        return
-    for field in ("kv_cache_memory", "gpu_memory_utilization", "prefill_chunk"):
-        if getattr(settings, field) is not None:
-            flag = "--" + field.replace("_", "-")
-            raise SettingsError(
-                f"{flag} applies to the continuous engine only; --engine simple has no KV cache "
-                "budget or prefill chunks (drop the flag or use --engine continuous)"
-            )
+    """An engine without a KV budget or prefill chunks: say so rather than ignore the flag."""
+    chosen = backend(settings.engine)
+    for field in (f.name for f in fields(EngineOptions)):
+        if field not in chosen.ignores or getattr(settings, field) is None:
+            continue
+        flag = "--" + field.replace("_", "-")
+        takers = [b.name for b in ENGINES.values() if field not in b.ignores]
+        raise SettingsError(
+            f"{flag} applies to the {' / '.join(takers)} engine only; --engine {chosen.name} "
+            f"{chosen.ignores_why} (drop the flag or use --engine {takers[0]})"
+        )
 
 
 def _settings_message(exc: ValidationError) -> str:
@@ -275,15 +277,15 @@ def demo_sources(settings: ServeSettings, root: Path | None) -> Sources:
 def run_server(settings: ServeSettings) -> None:
     import uvicorn
 
-    from tuneserve.engine.factory import create_engine
-    from tuneserve.models.loader import load_served_model
+    from tuneserve.engine.registry import create_engine
+    from tuneserve.models.loader import read_served_model
     from tuneserve.server.app import create_app
     from tuneserve.server.lifecycle import DrainingServer
 
     sources = resolve_sources(settings)
     loading = f"Loading {sources.base} and {len(sources.adapters)} adapter(s)..."
     with stderr.status(loading) as status:
-        served = load_served_model(
+        served = read_served_model(
             sources.base,
             sources.adapters,
             dtype=settings.dtype,
@@ -294,18 +296,11 @@ def run_server(settings: ServeSettings) -> None:
             # a GGUF base's first conversion takes a minute: say which stage it is in
             on_stage=lambda stage: status.update(f"{stage}..."),
         )
+        # the engine loads the weights it runs, and leaves out adapters that do not fit them
+        options = {f.name: getattr(settings, f.name) for f in fields(EngineOptions)}
+        engine = create_engine(settings.engine, served, **options)
     for name, why in served.adapter_errors.items():
         stderr.print(f"[yellow]adapter {name!r} is not served:[/] {why}", highlight=False)
-    engine = create_engine(
-        settings.engine,
-        served,
-        max_num_seqs=settings.max_num_seqs,
-        max_loras=settings.max_loras,
-        max_cpu_loras=settings.max_cpu_loras,
-        kv_cache_memory=settings.kv_cache_memory,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        prefill_chunk=settings.prefill_chunk,
-    )
     notice = open_to_network(settings)
     if notice:
         log.warning("%s", notice)

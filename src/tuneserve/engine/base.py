@@ -14,6 +14,10 @@ never blocks another. `cancel()` frees the request's resources at the engine's n
 
 Adapters can change while the engine serves (`add_adapter`, `remove_adapter`): those calls
 block (they read weights files), so asyncio code runs them with `asyncio.to_thread`.
+
+The server asks the engine, never its model, what depends on the model (`vocab_size`,
+`validate_adapter`, `adapter_usage`): a backend that runs its model elsewhere (another
+process, a compiled path) implements this class and registers in engine/registry.py.
 """
 
 from __future__ import annotations
@@ -61,6 +65,16 @@ class Engine(abc.ABC):
     def adapter_names(self) -> list[str]:
         """Names of the adapters this engine serves now."""
         return list(self.adapters)
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Token ids a prompt or logit_bias may hold are 0 .. vocab_size - 1."""
+
+    @abc.abstractmethod
+    def validate_adapter(self, spec: AdapterSpec) -> None:
+        """Raise AdapterError with the reason unless this engine's model can serve `spec`
+        (read by models/adapters.py `read_adapter_spec`). Blocking, never waits for a step."""
 
     @abc.abstractmethod
     def add_adapter(self, spec: AdapterSpec) -> None:

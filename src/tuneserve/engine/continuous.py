@@ -66,7 +66,7 @@ from tuneserve.engine.types import (
     StreamDelta,
 )
 from tuneserve.errors import AdapterError
-from tuneserve.models.types import AdapterSpec, ServedModel
+from tuneserve.models.types import AdapterSpec, LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
 
     def __init__(
         self,
-        served: ServedModel,
+        served: LoadedModel,
         *,
         max_num_seqs: int = 32,
         max_model_len: int | None = None,

@@ -39,10 +39,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
 from transformers import DynamicCache
 
+from tuneserve.engine.grammar import ConstraintError
 from tuneserve.engine.output import RequestOutput, eos_token_ids, invalid_prompt
 from tuneserve.engine.sampling import sample
 from tuneserve.engine.stream import QueueRequestStream
-from tuneserve.engine.structured import ConstraintError, GrammarCompiler
+from tuneserve.engine.structured import GrammarCompiler
 from tuneserve.engine.threaded import ThreadedEngine
 from tuneserve.engine.types import (
     AdapterUsage,
@@ -55,13 +56,11 @@ from tuneserve.engine.types import (
 from tuneserve.errors import AdapterError
 from tuneserve.models.adapters import (
     CONFIG_FILE,
-    BaseLayers,
     read_adapter_config,
     read_tensors,
-    validate_adapter,
     weights_file,
 )
-from tuneserve.models.types import AdapterSpec, ServedModel
+from tuneserve.models.types import AdapterSpec, LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ class _Row:
 class PeftBatchEngine(ThreadedEngine):
     """Static batching over a PEFT-wrapped transformers model (see the module docstring)."""
 
-    def __init__(self, served: ServedModel, max_batch_size: int = 16) -> None:
+    def __init__(self, served: LoadedModel, max_batch_size: int = 16) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         super().__init__(served)
@@ -205,7 +204,6 @@ class PeftBatchEngine(ThreadedEngine):
         self._running = 0
         # the adapters: the model is the bare base model until the first one arrives
         self.model: Any = served.model.eval()
-        self._base = BaseLayers.of(self.model)  # its layers, read before PEFT wraps them
         self._versions: dict[str, str] = {}  # public name -> PEFT name of the served version
         self._version_count = 0
         self._retired: set[str] = set()  # PEFT names no longer served, still used by rows
@@ -246,7 +244,7 @@ class PeftBatchEngine(ThreadedEngine):
 
     def _install(self, loaded: LoadedAdapter) -> None:
         spec = loaded.spec
-        validate_adapter(spec.name, spec.path, self._base)  # the engine's own guard: cheap
+        self.validate_adapter(spec)  # the engine's own guard: cheap
         self._version_count += 1
         version = f"v{self._version_count}"
         try:

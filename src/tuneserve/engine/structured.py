@@ -17,7 +17,6 @@ whitespace can emit it until max_tokens; the output still parses the same.
 from __future__ import annotations
 
 import collections
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,45 +24,11 @@ import numpy as np
 import torch
 from llguidance import LLMatcher, LLTokenizer
 
+from tuneserve.engine.grammar import ConstraintError, grammar_of
 from tuneserve.engine.types import Constraint
-from tuneserve.errors import TuneserveError
 
 # compiled grammars kept per engine (a matcher is copied from them per request)
 CACHED_GRAMMARS = 64
-
-_JSON_OPTIONS: Any = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-}
-
-
-class ConstraintError(TuneserveError):
-    """A schema, regex or grammar the grammar engine cannot enforce; says what and why."""
-
-
-def grammar_of(constraint: Constraint) -> str:
-    """The llguidance grammar of `constraint` (not yet checked)."""
-    if constraint.kind == "json_schema":
-        try:
-            return LLMatcher.grammar_from_json_schema(constraint.spec, defaults=_JSON_OPTIONS)
-        except ValueError as exc:
-            raise ConstraintError(f"the JSON schema is not a JSON object: {exc}") from None
-    if constraint.kind == "regex":
-        return LLMatcher.grammar_from_regex(constraint.spec)
-    if constraint.kind == "choice":
-        choices = json.loads(constraint.spec)
-        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
-    return LLMatcher.grammar_from_lark(constraint.spec)
-
-
-def check_constraint(constraint: Constraint) -> None:
-    """Raise ConstraintError naming what the grammar engine refuses (e.g. an unsupported
-    JSON-schema keyword or format); cheap, needs no tokenizer."""
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar_of(constraint), None)
-    if is_error:
-        raise ConstraintError("; ".join(messages))
-
 
 class GrammarCompiler:
     """One engine's matchers (used on its thread): the tokenizer converted once, compiled

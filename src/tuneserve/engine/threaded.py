@@ -29,7 +29,8 @@ from tuneserve.engine.base import Engine, RequestStream
 from tuneserve.engine.stream import QueueRequestStream
 from tuneserve.engine.types import GenerationRequest
 from tuneserve.errors import EngineError, UnknownAdapterError
-from tuneserve.models.types import AdapterSpec, ServedModel
+from tuneserve.models.adapters import BaseLayers, check_against_base
+from tuneserve.models.types import AdapterSpec, LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,11 @@ T = TypeVar("T")
 
 
 class ThreadedEngine(Engine):
-    def __init__(self, served: ServedModel) -> None:
+    def __init__(self, served: LoadedModel) -> None:
         self.served = served
+        # Read before a subclass wraps the model, and never again: validations run on other
+        # threads while the engine thread may be rewrapping layers.
+        self._base_layers = BaseLayers.of(served.model)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -75,6 +79,15 @@ class ThreadedEngine(Engine):
     @property
     def adapters(self) -> dict[str, AdapterSpec]:
         return dict(self._adapters)
+
+    @property
+    def vocab_size(self) -> int:
+        # the config's size, which may exceed the tokenizer's (padded embeddings)
+        size = getattr(getattr(self.served.model, "config", None), "vocab_size", None)
+        return int(size) if size else len(self.served.tokenizer)
+
+    def validate_adapter(self, spec: AdapterSpec) -> None:
+        check_against_base(spec, self._base_layers)
 
     @property
     def adapter_names(self) -> list[str]:

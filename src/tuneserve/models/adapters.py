@@ -11,7 +11,9 @@ but tensors and plain containers: a pickle that would run code fails as a corrup
 
 Validation reads only the files (the config and the weights' headers) and the base model's
 layer sizes, so a bad adapter fails here, with a message naming the adapter and the file,
-instead of deep inside PEFT or the engine.
+instead of deep inside PEFT or the engine. It has two halves because only an engine knows its
+model: `read_adapter_spec` needs no base (the server reads folders with it), and
+`check_against_base` is what an engine's `validate_adapter` runs against its layers.
 """
 
 from __future__ import annotations
@@ -336,8 +338,20 @@ def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
 
     Raises AdapterError naming the adapter and the offending file.
     """
-    path = Path(path).expanduser()
     base = model if isinstance(model, BaseLayers) else BaseLayers.of(model)
+    spec = read_adapter_spec(name, path)
+    check_against_base(spec, base)
+    return spec
+
+
+def read_adapter_spec(name: str, path: Path) -> AdapterSpec:
+    """The adapter folder `path` as a spec, checked without any base model: a PEFT LoRA folder
+    whose config parses and asks for nothing refused. Whether it fits a base is for
+    `check_against_base` (an engine's `validate_adapter`), since only the backend knows its model.
+
+    Raises AdapterError naming the adapter and the offending file.
+    """
+    path = Path(path).expanduser()
     refusal = gguf_refusal(path)
     if refusal is not None:
         raise AdapterError(name, refusal)
@@ -347,10 +361,6 @@ def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
     config_file = path / CONFIG_FILE
     raw, config = read_adapter_config(name, config_file)
     check_supported(name, config_file, config)
-    _check_targets(name, config_file, config, base)
-    weights = weights_file(name, path)
-    _check_weights(name, weights, read_shapes(name, weights), config, base)
-    _check_base_hint(name, config_file, config, base)
     return AdapterSpec(
         name=name,
         path=path,
@@ -359,6 +369,16 @@ def validate_adapter(name: str, path: Path, model: Any) -> AdapterSpec:
         target_modules=config.targets,
         config=raw,
     )
+
+
+def check_against_base(spec: AdapterSpec, base: BaseLayers) -> None:
+    """Raise AdapterError unless `spec`'s targets and weight shapes fit the base's layers."""
+    config_file = Path(spec.path) / CONFIG_FILE
+    config = served_config(spec)
+    _check_targets(spec.name, config_file, config, base)
+    weights = weights_file(spec.name, spec.path)
+    _check_weights(spec.name, weights, read_shapes(spec.name, weights), config, base)
+    _check_base_hint(spec.name, config_file, config, base)
 
 
 def gguf_refusal(path: Path) -> str | None:

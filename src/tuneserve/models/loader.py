@@ -1,18 +1,21 @@
-"""Load what is served: the base model and tokenizer, and the adapters that pass validation."""
+"""Read what is served (tokenizer, config, adapter folders) and, for the transformers engines,
+load the base model's weights: two steps, so an engine that loads its own model needs only the
+first."""
 
 from __future__ import annotations
 
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from tuneserve.errors import AdapterError, ModelLoadError
-from tuneserve.models.adapters import BaseLayers, validate_adapter
+from tuneserve.models.adapters import BaseLayers, check_against_base, read_adapter_spec
 from tuneserve.models.chat_template import ensure_chat_template
 from tuneserve.models.gguf import SUFFIX, ensure_converted, find_gguf
-from tuneserve.models.types import AdapterSpec, ServedModel
+from tuneserve.models.types import AdapterSpec, LoadedModel, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +23,10 @@ MAX_CONTEXT_CAP = 32768  # a default beyond this only reserves memory no demo re
 _FALLBACK_CONTEXT = 2048  # for configs that name no context length at all
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+_SERVED_FIELDS = tuple(f.name for f in fields(ServedModel))
 
 
-def load_served_model(
+def read_served_model(
     base: str,
     adapters: dict[str, Path],
     *,
@@ -33,13 +37,14 @@ def load_served_model(
     cache_dir: Path | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> ServedModel:
-    """Load `base` (a local folder, a .gguf file or a folder holding one, or a hub id) and
-    validate each adapter against it.
+    """What `base` (a local folder, a .gguf file or a folder holding one, or a hub id) serves,
+    without its weights: the tokenizer, the config's context length and EOS ids, and each
+    adapter's folder read (an engine checks its shapes against the model it loads).
 
     A GGUF base is converted once into `cache_dir` (default: the user cache) and served from
     there, named after the file; `on_stage` hears what a conversion is doing. A broken adapter
     does not stop the others: it is logged and recorded in `ServedModel.adapter_errors`.
-    Raises ModelLoadError when the base cannot be loaded and AdapterError when adapter names
+    Raises ModelLoadError when the base cannot be read and AdapterError when adapter names
     clash with the base's.
     """
     located = _locate(base, cache_dir, on_stage)
@@ -50,7 +55,7 @@ def load_served_model(
     torch_dtype = _resolve_dtype(dtype, resolved_device)
 
     tokenizer = _load(source, is_local, "tokenizer", lambda: _tokenizer(source))
-    model = _load(source, is_local, "model", lambda: _model(source, torch_dtype, resolved_device))
+    config = _load(source, is_local, "model", lambda: _config(source))
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:  # batching pads; the pad id never reaches the model
         tokenizer.pad_token = tokenizer.eos_token
@@ -58,36 +63,72 @@ def load_served_model(
 
     specs: dict[str, AdapterSpec] = {}
     errors: dict[str, str] = {}
-    layers = BaseLayers.of(model)  # one walk of the model for every adapter
     for name, path in adapters.items():
         try:
-            specs[name] = validate_adapter(name, Path(path), layers)
+            specs[name] = read_adapter_spec(name, Path(path))
         except AdapterError as exc:
-            logger.error("not serving %s", exc)
-            errors[name] = str(exc)
+            _not_serving(exc, name, errors)
 
-    served = ServedModel(
+    return ServedModel(
         base_name=base_name,
         base_path=located.origin,
-        model=model,
         tokenizer=tokenizer,
+        source=source,
         adapters=specs,
         adapter_errors=errors,
-        max_model_len=_context_length(model.config, max_model_len),
+        max_model_len=_context_length(config, max_model_len),
         device=resolved_device,
         dtype=str(torch_dtype).removeprefix("torch."),
-        eos_token_ids=_eos_token_ids(model, tokenizer),
+        eos_token_ids=_eos_token_ids(_generation_config(source, config), tokenizer),
     )
+
+
+def load_weights(served: ServedModel) -> LoadedModel:
+    """`served` with its transformers model loaded from `served.source` onto its device and
+    dtype. Adapters whose shapes do not fit the model move from `served.adapters` to
+    `served.adapter_errors` (in place: the server reports them from the ServedModel it holds).
+
+    Raises ModelLoadError when the weights cannot be loaded.
+    """
+    import torch
+
+    is_local = Path(served.source).is_dir()
+    dtype = getattr(torch, served.dtype)
+    model = _load(
+        served.source, is_local, "model", lambda: _model(served.source, dtype, served.device)
+    )
+    specs: dict[str, AdapterSpec] = {}
+    errors = dict(served.adapter_errors)
+    layers = BaseLayers.of(model)  # one walk of the model for every adapter
+    for name, spec in served.adapters.items():
+        try:
+            check_against_base(spec, layers)
+            specs[name] = spec
+        except AdapterError as exc:
+            _not_serving(exc, name, errors)
+    served.adapters, served.adapter_errors = specs, errors
+    loaded = LoadedModel(**{f: getattr(served, f) for f in _SERVED_FIELDS}, model=model)
     logger.info(
         "serving %s from %s on %s (%s, context %d) with adapters: %s",
-        served.base_name,
-        source,
-        served.device,
-        served.dtype,
-        served.max_model_len,
+        loaded.base_name,
+        loaded.source,
+        loaded.device,
+        loaded.dtype,
+        loaded.max_model_len,
         ", ".join(specs) or "(none)",
     )
-    return served
+    return loaded
+
+
+def load_served_model(base: str, adapters: dict[str, Path], **options: Any) -> LoadedModel:
+    """`read_served_model` then `load_weights`: what the transformers engines run (the same
+    keyword options as `read_served_model`)."""
+    return load_weights(read_served_model(base, adapters, **options))
+
+
+def _not_serving(exc: AdapterError, name: str, errors: dict[str, str]) -> None:
+    logger.error("not serving %s", exc)
+    errors[name] = str(exc)
 
 
 class _Located(NamedTuple):
@@ -212,6 +253,22 @@ def _tokenizer(source: str) -> Any:
     return AutoTokenizer.from_pretrained(source)
 
 
+def _config(source: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source)
+
+
+def _generation_config(source: str, config: Any) -> Any:
+    """The generation config the model would load: its file, else one made from `config`."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: transformers derives one the same way
+        return GenerationConfig.from_model_config(config)
+
+
 def _model(source: str, torch_dtype: Any, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -245,9 +302,9 @@ def _context_length(config: Any, requested: int | None) -> int:
     return native
 
 
-def _eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+def _eos_token_ids(generation_config: Any, tokenizer: Any) -> tuple[int, ...]:
     ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     for value in [*(configured if isinstance(configured, list) else [configured])]:
         if isinstance(value, int) and value not in ids:
             ids.append(value)

@@ -15,8 +15,8 @@ is reported in `GET /v1/adapters` (errors) and, if an older version of it was se
 keeps serving. `DELETE` hides a folder from rescans until its files change or it is loaded again.
 
 Changes happen one at a time (one lock), so a name's load, replace and unload apply in the order
-asked; a load is fast next to a request. Validation uses the base model's layers read once at
-start (models/adapters.py `BaseLayers`), never the live model the engine thread rewraps.
+asked; a load is fast next to a request. A folder is read here (models/adapters.py) and checked
+against the base by the engine (`validate_adapter`): only the engine knows the model it runs.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tuneserve.models.adapter_root import (
     check_adapter_name,
     fingerprint,
 )
-from tuneserve.models.adapters import CONFIG_FILE, WEIGHT_FILES, BaseLayers, validate_adapter
+from tuneserve.models.adapters import CONFIG_FILE, WEIGHT_FILES, read_adapter_spec
 from tuneserve.models.types import AdapterSpec, ServedModel
 from tuneserve.server.protocol import AdapterSource
 
@@ -94,8 +94,6 @@ class AdapterRegistry:
             name: Entry(spec.path.resolve(), "startup", fingerprint(spec.path), now)
             for name, spec in engine.adapters.items()
         }
-        # Read once: later validations must not walk a model the engine may be rewrapping.
-        self._base = BaseLayers.of(served.model)
         self._problems: dict[str, Problem] = {}
         self._hidden: dict[Path, Fingerprint] = {}  # unloaded by DELETE, while unchanged
         self._lock = asyncio.Lock()
@@ -300,7 +298,8 @@ class AdapterRegistry:
     async def _install(self, name: str, folder: Path, source: AdapterSource) -> None:
         """Validate and hand to the engine (which swaps atomically). Lock held."""
         stamp = fingerprint(folder)
-        spec: AdapterSpec = await asyncio.to_thread(validate_adapter, name, folder, self._base)
+        spec: AdapterSpec = await asyncio.to_thread(read_adapter_spec, name, folder)
+        await asyncio.to_thread(self.engine.validate_adapter, spec)
         await asyncio.to_thread(self.engine.add_adapter, spec)
         self._entries[name] = Entry(folder, source, stamp, time.time())
         self._problems.pop(name, None)

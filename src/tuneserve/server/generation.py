@@ -143,9 +143,7 @@ class GenerationService:
         return str(self.served.tokenizer.decode(list(token_ids)))
 
     def vocab_size(self) -> int:
-        config = getattr(self.served.model, "config", None)
-        size = getattr(config, "vocab_size", None)
-        return int(size) if size else len(self.served.tokenizer)
+        return self.engine.vocab_size
 
     def check_length(self, prompt_ids: Sequence[int], max_tokens: int | None, *, param: str) -> int:
         """Validate the prompt against the context; return the max_tokens to use."""

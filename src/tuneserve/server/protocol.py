@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from tuneserve.engine.structured import ConstraintError, check_constraint
+from tuneserve.engine.grammar import ConstraintError, check_constraint
 from tuneserve.engine.types import Constraint, SamplingParams
 
 # choices per request (n, best_of): each one is a full generation; OpenAI allows 128
