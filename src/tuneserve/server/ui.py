@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 from fastapi import FastAPI
 
-from tuneserve.engine.structured import ConstraintError, check_constraint
+from tuneserve.engine.grammar import ConstraintError, check_constraint
 from tuneserve.engine.types import Constraint, SamplingParams, StreamDelta
 from tuneserve.errors import TuneserveError
 from tuneserve.server.errors import APIError
