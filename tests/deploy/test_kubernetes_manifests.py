@@ -294,12 +294,23 @@ def test_provision_refuses_a_bad_flag_by_name(
     assert message in result.output
 
 
-def test_deploy_says_what_is_not_built_and_what_to_run(
+def test_deploy_to_a_storage_class_volume_says_the_sync_is_not_built(
     cli: Callable[..., Any], workspace: Path
 ) -> None:
-    cli("provision", "-w", workspace, "--provider", "kubernetes", "--dry-run", "--context", "c1")
+    cli(
+        "provision",
+        "-w",
+        workspace,
+        "--provider",
+        "kubernetes",
+        "--dry-run",
+        "--context",
+        "c1",
+        "--storage-class",
+        "nfs-rwx",
+    )
     result = cli("deploy", "-w", workspace, ok=False)
-    assert "not built for the kubernetes provider yet" in result.output
+    assert "syncing to a storage class's volume is not built yet" in result.output
     assert "kubectl --context c1 -n default rollout restart deployment/" in result.output
 
 

@@ -9,8 +9,9 @@ infra/inference.config.json keeps its six keys, with this provider's meaning:
     ACA_APP_NAME          the Deployment and Service
     ACA_APP_ENDPOINT      the Service inside the cluster (http://APP.NAMESPACE.svc.cluster.local:7860)
 
-What is built: rendering. Applying the objects and rolling a deploy through the API are not (see
-README "Deploy -> Kubernetes"); until then the commands that would need them say what to run.
+provision renders infra/kubernetes/ and (without --dry-run) applies it server-side; deploy syncs
+the Azure Files share, then rolls the Deployment by its pod template's revision annotation and
+undoes the rollout when the new pods do not become ready (deploy/k8s/rollout.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from rich.markup import escape
@@ -34,13 +36,16 @@ from tuneserve.deploy.base import (
 )
 from tuneserve.deploy.infra import TARGET_PORT, FinetuningConfig, InferenceConfig
 from tuneserve.deploy.k8s import manifests as m
-from tuneserve.deploy.k8s import render
+from tuneserve.deploy.k8s import render, rollout
+from tuneserve.deploy.k8s.api import KubeApi, KubeApiError, connect
 from tuneserve.deploy.shares import SyncTarget
+from tuneserve.deploy.waiting import wait_until
 from tuneserve.errors import ProviderError
 
 MANIFESTS_DIR = "kubernetes"  # under infra/
 DEFAULT_NAMESPACE = "default"
 CURRENT_CONTEXT = "current-context"  # written when no kubeconfig names one
+KEDA_PAUSED = "autoscaling.keda.sh/paused-replicas"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
@@ -104,6 +109,7 @@ class KubernetesProvider(Provider):
     request_type = KubernetesProvisionRequest
     # a rollout waits for the new pods' model load; their startup probe allows this much
     default_timeout_s = float(m.DEFAULT_STARTUP_BUDGET_S)
+    poll_s = 2.0  # between reads of a rollout's state
 
     @classmethod
     def scope(
@@ -184,10 +190,7 @@ class KubernetesProvider(Provider):
         if request.dry_run:
             self.console.print(f"Dry run: no cluster reached. Apply later with: {apply}")
         else:
-            self.console.print(
-                "tuneserve does not apply to a cluster itself yet (README: Deploy -> "
-                f"Kubernetes). Apply with: {apply}"
-            )
+            self._apply(kube_api(context, spec.namespace), render.read(self.manifests_dir))
         storage = spec.storage
         return InferenceConfig(
             SUBSCRIPTION_ID=context,
@@ -220,48 +223,216 @@ class KubernetesProvider(Provider):
             )
         )
 
-    # -- not built yet: each says what to do instead ------------------------------------------
+    def _apply(self, api: KubeApi, objects: list[dict[str, Any]]) -> None:
+        """Server-side apply of each object, in file order: creates what is missing, updates
+        what differs, and a second run changes nothing."""
+        for obj in objects:
+            what = f"{obj['kind']}/{obj['metadata']['name']}"
+            try:
+                api.apply(obj)
+            except KubeApiError as exc:
+                if obj["kind"] == "ScaledObject" and exc.status == 404:
+                    self.console.print(
+                        f"[yellow]warning:[/] {what} not applied: the cluster has no KEDA "
+                        "(no ScaledObject API). Install KEDA, or provision with --autoscaler hpa "
+                        "or none."
+                    )
+                    continue
+                raise
+            self.console.print(f"  applied {what}")
 
-    def _not_built(self, what: str, instead: str) -> ProviderError:
-        return ProviderError(
-            f"{what} is not built for the kubernetes provider yet; {instead} "
-            "(README: Deploy -> Kubernetes)"
+    # -- deploy -----------------------------------------------------------------------------
+
+    def _api(self) -> KubeApi:
+        config = self._config()
+        return kube_api(str(config.SUBSCRIPTION_ID), str(config.RESOURCE_GROUP_NAME))
+
+    @property
+    def app(self) -> str:
+        return str(self._config().ACA_APP_NAME)
+
+    @property
+    def selector(self) -> dict[str, str]:
+        return {"app.kubernetes.io/name": "tuneserve", "app.kubernetes.io/instance": self.app}
+
+    def share_target(self) -> SyncTarget:
+        """The Azure Files share the static volume mounts, reached as the Azure provider reaches
+        it; a storage class's volume has no such path from here."""
+        storage = [o for o in self._manifests() if o["kind"] == "PersistentVolume"]
+        if storage and storage[0]["spec"].get("csi", {}).get("driver") == "file.csi.azure.com":
+            from tuneserve.deploy.azure import AzureProvider
+
+            return AzureProvider(self.paths, self._config(), self.console).share_target()
+        raise ProviderError(
+            "syncing to a storage class's volume is not built yet (only the Azure Files share "
+            "is reached from here); copy the workspace onto claim "
+            f"{self._config().FILE_SHARE_NAME!r} "
+            f"yourself (a pod mounting it and 'kubectl cp'), then run '{self._kubectl()} rollout "
+            f"restart deployment/{self.app}' (README: Deploy -> Kubernetes)"
+        )
+
+    def _manifests(self) -> list[dict[str, Any]]:
+        if not self.manifests_dir.is_dir():
+            raise ProviderError(
+                f"{self.paths.rel(self.manifests_dir)}/ not found: run "
+                "'tuneserve provision --provider kubernetes' first"
+            )
+        return render.read(self.manifests_dir)
+
+    def roll_out(self, sync_summary: str, *, timeout: float, replicas: int | None) -> DeployResult:
+        # 1. (the sync) done: the share holds the workspace
+        api = self._api()
+        deployment = api.get("Deployment", self.app)
+        if deployment is None:
+            raise ProviderError(
+                f"deployment {self.app!r} is not in namespace {api.namespace!r}: run "
+                "'tuneserve provision --provider kubernetes' (without --dry-run) first"
+            )
+        previous = rollout.template_revision(deployment)
+        serving = deployment.get("status", {}).get("availableReplicas", 0) > 0
+        revision = rollout.next_revision(self.app, previous)
+
+        # 2. a new pod template: the controller starts new pods beside the old ones
+        patch: dict[str, Any] = {
+            "spec": {"template": {"metadata": {"annotations": {m.REVISION_ANNOTATION: revision}}}}
+        }
+        if replicas or deployment["spec"].get("replicas") == 0:  # after 'tuneserve stop'
+            patch["spec"]["replicas"] = replicas or 1
+            self._resume_autoscaler(api)
+        api.merge_patch("Deployment", self.app, patch)
+
+        # 3. wait for the new pods; on failure put the old template back (its pods never left)
+        last = rollout.Progress(False, None, "")
+
+        def rolled() -> bool:
+            nonlocal last
+            current = api.get("Deployment", self.app) or {}
+            last = rollout.progress(current, rollout.pods_of(api, self.selector, revision))
+            if last.failed:
+                raise _RolloutFailed(last.failed)
+            return last.done
+
+        try:
+            with self.console.status(f"Rolling out {revision}") as status:
+                done = wait_until(
+                    rolled,
+                    timeout=timeout,
+                    interval=self.poll_s,
+                    on_wait=lambda s: status.update(
+                        f"Rolling out {revision}: {last.message} ({s:.0f} s)"
+                    ),
+                )
+            why = None if done else f"not ready after {timeout:.0f} s ({last.message})"
+        except _RolloutFailed as exc:
+            why = str(exc)
+        except KeyboardInterrupt:  # an abandoned deploy leaves the old pods serving too
+            rollout.undo(api, self.app, self.selector, failed=revision)
+            raise
+        if why is not None:
+            logs = self._pod_logs(api, rollout.pods_of(api, self.selector, revision))
+            back = rollout.undo(api, self.app, self.selector, failed=revision)
+            if back:
+                self.console.print(f"Undid the rollout: the pod template is {back}'s again")
+            still = (previous or f"{self.app} (as provisioned)") if serving and back else None
+            raise self.not_ready(revision, why, logs, still)
+        ready = (api.get("Deployment", self.app) or {}).get("status", {})
+        return DeployResult(
+            revision, self.endpoint, sync_summary, replicas=ready.get("availableReplicas", 0)
+        )
+
+    def _pod_logs(
+        self, api: KubeApi, pods: list[dict[str, Any]], tail: int = 15
+    ) -> list[tuple[str, list[str]]]:
+        logs = []
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            try:
+                lines = list(api.log_lines(name, tail=tail))
+            except ProviderError as exc:
+                lines = [f"(no log: {exc})"]
+            logs.append((f"Last lines of pod {name}:", lines))
+        return logs
+
+    def _resume_autoscaler(self, api: KubeApi) -> None:
+        if api.get("ScaledObject", self.app) is not None:
+            api.merge_patch(
+                "ScaledObject", self.app, {"metadata": {"annotations": {KEDA_PAUSED: None}}}
+            )
+
+    # -- status, logs, stop -------------------------------------------------------------------
+
+    def status(self, *, api_key: str | None = None) -> StatusReport:
+        api = self._api()
+        deployment = api.get("Deployment", self.app)
+        report = StatusReport(self.name, self.app, self.endpoint, None, ready=False)
+        if deployment is None:
+            report.notes.append(f"deployment {self.app!r} not found in {api.namespace!r}")
+            return report
+        report.revision = rollout.template_revision(deployment)
+        report.ready = deployment.get("status", {}).get("availableReplicas", 0) > 0
+        for pod in api.select("Pod", self.selector):
+            statuses = pod.get("status", {}).get("containerStatuses", [])
+            annotations = pod["metadata"].get("annotations") or {}
+            report.replicas.append(
+                {
+                    "name": pod["metadata"]["name"],
+                    "phase": pod.get("status", {}).get("phase"),
+                    "ready": bool(statuses) and all(c.get("ready") for c in statuses),
+                    "restarts": sum(c.get("restartCount", 0) for c in statuses),
+                    "revision": annotations.get(m.REVISION_ANNOTATION),
+                }
+            )
+        report.notes.append(
+            f"the endpoint is the Service inside the cluster; from here: '{self._kubectl()} "
+            f"port-forward svc/{self.app} {TARGET_PORT}'"
+        )
+        return report
+
+    def logs(
+        self, *, tail: int = 100, follow: bool = False, revision: str | None = None
+    ) -> Iterator[str]:
+        api = self._api()
+        revision = revision or rollout.template_revision(api.get("Deployment", self.app) or {})
+        pods = [
+            p
+            for p in api.select("Pod", self.selector)
+            if revision is None
+            or (p["metadata"].get("annotations") or {}).get(m.REVISION_ANNOTATION) == revision
+        ]
+        if not pods:
+            raise ProviderError(f"no pods of {self.app!r} ({revision or 'any revision'}) to read")
+        names = [p["metadata"]["name"] for p in pods]
+        if follow and len(names) > 1:
+            self.console.print(f"note: following {names[0]} (of {len(names)} pods)")
+        if follow:
+            return api.log_lines(names[0], tail=tail, follow=True)
+        return (f"[{n}] {line}" for n in names for line in api.log_lines(n, tail=tail))
+
+    def stop(self) -> str:
+        api = self._api()
+        if api.get("ScaledObject", self.app) is not None:
+            # KEDA would scale a stopped app back to its minimum: pause it at 0
+            api.merge_patch(
+                "ScaledObject", self.app, {"metadata": {"annotations": {KEDA_PAUSED: "0"}}}
+            )
+        # an HPA stops scaling a target whose replicas are 0, until they are set again
+        api.merge_patch("Deployment", self.app, {"spec": {"replicas": 0}})
+        return (
+            f"Stopped {self.app} (replicas 0; its pods finish their requests within the grace "
+            "period). 'tuneserve deploy' starts it again."
         )
 
     def _kubectl(self) -> str:
         config = self._config()
         return kubectl(str(config.SUBSCRIPTION_ID), config.RESOURCE_GROUP_NAME)
 
-    def share_target(self) -> SyncTarget:
-        raise self._not_built(
-            "syncing the workspace to the cluster's share",
-            "copy it onto the volume yourself, then "
-            f"'{self._kubectl()} rollout restart deployment/{self._config().ACA_APP_NAME}'",
-        )
-
-    def roll_out(self, sync_summary: str, *, timeout: float, replicas: int | None) -> DeployResult:
-        raise self._not_built(
-            "rolling the Deployment",
-            f"run '{self._kubectl()} rollout restart deployment/{self._config().ACA_APP_NAME}'",
-        )
-
-    def status(self, *, api_key: str | None = None) -> StatusReport:
-        raise self._not_built(
-            "status", f"run '{self._kubectl()} get deploy,pods -l app.kubernetes.io/name=tuneserve'"
-        )
-
-    def logs(
-        self, *, tail: int = 100, follow: bool = False, revision: str | None = None
-    ) -> Iterator[str]:
-        raise self._not_built(
-            "logs", f"run '{self._kubectl()} logs deployment/{self._config().ACA_APP_NAME}'"
-        )
-
-    def stop(self) -> str:
-        raise self._not_built(
-            "stop",
-            f"run '{self._kubectl()} scale deployment/{self._config().ACA_APP_NAME} --replicas 0'",
-        )
-
     def replica_urls(self) -> list[str]:
         return [self._config().endpoint_url]
+
+
+class _RolloutFailed(Exception):
+    """The new pods cannot become ready (ends the wait)."""
+
+
+def kube_api(context: str, namespace: str) -> KubeApi:
+    return KubeApi(connect(None if context == CURRENT_CONTEXT else context), namespace)
