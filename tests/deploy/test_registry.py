@@ -19,6 +19,7 @@ from tuneserve.deploy import registry
 from tuneserve.deploy.azure import AzureProvider, AzureProvisionRequest
 from tuneserve.deploy.base import DeployResult, Provider, ProvisionRequest, StatusReport, option
 from tuneserve.deploy.infra import DEFAULT_PROVIDER, InferenceConfig, load_config
+from tuneserve.deploy.k8s.provider import KubernetesProvider
 from tuneserve.deploy.local import LocalProvider, LocalProvisionRequest
 from tuneserve.deploy.scaffold import init_workspace
 from tuneserve.deploy.shares import LocalDirTarget
@@ -28,11 +29,15 @@ WIDE = {"COLUMNS": "300"}  # help on one line a flag
 
 
 def test_the_registry_lists_every_provider_by_its_name() -> None:
-    assert registry.PROVIDERS == {"local": LocalProvider, "azure": AzureProvider}
+    assert registry.PROVIDERS == {
+        "local": LocalProvider,
+        "azure": AzureProvider,
+        "kubernetes": KubernetesProvider,
+    }
     assert DEFAULT_PROVIDER in registry.names()
     assert registry.provider_class("local") is LocalProvider
     with pytest.raises(
-        ProviderError, match="unknown provider 'k8s'; the providers are: local, azure"
+        ProviderError, match="unknown provider 'k8s'; the providers are: local, azure, kubernetes"
     ):
         registry.provider_class("k8s")
 
@@ -46,20 +51,35 @@ def test_each_provider_owns_its_provision_options() -> None:
         "port": ["local"],
         "share_dir": ["local"],
         "location": ["azure"],
+        **{
+            name: ["kubernetes"]
+            for name in (
+                "context",
+                "namespace",
+                "dry_run",
+                "gpus",
+                "storage_class",
+                "service_type",
+                "autoscaler",
+                "prometheus_url",
+            )
+        },
     }
     assert options["port"][0][1].type == int | None
+    assert options["dry_run"][0][1].type == bool | None
     assert options["share_dir"][0][1].type == Path | None
 
 
 def test_the_cli_reads_choices_and_flags_from_the_registry(deploy_app: typer.Typer) -> None:
     text = CliRunner().invoke(deploy_app, ["provision", "--help"], env=WIDE).output
-    assert "local|azure" in text and "local: processes on this machine" in text
+    assert "local|azure|kubernetes" in text and "local: processes on this machine" in text
+    assert "kubernetes: the namespace" in text and "--dry-run" in text
     for flag in ("--port", "--share-dir", "--location", "--subscription", "--api-key"):
         assert flag in text
     assert "local: the endpoint's loopback port" in text
     assert "azure: the region for a resource group" in text
     deploy_help = CliRunner().invoke(deploy_app, ["deploy", "--help"], env=WIDE).output
-    assert "(default: local 300, azure 1800)" in deploy_help
+    assert "(default: local 300, azure 1800, kubernetes 1800)" in deploy_help
 
 
 # --- a provider added by listing it ----------------------------------------------------------
@@ -132,7 +152,7 @@ def test_a_listed_provider_gets_its_choice_flags_and_workflow(
 ) -> None:
     runner = CliRunner()
     text = runner.invoke(kube_app, ["provision", "--help"], env=WIDE).output
-    assert "local|azure|kube" in text and "kube: a Kubernetes cluster" in text
+    assert "local|azure|kubernetes|kube" in text and "kube: a Kubernetes cluster" in text
     # one --port serves both providers that declare it; --namespace is kube's alone
     assert "local: the endpoint's loopback port" in text and "kube: the service port." in text
     assert "--namespace" in text

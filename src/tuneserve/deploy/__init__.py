@@ -1,5 +1,5 @@
-"""HOW it reaches a remote machine: the infra/ files, providers (local, azure) behind one
-registry, workspace -> share sync, readiness waits. Runs `tuneserve serve` remotely; never
+"""HOW it reaches a remote machine: the infra/ files, providers (local, azure, kubernetes) behind
+one registry, workspace -> share sync, readiness waits. Runs `tuneserve serve` remotely; never
 imports engine/ or server/.
 
     infra.py      pydantic models of infra/*.json; errors with file, line and field
@@ -20,6 +20,7 @@ imports engine/ or server/.
     local.py      the local provider: a share folder, detached replicas, atomic switch
     proxy.py      the local endpoint: a loopback TCP proxy following a routes file
     azure.py      the Azure Container Apps provider (optional extra)
+    k8s/          the Kubernetes provider: the objects, infra/kubernetes/ as YAML, provision
     adapters.py   `tuneserve adapters`: adapter folders onto a share or a server's root, and the
                   servers' admin API (/v1/adapters) told per replica
 

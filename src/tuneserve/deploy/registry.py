@@ -11,10 +11,13 @@ from rich.console import Console
 from tuneserve.deploy.azure import AzureProvider
 from tuneserve.deploy.base import Provider, ProvisionOption, stderr_console
 from tuneserve.deploy.infra import InferenceConfig, InfraPaths
+from tuneserve.deploy.k8s.provider import KubernetesProvider
 from tuneserve.deploy.local import LocalProvider
 from tuneserve.errors import ProviderError
 
-PROVIDERS: dict[str, type[Provider]] = {cls.name: cls for cls in (LocalProvider, AzureProvider)}
+PROVIDERS: dict[str, type[Provider]] = {
+    cls.name: cls for cls in (LocalProvider, AzureProvider, KubernetesProvider)
+}
 
 
 def names() -> list[str]:

@@ -64,6 +64,7 @@ from tuneserve.engine.types import (
     FinishReason,
     GenerationRequest,
     StreamDelta,
+    distinct_adapters,
 )
 from tuneserve.errors import AdapterError
 from tuneserve.models.types import AdapterSpec, LoadedModel
@@ -165,11 +166,18 @@ class ContinuousBatchingEngine(ThreadedEngine):
         self._inbox.append((request, stream))
 
     def stats(self) -> EngineStats:
+        # snapshots: the engine thread changes these while a scrape reads them
+        running = list(self.scheduler.running)
+        waiting = [seq.request for seq in list(self.scheduler.waiting)]
+        waiting += [request for request, _ in list(self._inbox)]
         return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting) + len(self._inbox),
+            running=len(running),
+            waiting=len(waiting),
             kv_cache_usage=1 - self.cache.num_free / self.cache.num_blocks,
             preemptions=self.scheduler.num_preemptions,
+            running_adapters=distinct_adapters(seq.request.adapter for seq in running),
+            waiting_adapters=distinct_adapters(request.adapter for request in waiting),
+            max_loras=self.loras.max_loras,
         )
 
     def add_adapter(self, spec: AdapterSpec) -> None:

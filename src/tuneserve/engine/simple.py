@@ -52,6 +52,7 @@ from tuneserve.engine.types import (
     GenerationRequest,
     StreamDelta,
     TokenLogprob,
+    distinct_adapters,
 )
 from tuneserve.errors import AdapterError
 from tuneserve.models.adapters import (
@@ -202,6 +203,7 @@ class PeftBatchEngine(ThreadedEngine):
         )
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._running = 0
+        self._running_adapters: tuple[str, ...] = ()
         # the adapters: the model is the bare base model until the first one arrives
         self.model: Any = served.model.eval()
         self._versions: dict[str, str] = {}  # public name -> PEFT name of the served version
@@ -225,7 +227,15 @@ class PeftBatchEngine(ThreadedEngine):
             pending.finish("cancelled")
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=self._running, waiting=len(self._waiting))
+        waiting = list(self._waiting)
+        return EngineStats(
+            running=self._running,
+            waiting=len(waiting),
+            running_adapters=self._running_adapters,
+            waiting_adapters=distinct_adapters(p.request.adapter for p in waiting),
+            # PEFT keeps every adapter in the model: all of them can run in one batch
+            max_loras=len(self._adapters),
+        )
 
     def add_adapter(self, spec: AdapterSpec) -> None:
         loaded = read_adapter(spec, self._device)
@@ -359,7 +369,7 @@ class PeftBatchEngine(ThreadedEngine):
                         pending.stream.fail(f"generation failed: {type(exc).__name__}: {exc}")
                         pending.finished = True
             finally:
-                self._running = 0
+                self._running, self._running_adapters = 0, ()
                 self._in_use.clear()
                 self._reap()
         logger.info("engine stopped")
@@ -400,6 +410,7 @@ class PeftBatchEngine(ThreadedEngine):
                 if request.adapter is not None:
                     self._last_used[request.adapter] = time.time()
         self._in_use = collections.Counter(row.adapter for row in rows)
+        self._running_adapters = distinct_adapters(r.pending.request.adapter for r in rows)
         return rows
 
     @torch.inference_mode()
@@ -447,6 +458,7 @@ class PeftBatchEngine(ThreadedEngine):
                 tokens, positions = tokens[index], positions[index]
                 attention_mask = attention_mask[index]
                 self._running = len(rows)
+                self._running_adapters = distinct_adapters(r.pending.request.adapter for r in rows)
                 self._in_use = collections.Counter(adapters)
                 self._reap()  # versions retired mid-batch that only the finished rows used
             # adapters may change here; this batch's rows keep the versions they started with

@@ -5,6 +5,7 @@ The engine speaks token ids in and text deltas out; it never sees HTTP or pydant
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,12 +90,22 @@ class StreamDelta:
     completion_tokens: int = 0
 
 
+def distinct_adapters(names: Iterable[str | None]) -> tuple[str, ...]:
+    """Each adapter once, in order; None (the base model) left out."""
+    return tuple(dict.fromkeys(name for name in names if name is not None))
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     running: int
     waiting: int
     kv_cache_usage: float | None = None  # share of the KV budget in use (None: no budget)
     preemptions: int = 0  # running sequences preempted (recomputed later) since the start
+    # adapters of running / queued requests (each once, first seen first): routers that place
+    # requests where their adapter already runs read them (vLLM's lora_requests_info)
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    max_loras: int | None = None  # adapters that can run in one batch (None: no such bound)
 
 
 @dataclass(frozen=True, slots=True)

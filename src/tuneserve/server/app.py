@@ -62,7 +62,7 @@ def create_app(
     them for a trusted network. `notice` is a warning for the UI's header, `about` a line
     saying what is served (the demo says what it is).
     `app.state.lifecycle` is what a DrainingServer drains."""
-    observer = metrics.PrometheusMetrics(engine)
+    observer = metrics.PrometheusMetrics(engine, served.base_name)
     lifecycle = Lifecycle()
     registry = AdapterRegistry(
         engine,

@@ -4,11 +4,25 @@ Each app owns its CollectorRegistry (tests build many apps in one process; the g
 registry would refuse the second set of names). Counts are per engine request, i.e. per
 choice: a request with n=3 adds 3 to tuneserve_requests_total. The running/waiting gauges
 are read from engine.stats() at scrape time, so they are never stale.
+
+The same scrape also speaks vLLM's names for the signals Kubernetes LLM routers and autoscalers
+read (the Gateway API Inference Extension's endpoint picker, vLLM production-stack's router,
+KEDA queries written for vLLM), so they take a tuneserve pod for a vLLM one:
+
+    vllm:num_requests_running   = tuneserve_requests_running
+    vllm:num_requests_waiting   = tuneserve_requests_waiting
+    vllm:kv_cache_usage_perc    = tuneserve_kv_cache_usage_ratio (0..1, as vLLM's)
+    vllm:gpu_cache_usage_perc   the same, under vLLM's older name that routers still read
+    vllm:lora_requests_info     labels running_lora_adapters, waiting_lora_adapters (comma
+                                separated), max_lora; value: the scrape time, as vLLM sets it
+
+each with vLLM's `model_name` label (the base model's served name).
 """
 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterable, Mapping
 
 from fastapi import APIRouter, Request
@@ -27,21 +41,25 @@ from tuneserve.engine.base import Engine
 from tuneserve.engine.types import EngineStats
 
 PREFIX = "tuneserve_"
+VLLM_PREFIX = "vllm:"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class EngineStatsCollector(Collector):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, model_name: str) -> None:
         self.engine = engine
+        self.model_name = model_name
 
     def describe(self) -> Iterable[Metric]:
-        return self._families(EngineStats(running=0, waiting=0, kv_cache_usage=0.0), {})
+        idle = EngineStats(running=0, waiting=0, kv_cache_usage=0.0, max_loras=0)
+        return self._families(idle, {}) + vllm_families(idle, self.model_name, now=0.0)
 
     def collect(self) -> Iterable[Metric]:
         stats = self.engine.stats()
         states = [usage.state for usage in self.engine.adapter_usage().values()]
-        return self._families(stats, collections.Counter(states))
+        own = self._families(stats, collections.Counter(states))
+        return own + vllm_families(stats, self.model_name, now=time.time())
 
     @staticmethod
     def _families(stats: EngineStats, adapters: Mapping[str, int]) -> list[Metric]:
@@ -81,10 +99,43 @@ class EngineStatsCollector(Collector):
         return families
 
 
+def vllm_families(stats: EngineStats, model_name: str, *, now: float) -> list[Metric]:
+    """The engine's stats under vLLM's metric names and labels (see the module docstring)."""
+    label = ["model_name"]
+
+    def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(VLLM_PREFIX + name, doc, labels=label)
+        family.add_metric([model_name], value)
+        return family
+
+    families: list[Metric] = [
+        gauge(
+            "num_requests_running", "Number of requests in model execution batches.", stats.running
+        ),
+        gauge("num_requests_waiting", "Number of requests waiting to be processed.", stats.waiting),
+    ]
+    if stats.kv_cache_usage is not None:
+        for name in ("kv_cache_usage_perc", "gpu_cache_usage_perc"):
+            families.append(
+                gauge(name, "KV-cache usage. 1 means 100 percent usage.", stats.kv_cache_usage)
+            )
+    if stats.max_loras is None:  # as vLLM without LoRA: no adapter information to give
+        return families
+    lora = GaugeMetricFamily(
+        VLLM_PREFIX + "lora_requests_info",
+        "Running stats on lora requests.",
+        labels=[*label, "running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+    )
+    running, waiting = ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)
+    lora.add_metric([model_name, running, waiting, str(stats.max_loras)], now)
+    families.append(lora)
+    return families
+
+
 class PrometheusMetrics:
     """Implements server.generation.GenerationObserver."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, model_name: str) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -113,7 +164,7 @@ class PrometheusMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(EngineStatsCollector(engine))
+        r.register(EngineStatsCollector(engine, model_name))
 
     # -- GenerationObserver ----------------------------------------------------------------
     def request_started(self, model: str) -> None:

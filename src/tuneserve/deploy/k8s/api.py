@@ -1,0 +1,181 @@
+"""The slice of the Kubernetes API tuneserve uses, through the official `kubernetes` client's
+ApiClient (its kubeconfig loading, auth and TLS), with plain dicts in and out: the objects are
+rendered as dicts, and custom resources (KEDA's ScaledObject) have no typed model anyway.
+
+    apply(obj)        server-side apply (PATCH application/apply-patch+yaml, fieldManager,
+                      force): creates or updates, and running it again changes nothing
+    get / select      objects by kind and name, by label selector
+    merge_patch / json_patch   RFC 7386 and RFC 6902 patches
+    log_lines(pod)    a pod's log, its tail or followed
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tuneserve.errors import ProviderError
+
+FIELD_MANAGER = "tuneserve"
+INSTALL_HINT = "pip install 'tuneserve[kubernetes]'"
+
+
+@dataclass(frozen=True)
+class Kind:
+    group: str  # "" for the core group
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None, name: str | None = None) -> str:
+        root = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if self.namespaced:
+            root += f"/namespaces/{namespace}"
+        return f"{root}/{self.plural}" + (f"/{name}" if name else "")
+
+
+# the kinds manifests.py renders, and the ReplicaSets and Pods a rollout is read from
+KINDS: dict[str, Kind] = {
+    "Namespace": Kind("", "v1", "namespaces", namespaced=False),
+    "PersistentVolume": Kind("", "v1", "persistentvolumes", namespaced=False),
+    "PersistentVolumeClaim": Kind("", "v1", "persistentvolumeclaims"),
+    "Secret": Kind("", "v1", "secrets"),
+    "Service": Kind("", "v1", "services"),
+    "Pod": Kind("", "v1", "pods"),
+    "Deployment": Kind("apps", "v1", "deployments"),
+    "ReplicaSet": Kind("apps", "v1", "replicasets"),
+    "PodDisruptionBudget": Kind("policy", "v1", "poddisruptionbudgets"),
+    "HorizontalPodAutoscaler": Kind("autoscaling", "v2", "horizontalpodautoscalers"),
+    "ScaledObject": Kind("keda.sh", "v1alpha1", "scaledobjects"),
+}
+
+
+class KubeApiError(ProviderError):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def connect(context: str | None) -> Any:
+    """An ApiClient for the kubeconfig's context (None: its current one)."""
+    try:
+        from kubernetes import config
+    except ImportError:
+        raise ProviderError(f"the kubernetes provider needs its client: {INSTALL_HINT}") from None
+    try:
+        # read KUBECONFIG now: the client's own default froze it when it was imported
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        return config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=where, context=context
+        )
+    except (config.ConfigException, OSError, TypeError) as exc:
+        which = f"context {context!r}" if context else "the current context"
+        raise ProviderError(
+            f"cannot use {which} of the kubeconfig (KUBECONFIG, else ~/.kube/config): {exc}"
+        ) from None
+
+
+class KubeApi:
+    def __init__(self, client: Any, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+        stream: bool = False,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, _ = self.client.param_serialize(
+            method,
+            path,
+            query_params=query,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self.client.call_api(method, url, header_params=headers, body=body)
+        except Exception as exc:  # urllib3's and the client's own: the cluster is not reachable
+            host = self.client.configuration.host
+            raise ProviderError(f"the Kubernetes API at {host} did not answer: {exc}") from None
+        if stream and response.status < 400:
+            return response.response
+        data = response.read()
+        if response.status >= 400:
+            raise KubeApiError(
+                f"{method} {path}: {response.status} {_reason(data)}", response.status
+            )
+        if "application/json" in (response.getheader("Content-Type") or ""):
+            return json.loads(data)
+        return data.decode("utf-8", "replace")
+
+    def path(self, kind: str, name: str | None = None, namespace: str | None = None) -> str:
+        return KINDS[kind].path(namespace or self.namespace, name)
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        path = self.path(obj["kind"], meta["name"], meta.get("namespace"))
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        result: dict[str, Any] = self.request(
+            "PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml"
+        )
+        return result
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self.request("GET", self.path(kind, name))
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
+
+    def select(self, kind: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in selector.items()))]
+        items: list[dict[str, Any]] = self.request("GET", self.path(kind), query=query)["items"]
+        return items
+
+    def merge_patch(self, kind: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "PATCH", self.path(kind, name), body=patch, content_type="application/merge-patch+json"
+        )
+        return result
+
+    def json_patch(self, kind: str, name: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        """RFC 6902 operations: a whole field replaced, where a merge patch would merge maps."""
+        result: dict[str, Any] = self.request(
+            "PATCH", self.path(kind, name), body=ops, content_type="application/json-patch+json"
+        )
+        return result
+
+    def log_lines(self, pod: str, *, tail: int, follow: bool = False) -> Iterator[str]:
+        query = [("tailLines", str(tail))] + ([("follow", "true")] if follow else [])
+        path = self.path("Pod", pod) + "/log"
+        if not follow:
+            yield from str(self.request("GET", path, query=query)).splitlines()
+            return
+        response = self.request("GET", path, query=query, stream=True)
+        try:
+            for raw in response:
+                yield raw.decode("utf-8", "replace").rstrip("\n")
+        finally:
+            response.release_conn()
+
+
+def _reason(data: bytes) -> str:
+    try:
+        status = json.loads(data)
+    except ValueError:
+        return data.decode("utf-8", "replace")[:200]
+    return str(status.get("message") or status.get("reason") or status)[:300]

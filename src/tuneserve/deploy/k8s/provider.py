@@ -1,0 +1,438 @@
+"""The Kubernetes provider: `tuneserve provision --provider kubernetes` renders infra/kubernetes/.
+
+infra/inference.config.json keeps its six keys, with this provider's meaning:
+
+    SUBSCRIPTION_ID       the kubeconfig context (--context, else the kubeconfig's current one)
+    RESOURCE_GROUP_NAME   the namespace
+    STORAGE_ACCOUNT_NAME  the Azure storage account of the share, or the RWX storage class
+    FILE_SHARE_NAME       the Azure Files share, or the claim the storage class provisions
+    ACA_APP_NAME          the Deployment and Service
+    ACA_APP_ENDPOINT      the Service inside the cluster (http://APP.NAMESPACE.svc.cluster.local:7860)
+
+provision renders infra/kubernetes/ and (without --dry-run) applies it server-side; deploy syncs
+the Azure Files share, then rolls the Deployment by its pod template's revision annotation and
+undoes the rollout when the new pods do not become ready (deploy/k8s/rollout.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.markup import escape
+
+from tuneserve.deploy.base import (
+    Ask,
+    DeployResult,
+    Provider,
+    ProvisionRequest,
+    StatusReport,
+    option,
+)
+from tuneserve.deploy.infra import TARGET_PORT, FinetuningConfig, InferenceConfig
+from tuneserve.deploy.k8s import manifests as m
+from tuneserve.deploy.k8s import render, rollout
+from tuneserve.deploy.k8s.api import KubeApi, KubeApiError, connect
+from tuneserve.deploy.shares import SyncTarget
+from tuneserve.deploy.waiting import wait_until
+from tuneserve.errors import ProviderError
+
+MANIFESTS_DIR = "kubernetes"  # under infra/
+DEFAULT_NAMESPACE = "default"
+CURRENT_CONTEXT = "current-context"  # written when no kubeconfig names one
+KEDA_PAUSED = "autoscaling.keda.sh/paused-replicas"
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+@dataclass
+class KubernetesProvisionRequest(ProvisionRequest):
+    context: str | None = option("the kubeconfig context (default: its current context).")
+    namespace: str | None = option(f"the namespace (default: {DEFAULT_NAMESPACE}).")
+    dry_run: bool | None = option(
+        "render infra/kubernetes/ only: no cluster is reached (kubectl can apply it later)."
+    )
+    gpus: int | None = option("nvidia.com/gpu per replica (default: 1; 0 runs on CPU).")
+    storage_class: str | None = option(
+        "a ReadWriteMany storage class for the share (default: a static volume on the "
+        "fine-tuning step's Azure Files share)."
+    )
+    service_type: str | None = option("ClusterIP (default) or LoadBalancer.")
+    autoscaler: str | None = option(
+        "keda (default: a ScaledObject on queued requests), hpa (the same gauge through the "
+        "custom metrics API) or none."
+    )
+    prometheus_url: str | None = option(
+        f"the Prometheus the KEDA trigger queries (default: {m.DEFAULT_PROMETHEUS})."
+    )
+
+
+def kubeconfig_context() -> str | None:
+    """The current context of the kubeconfig the client would read (KUBECONFIG, else
+    ~/.kube/config), or None where there is none."""
+    candidates = os.environ.get("KUBECONFIG", "").split(os.pathsep)
+    candidates = [c for c in candidates if c] or [str(Path.home() / ".kube" / "config")]
+    for candidate in candidates:
+        try:
+            data = yaml.safe_load(Path(candidate).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("current-context"), str):
+            return str(data["current-context"])
+    return None
+
+
+def kubectl(context: str, namespace: str | None = None) -> str:
+    """The kubectl command line reaching the same cluster and namespace."""
+    words = ["kubectl"]
+    if context != CURRENT_CONTEXT:
+        words += ["--context", context]
+    if namespace:
+        words += ["-n", namespace]
+    return " ".join(words)
+
+
+def _choice(flag: str, value: str | None, default: str, accepted: tuple[str, ...]) -> str:
+    chosen = value or default
+    if chosen not in accepted:
+        raise ProviderError(f"{flag} {chosen!r}: accepted are {', '.join(accepted)}")
+    return chosen
+
+
+class KubernetesProvider(Provider):
+    name = "kubernetes"
+    summary = "a Kubernetes cluster (AKS or any other)"
+    request_type = KubernetesProvisionRequest
+    # a rollout waits for the new pods' model load; their startup probe allows this much
+    default_timeout_s = float(m.DEFAULT_STARTUP_BUDGET_S)
+    poll_s = 2.0  # between reads of a rollout's state
+
+    @classmethod
+    def scope(
+        cls,
+        subscription: str | None,
+        resource_group: str | None,
+        finetuning: FinetuningConfig | None,
+        ask: Ask | None,
+    ) -> tuple[str, str]:
+        """The fine-tuning step's subscription and group seed the derived names (so a null
+        storageAccountName is the fine-tuning step's account, as on Azure); nothing is asked."""
+        return (
+            subscription or getattr(finetuning, "SUBSCRIPTION_ID", None) or cls.name,
+            resource_group or getattr(finetuning, "RESOURCE_GROUP_NAME", None) or cls.name,
+        )
+
+    @property
+    def manifests_dir(self) -> Path:
+        return self.paths.infra / MANIFESTS_DIR
+
+    def spec(self, request: KubernetesProvisionRequest) -> m.KubeSpec:
+        names = request.resolved_names()
+        app = names["acaAppName"]
+        namespace = request.namespace or DEFAULT_NAMESPACE
+        if not _DNS_LABEL.fullmatch(namespace):
+            raise ProviderError(
+                f"--namespace {namespace!r}: a namespace is lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit, at most 63 characters"
+            )
+        gpus = 1 if request.gpus is None else request.gpus
+        if gpus < 0:
+            raise ProviderError(f"--gpus {gpus}: give 0 (CPU only) or more")
+        storage: m.AzureFilesShare | m.ClassShare
+        if request.storage_class:
+            storage = m.ClassShare(request.storage_class)
+        else:
+            storage = m.AzureFilesShare(
+                account=names["storageAccountName"],
+                share=names["fileShareName"],
+                resource_group=self._storage_group(request),
+                secret=f"{app}-storage",
+            )
+        params = request.parameters.parameters
+        return m.KubeSpec(
+            app=app,
+            namespace=namespace,
+            commands=list(params.defaultCommands.value),
+            storage=storage,
+            max_replicas=params.maximumInstanceCount.value,
+            gpus=gpus,
+            service_type=_choice(
+                "--service-type", request.service_type, "ClusterIP", m.SERVICE_TYPES
+            ),
+            autoscaler=_choice("--autoscaler", request.autoscaler, "keda", m.AUTOSCALERS),
+            prometheus_url=request.prometheus_url or m.DEFAULT_PROMETHEUS,
+        )
+
+    def _storage_group(self, request: KubernetesProvisionRequest) -> str | None:
+        """The resource group of the fine-tuning step's storage account, where it is known."""
+        if request.finetuning and request.finetuning.RESOURCE_GROUP_NAME:
+            return request.finetuning.RESOURCE_GROUP_NAME
+        return request.resource_group if request.resource_group != self.name else None
+
+    def provision(self, request: KubernetesProvisionRequest) -> InferenceConfig:
+        if request.keys is None:
+            raise ProviderError("the Kubernetes Secret needs the endpoint's keys")
+        spec = self.spec(request)
+        files = render.write(self.manifests_dir, render.render(spec, request.keys))
+        context = request.context or kubeconfig_context() or CURRENT_CONTEXT
+        for path in files:
+            self.console.print(f"  rendered {self.paths.rel(path)}")
+        if isinstance(spec.storage, m.AzureFilesShare):
+            self._explain_storage_secret(spec, spec.storage, context)
+        apply = (
+            f"{kubectl(context)} apply --server-side --field-manager tuneserve "
+            f"-f {self.paths.rel(self.manifests_dir)}/"
+        )
+        if request.dry_run:
+            self.console.print(f"Dry run: no cluster reached. Apply later with: {apply}")
+        else:
+            self._apply(kube_api(context, spec.namespace), render.read(self.manifests_dir))
+        storage = spec.storage
+        return InferenceConfig(
+            SUBSCRIPTION_ID=context,
+            RESOURCE_GROUP_NAME=spec.namespace,
+            STORAGE_ACCOUNT_NAME=(
+                storage.account if isinstance(storage, m.AzureFilesShare) else storage.storage_class
+            ),
+            FILE_SHARE_NAME=storage.share if isinstance(storage, m.AzureFilesShare) else spec.claim,
+            ACA_APP_NAME=spec.app,
+            ACA_APP_ENDPOINT=(
+                f"http://{spec.app}.{spec.namespace}.svc.cluster.local:{TARGET_PORT}"
+            ),
+            PROVIDER=self.name,
+        )
+
+    def _explain_storage_secret(
+        self, spec: m.KubeSpec, share: m.AzureFilesShare, context: str
+    ) -> None:
+        """The volume mounts with the account's key, which only Azure can tell: the user
+        creates that Secret once (the fine-tuning step's account, so it exists already)."""
+        rg = share.resource_group or "<resource group>"
+        key = f"$(az storage account keys list -g {rg} -n {share.account} --query [0].value -o tsv)"
+        name_field, key_field = m.AZURE_SECRET_FIELDS
+        self.console.print(
+            escape(
+                f"The volume on Azure Files share {share.share!r} of {share.account!r} mounts with "
+                f"the account's key; create its Secret once:\n  {kubectl(context, spec.namespace)} "
+                f"create secret generic {share.secret} "
+                f"--from-literal={name_field}={share.account} --from-literal={key_field}={key}"
+            )
+        )
+
+    def _apply(self, api: KubeApi, objects: list[dict[str, Any]]) -> None:
+        """Server-side apply of each object, in file order: creates what is missing, updates
+        what differs, and a second run changes nothing."""
+        for obj in objects:
+            what = f"{obj['kind']}/{obj['metadata']['name']}"
+            try:
+                api.apply(obj)
+            except KubeApiError as exc:
+                if obj["kind"] == "ScaledObject" and exc.status == 404:
+                    self.console.print(
+                        f"[yellow]warning:[/] {what} not applied: the cluster has no KEDA "
+                        "(no ScaledObject API). Install KEDA, or provision with --autoscaler hpa "
+                        "or none."
+                    )
+                    continue
+                raise
+            self.console.print(f"  applied {what}")
+
+    # -- deploy -----------------------------------------------------------------------------
+
+    def _api(self) -> KubeApi:
+        config = self._config()
+        return kube_api(str(config.SUBSCRIPTION_ID), str(config.RESOURCE_GROUP_NAME))
+
+    @property
+    def app(self) -> str:
+        return str(self._config().ACA_APP_NAME)
+
+    @property
+    def selector(self) -> dict[str, str]:
+        return {"app.kubernetes.io/name": "tuneserve", "app.kubernetes.io/instance": self.app}
+
+    def share_target(self) -> SyncTarget:
+        """The Azure Files share the static volume mounts, reached as the Azure provider reaches
+        it; a storage class's volume has no such path from here."""
+        storage = [o for o in self._manifests() if o["kind"] == "PersistentVolume"]
+        if storage and storage[0]["spec"].get("csi", {}).get("driver") == "file.csi.azure.com":
+            from tuneserve.deploy.azure import AzureProvider
+
+            return AzureProvider(self.paths, self._config(), self.console).share_target()
+        raise ProviderError(
+            "syncing to a storage class's volume is not built yet (only the Azure Files share "
+            "is reached from here); copy the workspace onto claim "
+            f"{self._config().FILE_SHARE_NAME!r} "
+            f"yourself (a pod mounting it and 'kubectl cp'), then run '{self._kubectl()} rollout "
+            f"restart deployment/{self.app}' (README: Deploy -> Kubernetes)"
+        )
+
+    def _manifests(self) -> list[dict[str, Any]]:
+        if not self.manifests_dir.is_dir():
+            raise ProviderError(
+                f"{self.paths.rel(self.manifests_dir)}/ not found: run "
+                "'tuneserve provision --provider kubernetes' first"
+            )
+        return render.read(self.manifests_dir)
+
+    def roll_out(self, sync_summary: str, *, timeout: float, replicas: int | None) -> DeployResult:
+        # 1. (the sync) done: the share holds the workspace
+        api = self._api()
+        deployment = api.get("Deployment", self.app)
+        if deployment is None:
+            raise ProviderError(
+                f"deployment {self.app!r} is not in namespace {api.namespace!r}: run "
+                "'tuneserve provision --provider kubernetes' (without --dry-run) first"
+            )
+        previous = rollout.template_revision(deployment)
+        serving = deployment.get("status", {}).get("availableReplicas", 0) > 0
+        revision = rollout.next_revision(self.app, previous)
+
+        # 2. a new pod template: the controller starts new pods beside the old ones
+        patch: dict[str, Any] = {
+            "spec": {"template": {"metadata": {"annotations": {m.REVISION_ANNOTATION: revision}}}}
+        }
+        if replicas or deployment["spec"].get("replicas") == 0:  # after 'tuneserve stop'
+            patch["spec"]["replicas"] = replicas or 1
+            self._resume_autoscaler(api)
+        api.merge_patch("Deployment", self.app, patch)
+
+        # 3. wait for the new pods; on failure put the old template back (its pods never left)
+        last = rollout.Progress(False, None, "")
+
+        def rolled() -> bool:
+            nonlocal last
+            current = api.get("Deployment", self.app) or {}
+            last = rollout.progress(current, rollout.pods_of(api, self.selector, revision))
+            if last.failed:
+                raise _RolloutFailed(last.failed)
+            return last.done
+
+        try:
+            with self.console.status(f"Rolling out {revision}") as status:
+                done = wait_until(
+                    rolled,
+                    timeout=timeout,
+                    interval=self.poll_s,
+                    on_wait=lambda s: status.update(
+                        f"Rolling out {revision}: {last.message} ({s:.0f} s)"
+                    ),
+                )
+            why = None if done else f"not ready after {timeout:.0f} s ({last.message})"
+        except _RolloutFailed as exc:
+            why = str(exc)
+        except KeyboardInterrupt:  # an abandoned deploy leaves the old pods serving too
+            rollout.undo(api, self.app, self.selector, failed=revision)
+            raise
+        if why is not None:
+            logs = self._pod_logs(api, rollout.pods_of(api, self.selector, revision))
+            back = rollout.undo(api, self.app, self.selector, failed=revision)
+            if back:
+                self.console.print(f"Undid the rollout: the pod template is {back}'s again")
+            still = (previous or f"{self.app} (as provisioned)") if serving and back else None
+            raise self.not_ready(revision, why, logs, still)
+        ready = (api.get("Deployment", self.app) or {}).get("status", {})
+        return DeployResult(
+            revision, self.endpoint, sync_summary, replicas=ready.get("availableReplicas", 0)
+        )
+
+    def _pod_logs(
+        self, api: KubeApi, pods: list[dict[str, Any]], tail: int = 15
+    ) -> list[tuple[str, list[str]]]:
+        logs = []
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            try:
+                lines = list(api.log_lines(name, tail=tail))
+            except ProviderError as exc:
+                lines = [f"(no log: {exc})"]
+            logs.append((f"Last lines of pod {name}:", lines))
+        return logs
+
+    def _resume_autoscaler(self, api: KubeApi) -> None:
+        if api.get("ScaledObject", self.app) is not None:
+            api.merge_patch(
+                "ScaledObject", self.app, {"metadata": {"annotations": {KEDA_PAUSED: None}}}
+            )
+
+    # -- status, logs, stop -------------------------------------------------------------------
+
+    def status(self, *, api_key: str | None = None) -> StatusReport:
+        api = self._api()
+        deployment = api.get("Deployment", self.app)
+        report = StatusReport(self.name, self.app, self.endpoint, None, ready=False)
+        if deployment is None:
+            report.notes.append(f"deployment {self.app!r} not found in {api.namespace!r}")
+            return report
+        report.revision = rollout.template_revision(deployment)
+        report.ready = deployment.get("status", {}).get("availableReplicas", 0) > 0
+        for pod in api.select("Pod", self.selector):
+            statuses = pod.get("status", {}).get("containerStatuses", [])
+            annotations = pod["metadata"].get("annotations") or {}
+            report.replicas.append(
+                {
+                    "name": pod["metadata"]["name"],
+                    "phase": pod.get("status", {}).get("phase"),
+                    "ready": bool(statuses) and all(c.get("ready") for c in statuses),
+                    "restarts": sum(c.get("restartCount", 0) for c in statuses),
+                    "revision": annotations.get(m.REVISION_ANNOTATION),
+                }
+            )
+        report.notes.append(
+            f"the endpoint is the Service inside the cluster; from here: '{self._kubectl()} "
+            f"port-forward svc/{self.app} {TARGET_PORT}'"
+        )
+        return report
+
+    def logs(
+        self, *, tail: int = 100, follow: bool = False, revision: str | None = None
+    ) -> Iterator[str]:
+        api = self._api()
+        revision = revision or rollout.template_revision(api.get("Deployment", self.app) or {})
+        pods = [
+            p
+            for p in api.select("Pod", self.selector)
+            if revision is None
+            or (p["metadata"].get("annotations") or {}).get(m.REVISION_ANNOTATION) == revision
+        ]
+        if not pods:
+            raise ProviderError(f"no pods of {self.app!r} ({revision or 'any revision'}) to read")
+        names = [p["metadata"]["name"] for p in pods]
+        if follow and len(names) > 1:
+            self.console.print(f"note: following {names[0]} (of {len(names)} pods)")
+        if follow:
+            return api.log_lines(names[0], tail=tail, follow=True)
+        return (f"[{n}] {line}" for n in names for line in api.log_lines(n, tail=tail))
+
+    def stop(self) -> str:
+        api = self._api()
+        if api.get("ScaledObject", self.app) is not None:
+            # KEDA would scale a stopped app back to its minimum: pause it at 0
+            api.merge_patch(
+                "ScaledObject", self.app, {"metadata": {"annotations": {KEDA_PAUSED: "0"}}}
+            )
+        # an HPA stops scaling a target whose replicas are 0, until they are set again
+        api.merge_patch("Deployment", self.app, {"spec": {"replicas": 0}})
+        return (
+            f"Stopped {self.app} (replicas 0; its pods finish their requests within the grace "
+            "period). 'tuneserve deploy' starts it again."
+        )
+
+    def _kubectl(self) -> str:
+        config = self._config()
+        return kubectl(str(config.SUBSCRIPTION_ID), config.RESOURCE_GROUP_NAME)
+
+    def replica_urls(self) -> list[str]:
+        return [self._config().endpoint_url]
+
+
+class _RolloutFailed(Exception):
+    """The new pods cannot become ready (ends the wait)."""
+
+
+def kube_api(context: str, namespace: str) -> KubeApi:
+    return KubeApi(connect(None if context == CURRENT_CONTEXT else context), namespace)

@@ -1,0 +1,353 @@
+"""A loopback HTTP STAND-IN for the slice of the Kubernetes API the kubernetes provider calls,
+because no cluster can run here. It is not Kubernetes and proves nothing about a real API server,
+its admission, or a real Deployment controller: it answers in the API's wire shapes so the tests
+can check that the official client's requests are the right ones and that the provider reads the
+answers right.
+
+What it checks of each request:
+- a bearer token (the kubeconfig's), else 401;
+- server-side apply: PATCH with Content-Type application/apply-patch+yaml, fieldManager=tuneserve,
+  force=true, a body whose apiVersion, kind, name and namespace match the URL;
+- merge patches: Content-Type application/merge-patch+json, applied as RFC 7386; JSON patches
+  (application/json-patch+json) only as `replace /spec/template`, what an undo sends;
+- KEDA's API exists only when `keda` is set (404 otherwise, as an API server without the CRD).
+
+What it emulates of the Deployment controller (on every request, under one lock): a pod template
+it has not seen becomes a new ReplicaSet (revision = the highest + 1; an older template put back
+becomes the newest again, as `rollout undo` does) with `replicas` pods. Pods whose template
+carries a revision in `crashing` sit in CrashLoopBackOff and log a traceback; others are ready at
+once. Old ReplicaSets lose their pods only once the new one's are all ready (maxUnavailable 0).
+The Deployment's status (observedGeneration, replicas, updatedReplicas, availableReplicas) is
+computed from those pods. `generation` rises only when the spec changes, so an apply that
+changes nothing is visible as such.
+
+    PATCH/GET  /api/v1/..., /apis/{group}/{version}/...   apply, merge patch, read, list
+    GET        /api/v1/namespaces/{ns}/pods/{pod}/log      tailLines, follow (ends at once)
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+TOKEN = "stand-in-token"
+REVISION = "tuneserve.dev/revision"
+RS_REVISION = "deployment.kubernetes.io/revision"
+PLURALS = {
+    "namespaces": "Namespace",
+    "persistentvolumes": "PersistentVolume",
+    "persistentvolumeclaims": "PersistentVolumeClaim",
+    "secrets": "Secret",
+    "services": "Service",
+    "pods": "Pod",
+    "deployments": "Deployment",
+    "replicasets": "ReplicaSet",
+    "poddisruptionbudgets": "PodDisruptionBudget",
+    "horizontalpodautoscalers": "HorizontalPodAutoscaler",
+    "scaledobjects": "ScaledObject",
+}
+_PATH = re.compile(
+    r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?(?P<log>/log)?$"
+)
+
+
+def merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(out.get(key), value)
+    return out
+
+
+@dataclass
+class KubeStandIn:
+    keda: bool = True
+    crashing: set[str] = field(default_factory=set)  # revisions whose pods never get ready
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)  # by URL path
+    applies: list[str] = field(default_factory=list)  # "Kind/name" per apply request
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+    # -- the store ----------------------------------------------------------------------------
+
+    def find(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects.values() if o["kind"] == kind]
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        return next((o for o in self.find(kind) if o["metadata"]["name"] == name), None)
+
+    def pods(self, **labels: str) -> list[dict[str, Any]]:
+        pods = self.find("Pod")
+        return [p for p in pods if labels.items() <= p["metadata"]["labels"].items()]
+
+    def _put(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
+        old = self.objects.get(path)
+        meta = obj["metadata"]
+        meta["generation"] = (old or {}).get("metadata", {}).get("generation", 0)
+        if old is None or old.get("spec") != obj.get("spec"):
+            meta["generation"] += 1
+        if obj["kind"] == "Secret" and "stringData" in obj:
+            data = {k: base64.b64encode(v.encode()).decode() for k, v in obj["stringData"].items()}
+            obj = {k: v for k, v in obj.items() if k != "stringData"}
+            obj["data"] = {**obj.get("data", {}), **data}
+        self.objects[path] = obj
+        return obj
+
+    # -- the controller -----------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        for deployment in self.find("Deployment"):
+            self._reconcile(deployment)
+
+    def _reconcile(self, deployment: dict[str, Any]) -> None:
+        meta, spec = deployment["metadata"], deployment["spec"]
+        ns, name = meta["namespace"], meta["name"]
+        template = spec["template"]
+        pod_hash = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+        rs_name = f"{name}-{pod_hash}"
+        sets = [r for r in self.find("ReplicaSet") if r["metadata"]["ownerName"] == name]
+        top = max((int(r["metadata"]["annotations"][RS_REVISION]) for r in sets), default=0)
+        current = next((r for r in sets if r["metadata"]["name"] == rs_name), None)
+        if current is None:
+            labels = {**template["metadata"]["labels"], "pod-template-hash": pod_hash}
+            current = {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "metadata": {
+                    "name": rs_name,
+                    "namespace": ns,
+                    "labels": labels,
+                    "annotations": {RS_REVISION: str(top + 1)},
+                    "ownerName": name,
+                },
+                "spec": {"template": merge(template, {"metadata": {"labels": labels}})},
+            }
+            self.objects[f"/apis/apps/v1/namespaces/{ns}/replicasets/{rs_name}"] = current
+        elif int(current["metadata"]["annotations"][RS_REVISION]) < top:
+            current["metadata"]["annotations"][RS_REVISION] = str(top + 1)  # rolled back to
+        wanted = spec.get("replicas", 1)
+        new_pods = self.pods(**{"pod-template-hash": pod_hash})
+        for i in range(len(new_pods), wanted):
+            self._start_pod(current, i)
+        for extra in self.pods(**{"pod-template-hash": pod_hash})[wanted:]:
+            self._delete(extra)
+        new_pods = self.pods(**{"pod-template-hash": pod_hash})
+        ready = [p for p in new_pods if _ready(p)]
+        if len(ready) == wanted:  # only now may the old pods go
+            for rs in sets:
+                if rs is not current:
+                    old_hash = rs["metadata"]["labels"]["pod-template-hash"]
+                    for pod in self.pods(**{"pod-template-hash": old_hash}):
+                        self._delete(pod)
+        owned = [p for p in self.find("Pod") if p["metadata"]["ownerName"] == name]
+        deployment["status"] = {
+            "observedGeneration": meta["generation"],
+            "replicas": len(owned),
+            "updatedReplicas": len(new_pods),
+            "readyReplicas": sum(_ready(p) for p in owned),
+            "availableReplicas": sum(_ready(p) for p in owned),
+        }
+
+    def _start_pod(self, rs: dict[str, Any], index: int) -> None:
+        meta = rs["metadata"]
+        template = rs["spec"]["template"]
+        revision = (template["metadata"].get("annotations") or {}).get(REVISION)
+        crash = revision in self.crashing
+        name = f"{meta['name']}-{index}{'c' if crash else 'p'}"
+        waiting = {"waiting": {"reason": "CrashLoopBackOff"}} if crash else {"running": {}}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": dict(template["metadata"]["labels"]),
+                "annotations": dict(template["metadata"].get("annotations") or {}),
+                "ownerName": meta["ownerName"],
+            },
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "tuneserve",
+                        "ready": not crash,
+                        "restartCount": 3 * crash,
+                        "state": waiting,
+                    }
+                ],
+            },
+            "log": (
+                [
+                    "loading the base model",
+                    "Traceback (most recent call last):",
+                    "tuneserve.errors.ModelLoadError: boom",
+                ]
+                if crash
+                else ["loading the base model", f"serving {revision}"]
+            ),
+        }
+        self.objects[f"/api/v1/namespaces/{meta['namespace']}/pods/{name}"] = pod
+
+    def _delete(self, obj: dict[str, Any]) -> None:
+        self.objects = {k: v for k, v in self.objects.items() if v is not obj}
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        if headers.get("Authorization") != f"Bearer {TOKEN}":
+            return 401, _status(401, "Unauthorized")
+        url = urlparse(raw_path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        found = _PATH.match(url.path)
+        if not found:
+            return 404, _status(404, f"no route {url.path}")
+        group = found["group"] or ""
+        if group == "keda.sh" and not self.keda:
+            return 404, _status(404, "the server could not find the requested resource")
+        kind = PLURALS.get(found["plural"])
+        if kind is None:
+            return 404, _status(404, f"no resource {found['plural']}")
+        with self.lock:
+            self.reconcile()
+            if method == "GET" and found["log"]:
+                return self._log(url.path.removesuffix("/log"), query)
+            if method == "GET" and found["name"]:
+                obj = self.objects.get(url.path)
+                return (200, obj) if obj else (404, _status(404, f"{kind} not found"))
+            if method == "GET":
+                return 200, {"items": self._list(kind, found["ns"], query.get("labelSelector"))}
+            if method == "PATCH":
+                answer = self._patch(kind, found, url.path, query, headers, json.loads(body))
+                self.reconcile()
+                return answer
+        return 405, _status(405, f"{method} not served")
+
+    def _list(self, kind: str, ns: str | None, selector: str | None) -> list[dict[str, Any]]:
+        wanted = dict(part.split("=", 1) for part in (selector or "").split(",") if part)
+        return [
+            o
+            for o in self.find(kind)
+            if o["metadata"].get("namespace") == ns
+            and wanted.items() <= (o["metadata"].get("labels") or {}).items()
+        ]
+
+    def _patch(
+        self, kind: str, found: Any, path: str, query: dict[str, str], headers: Any, body: Any
+    ) -> tuple[int, Any]:
+        content_type = headers.get("Content-Type", "")
+        if content_type == "application/apply-patch+yaml":
+            problems = []
+            if query.get("fieldManager") != "tuneserve" or query.get("force") != "true":
+                problems.append(f"apply needs fieldManager=tuneserve&force=true, got {query}")
+            group_version = found["core"] or f"{found['group']}/{found['version']}"
+            if (body.get("apiVersion"), body.get("kind")) != (group_version, kind):
+                problems.append(f"body is {body.get('apiVersion')} {body.get('kind')}")
+            meta = body.get("metadata", {})
+            if meta.get("name") != found["name"] or meta.get("namespace") != found["ns"]:
+                problems.append(f"body names {meta.get('namespace')}/{meta.get('name')}")
+            if problems:
+                return 400, _status(400, "; ".join(problems))
+            self.applies.append(f"{kind}/{found['name']}")
+            old = self.objects.get(path)
+            applied = merge(old or {}, body)
+            if old is not None and "status" in old:
+                applied["status"] = old["status"]
+            return 200, self._put(path, applied)
+        if content_type == "application/merge-patch+json":
+            old = self.objects.get(path)
+            if old is None:
+                return 404, _status(404, f"{kind} {found['name']} not found")
+            return 200, self._put(path, merge(old, body))
+        if content_type == "application/json-patch+json":
+            old = self.objects.get(path)
+            if old is None:
+                return 404, _status(404, f"{kind} {found['name']} not found")
+            if [op.get("op") for op in body] != ["replace"] or body[0]["path"] != "/spec/template":
+                return 422, _status(422, f"the stand-in replaces /spec/template only: {body}")
+            replaced = copy.deepcopy(old)
+            replaced["spec"]["template"] = body[0]["value"]
+            return 200, self._put(path, replaced)
+        return 415, _status(415, f"unsupported patch type {content_type!r}")
+
+    def _log(self, pod_path: str, query: dict[str, str]) -> tuple[int, Any]:
+        pod = self.objects.get(pod_path)
+        if pod is None:
+            return 404, _status(404, "pod not found")
+        lines = pod["log"][-int(query.get("tailLines", "1000")) :]
+        return 200, "".join(line + "\n" for line in lines)
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return all(c["ready"] for c in pod["status"]["containerStatuses"])
+
+
+def _status(code: int, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": message,
+        "code": code,
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    standin: KubeStandIn
+
+    def _serve(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        code, answer = self.standin.handle(self.command, self.path, self.headers, body)
+        text = answer if isinstance(answer, str) else json.dumps(answer)
+        kind = "text/plain" if isinstance(answer, str) else "application/json"
+        data = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_PATCH = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def kubeconfig(url: str, context: str = "stand-in") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "loopback", "cluster": {"server": url}}],
+        "users": [{"name": "tester", "user": {"token": TOKEN}}],
+        "contexts": [{"name": context, "context": {"cluster": "loopback", "user": "tester"}}],
+        "current-context": context,
+    }
+
+
+@contextlib.contextmanager
+def serve(standin: KubeStandIn) -> Iterator[KubeStandIn]:
+    handler = type("Handler", (_Handler,), {"standin": standin})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    standin.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield standin
+    finally:
+        server.shutdown()
+        server.server_close()

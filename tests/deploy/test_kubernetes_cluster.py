@@ -1,0 +1,172 @@
+"""The kubernetes provider against a cluster: provision applies server-side (idempotent), deploy
+rolls the Deployment and undoes a failed rollout, status, logs and stop; through the CLI and the
+official `kubernetes` client, reading a kubeconfig.
+
+The cluster is tests/deploy/kube_standin.py, a loopback stand-in of the API subset used (no
+cluster can run here; its docstring says what it checks and emulates). The share sync is the
+Azure provider's own path to the Azure Files share (tests/deploy/test_azure_provider.py covers it
+against the Azure stand-in); here the provider's share is a local folder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy import kube_standin
+from tests.deploy.kube_standin import REVISION, KubeStandIn
+from tuneserve.deploy.infra import load_config
+from tuneserve.deploy.k8s.provider import KEDA_PAUSED, KubernetesProvider
+from tuneserve.deploy.scaffold import init_workspace
+from tuneserve.deploy.shares import LocalDirTarget
+
+NS = "ml"
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[KubeStandIn]:
+    with kube_standin.serve(KubeStandIn()) as standin:
+        config = tmp_path / "kubeconfig"
+        config.write_text(yaml.safe_dump(kube_standin.kubeconfig(standin.url)))
+        monkeypatch.setenv("KUBECONFIG", str(config))
+        monkeypatch.setattr(KubernetesProvider, "poll_s", 0.02)
+        share = tmp_path / "share"
+        monkeypatch.setattr(KubernetesProvider, "share_target", lambda self: LocalDirTarget(share))
+        yield standin
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    init_workspace(ws)
+    (ws / "models").mkdir(exist_ok=True)
+    (ws / "models" / "note.txt").write_text("an adapter would lie here\n")
+    return ws
+
+
+def provision(cli: Callable[..., Any], ws: Path, *extra: str, ok: bool = True) -> Any:
+    return cli("provision", "-w", ws, "--provider", "kubernetes", "--namespace", NS, *extra, ok=ok)
+
+
+def app_of(ws: Path) -> str:
+    return str(load_config(ws / "infra" / "inference.config.json").ACA_APP_NAME)
+
+
+def test_provision_applies_server_side_and_again_changes_nothing(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    result = provision(cli, workspace)
+    app = app_of(workspace)
+    kinds = [
+        "Namespace",
+        "PersistentVolume",
+        "PersistentVolumeClaim",
+        "Secret",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "ScaledObject",
+    ]
+    assert [a.split("/")[0] for a in cluster.applies] == kinds
+    assert f"applied Deployment/{app}" in result.output
+    config = load_config(workspace / "infra" / "inference.config.json")
+    assert config.SUBSCRIPTION_ID == "stand-in"  # the kubeconfig's current context
+    deployment = cluster.get("Deployment", app)
+    assert deployment is not None and deployment["metadata"]["generation"] == 1
+    secret = cluster.get("Secret", f"{app}-keys")
+    assert secret is not None and set(secret["data"]) == {"api-key", "admin-key"}
+    before = json.dumps({k: v for k, v in cluster.objects.items()}, sort_keys=True)
+
+    provision(cli, workspace)
+    assert len(cluster.applies) == 2 * len(kinds)
+    assert json.dumps(cluster.objects, sort_keys=True) == before  # nothing changed
+
+
+def test_provision_without_keda_applies_the_rest_and_says_so(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    cluster.keda = False
+    result = provision(cli, workspace)
+    assert "the cluster has no KEDA" in result.output and "--autoscaler hpa" in result.output
+    assert cluster.get("Deployment", app_of(workspace)) is not None
+    assert not cluster.find("ScaledObject")
+
+
+def test_deploy_rolls_a_new_revision_and_a_failed_one_is_undone(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    provision(cli, workspace)
+    app = app_of(workspace)
+    first = cli("deploy", "-w", workspace)
+    assert f"Deployed revision {app}--r1" in first.output
+    assert first.stdout.strip().splitlines()[-1] == (f"http://{app}.{NS}.svc.cluster.local:7860")
+    serving = cluster.pods()
+    assert [p["metadata"]["annotations"][REVISION] for p in serving] == [f"{app}--r1"]
+
+    cluster.crashing.add(f"{app}--r2")
+    failed = cli("deploy", "-w", workspace, ok=False)
+    assert f"revision {app}--r2 did not become ready" in failed.output
+    assert "CrashLoopBackOff" in failed.output
+    assert "ModelLoadError: boom" in failed.output  # the failing pod's log tail
+    assert f"The previous revision {app}--r1 is still serving" in failed.output
+    # the template is r1's again, and r1's pods were never replaced
+    deployment = cluster.get("Deployment", app)
+    assert deployment is not None
+    assert deployment["spec"]["template"]["metadata"]["annotations"][REVISION] == f"{app}--r1"
+    assert cluster.pods() == serving
+
+    cluster.crashing.clear()
+    again = cli("deploy", "-w", workspace)
+    assert f"Deployed revision {app}--r2" in again.output
+    assert [p["metadata"]["annotations"][REVISION] for p in cluster.pods()] == [f"{app}--r2"]
+
+
+def test_status_logs_and_stop(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    provision(cli, workspace)
+    app = app_of(workspace)
+    cli("deploy", "-w", workspace)
+
+    status = cli("status", "-w", workspace)
+    assert f"revision: {app}--r1" in status.stdout and "ready: yes" in status.stdout
+    assert "replicas: 1" in status.stdout
+    assert "port-forward" in status.output
+
+    [pod] = cluster.pods()
+    logs = cli("logs", "-w", workspace, "--tail", "1")
+    assert logs.stdout.splitlines() == [f"[{pod['metadata']['name']}] serving {app}--r1"]
+
+    stopped = cli("stop", "-w", workspace)
+    assert f"Stopped {app}" in stopped.stdout
+    deployment = cluster.get("Deployment", app)
+    scaler = cluster.get("ScaledObject", app)
+    assert deployment is not None and deployment["spec"]["replicas"] == 0
+    assert scaler is not None and scaler["metadata"]["annotations"][KEDA_PAUSED] == "0"
+    assert cluster.pods() == []
+
+    # deploy starts it again: one replica, KEDA resumed
+    cli("deploy", "-w", workspace)
+    scaler = cluster.get("ScaledObject", app)
+    assert scaler is not None and KEDA_PAUSED not in (scaler["metadata"].get("annotations") or {})
+    assert [p["metadata"]["annotations"][REVISION] for p in cluster.pods()] == [f"{app}--r2"]
+
+
+def test_a_failed_first_deploy_leaves_the_provisioned_pods_serving(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    provision(cli, workspace)
+    app = app_of(workspace)
+    provisioned = cluster.pods()
+    assert len(provisioned) == 1 and REVISION not in provisioned[0]["metadata"]["annotations"]
+    cluster.crashing.add(f"{app}--r1")
+    failed = cli("deploy", "-w", workspace, ok=False)
+    assert f"The previous revision {app} (as provisioned) is still serving" in failed.output
+    deployment = cluster.get("Deployment", app)
+    assert deployment is not None
+    assert REVISION not in deployment["spec"]["template"]["metadata"]["annotations"]
+    assert cluster.pods() == provisioned

@@ -1,0 +1,322 @@
+"""The kubernetes provider's rendering: `tuneserve provision --provider kubernetes --dry-run`
+writes infra/kubernetes/, every object of which passes kubernetes-validate's strict schemas for a
+named Kubernetes version (offline: the package bundles them), and the Deployment carries what a
+lossless rollout needs. KEDA's ScaledObject is a custom resource the bundled schemas lack: its
+fields are checked here by hand."""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from tuneserve.deploy.infra import TARGET_PORT, InfraPaths, load_config
+from tuneserve.deploy.k8s import manifests as m
+from tuneserve.deploy.k8s import render
+from tuneserve.deploy.keys import EndpointKeys, load_keys
+from tuneserve.deploy.scaffold import init_workspace
+
+K8S_VERSION = "1.30"
+KEYS = EndpointKeys(api_key="ts-api", admin_key="ts-admin")
+
+
+def validate_all(objects: list[dict[str, Any]]) -> list[str]:
+    """Validate each object strictly; returns the kinds without a bundled schema."""
+    unchecked = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            unchecked.append(obj["kind"])
+    return unchecked
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in objects}
+
+
+def spec(**changes: Any) -> m.KubeSpec:
+    base: dict[str, Any] = dict(
+        app="chat",
+        namespace="ml",
+        commands=["cd /mount", "exec tuneserve serve --workspace /mount --port 7860"],
+        storage=m.AzureFilesShare("acct", "share", "ft-rg", "chat-storage"),
+    )
+    return m.KubeSpec(**{**base, **changes})
+
+
+def rendered(s: m.KubeSpec) -> list[dict[str, Any]]:
+    return [obj for objs in render.render(s, KEYS).values() for obj in objs]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({}, id="azure-files-keda"),
+        pytest.param({"storage": m.ClassShare("nfs-rwx"), "gpus": 0}, id="class-cpu-only"),
+        pytest.param({"service_type": "LoadBalancer", "autoscaler": "hpa"}, id="lb-hpa"),
+        pytest.param({"namespace": "default", "max_replicas": 1}, id="default-ns-one-replica"),
+        pytest.param({"gpus": 4, "autoscaler": "none"}, id="four-gpus-no-autoscaler"),
+    ],
+)
+def test_every_rendered_object_validates_strictly(changes: dict[str, Any]) -> None:
+    objects = rendered(spec(**changes))
+    unchecked = validate_all(objects)
+    assert unchecked == (
+        ["ScaledObject"]
+        if spec(**changes).autoscaled and spec(**changes).autoscaler == "keda"
+        else []
+    )
+
+
+def test_the_deployment_rolls_without_losing_a_request() -> None:
+    s = spec(commands=["exec tuneserve serve --workspace /mount --shutdown-timeout 120"])
+    deploy = m.deployment(s)
+    pod = deploy["spec"]["template"]["spec"]
+    [box] = pod["containers"]
+    # a new pod is ready before an old one goes
+    assert deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    # the kubelet waits out the pre-stop pause, the server's drain and its exit
+    assert pod["terminationGracePeriodSeconds"] == m.PRE_STOP_SLEEP_S + 120 + m.EXIT_MARGIN_S
+    assert box["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(m.PRE_STOP_SLEEP_S)]
+    # readiness and the startup budget on /ready, liveness on /health, all on the served port
+    assert box["ports"] == [{"name": "http", "containerPort": TARGET_PORT, "protocol": "TCP"}]
+    probes = {k: box[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert {k: p["httpGet"] for k, p in probes.items()} == {
+        "startupProbe": {"path": "/ready", "port": "http"},
+        "readinessProbe": {"path": "/ready", "port": "http"},
+        "livenessProbe": {"path": "/health", "port": "http"},
+    }
+    startup = probes["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= m.DEFAULT_STARTUP_BUDGET_S
+    # the rollout is declared failed only after the pods had their whole load budget
+    assert deploy["spec"]["progressDeadlineSeconds"] > m.DEFAULT_STARTUP_BUDGET_S
+    # the GPU, the share at /mount, /dev/shm in memory
+    assert box["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    mounts = {v["mountPath"]: v["name"] for v in box["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/mount"]]["persistentVolumeClaim"] == {"claimName": "chat-share"}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert box["command"][:2] == ["/bin/bash", "-c"]
+    # an autoscaler owns the replica count
+    assert "replicas" not in deploy["spec"]
+
+
+def test_the_keys_come_from_the_rendered_secret() -> None:
+    objects = by_kind(rendered(spec()))
+    secret = objects["Secret"]
+    [box] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in box["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert set(refs) == {"TUNESERVE_API_KEY", "TUNESERVE_ADMIN_KEY"}
+    assert {r["name"] for r in refs.values()} == {secret["metadata"]["name"]}
+    values = {name: secret["stringData"][r["key"]] for name, r in refs.items()}
+    assert values == {"TUNESERVE_API_KEY": "ts-api", "TUNESERVE_ADMIN_KEY": "ts-admin"}
+
+
+def test_cpu_only_requests_no_gpu_and_tolerates_no_gpu_taint() -> None:
+    pod = m.deployment(spec(gpus=0))["spec"]["template"]["spec"]
+    assert "limits" not in pod["containers"][0]["resources"]
+    assert "tolerations" not in pod
+
+
+def test_the_share_is_a_static_azure_files_volume_bound_to_its_claim() -> None:
+    volume, claim = m.storage(spec())
+    assert volume["spec"]["csi"]["driver"] == "file.csi.azure.com"
+    assert volume["spec"]["csi"]["volumeAttributes"] == {
+        "storageAccount": "acct",
+        "shareName": "share",
+        "resourceGroup": "ft-rg",
+    }
+    assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+    assert volume["spec"]["claimRef"] == {"namespace": "ml", "name": claim["metadata"]["name"]}
+    assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
+    assert claim["spec"]["storageClassName"] == "" == volume["spec"]["storageClassName"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    [by_class] = m.storage(spec(storage=m.ClassShare("nfs-rwx")))
+    assert by_class["spec"]["storageClassName"] == "nfs-rwx"
+    assert by_class["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_the_autoscaler_scales_on_queued_requests() -> None:
+    keda = m.autoscaler(spec(max_replicas=3))
+    assert keda is not None and keda["kind"] == "ScaledObject"
+    assert keda["spec"]["scaleTargetRef"] == {"name": "chat"}
+    assert (keda["spec"]["minReplicaCount"], keda["spec"]["maxReplicaCount"]) == (1, 3)
+    [trigger] = keda["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["query"] == (
+        'sum(tuneserve_requests_waiting{namespace="ml",pod=~"chat-[^-]+-[^-]+"})'
+    )
+    assert trigger["metadata"]["threshold"] == str(m.DEFAULT_TARGET_WAITING)
+    hpa = m.autoscaler(spec(max_replicas=3, autoscaler="hpa"))
+    assert hpa is not None and hpa["spec"]["maxReplicas"] == 3
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "tuneserve_requests_waiting"
+    # one replica at most: nothing to scale, the Deployment holds the count
+    assert m.autoscaler(spec(max_replicas=1)) is None
+    assert m.deployment(spec(max_replicas=1))["spec"]["replicas"] == 1
+
+
+# --- through the CLI -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    init_workspace(ws)
+    (ws / "infra" / "finetuning.config.json").write_text(
+        json.dumps(
+            {
+                "SUBSCRIPTION_ID": "sub-1",
+                "RESOURCE_GROUP_NAME": "ft-rg",
+                "STORAGE_ACCOUNT_NAME": "ftstorage",
+                "FILE_SHARE_NAME": "ftshare",
+            }
+        )
+    )
+    return ws
+
+
+def test_provision_dry_run_renders_the_folder(
+    cli: Callable[..., Any], workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(workspace / "no-such-kubeconfig"))
+    result = cli(
+        "provision",
+        "-w",
+        workspace,
+        "--provider",
+        "kubernetes",
+        "--namespace",
+        "ml",
+        "--context",
+        "aks-1",
+        "--dry-run",
+    )
+    assert "Dry run: no cluster reached" in result.output
+    folder = workspace / "infra" / "kubernetes"
+    names = sorted(p.name for p in folder.glob("*.yaml"))
+    assert names == [
+        "00-namespace.yaml",
+        "10-storage.yaml",
+        "20-secret.yaml",
+        "30-deployment.yaml",
+        "40-service.yaml",
+        "50-disruption-budget.yaml",
+        "60-autoscaler.yaml",
+    ]
+    # the keys: shown once, kept 0600 in the Secret's file, which git ignores
+    secret_file = folder / render.SECRET_FILE
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert render.SECRET_FILE in (folder / ".gitignore").read_text().splitlines()
+    keys = load_keys(InfraPaths(workspace))
+    assert keys is not None and keys.api_key in result.output
+    objects = render.read(folder)
+    assert validate_all(objects) == ["ScaledObject"]
+    kinds = by_kind(objects)
+    assert kinds["Secret"]["stringData"][m.API_KEY_FIELD] == keys.api_key
+    # the fine-tuning step's share, where it lies
+    attrs = kinds["PersistentVolume"]["spec"]["csi"]["volumeAttributes"]
+    assert attrs == {
+        "storageAccount": "ftstorage",
+        "shareName": "ftshare",
+        "resourceGroup": "ft-rg",
+    }
+    assert "create secret generic" in result.output
+    # the six keys with this provider's meaning
+    config = load_config(workspace / "infra" / "inference.config.json")
+    app = kinds["Deployment"]["metadata"]["name"]
+    assert config.model_dump() == {
+        "SUBSCRIPTION_ID": "aks-1",
+        "RESOURCE_GROUP_NAME": "ml",
+        "STORAGE_ACCOUNT_NAME": "ftstorage",
+        "FILE_SHARE_NAME": "ftshare",
+        "ACA_APP_NAME": app,
+        "ACA_APP_ENDPOINT": f"http://{app}.ml.svc.cluster.local:7860",
+        "PROVIDER": "kubernetes",
+    }
+
+
+def test_provision_again_updates_and_drops_what_is_no_longer_rendered(
+    cli: Callable[..., Any], workspace: Path
+) -> None:
+    args = ["provision", "-w", workspace, "--provider", "kubernetes", "--dry-run"]
+    cli(*args)
+    folder = workspace / "infra" / "kubernetes"
+    first_secret = (folder / render.SECRET_FILE).read_text()
+    result = cli(*args, "--autoscaler", "none", "--storage-class", "nfs-rwx", "--gpus", "0")
+    assert not (folder / "60-autoscaler.yaml").exists()
+    assert not (folder / "00-namespace.yaml").exists()  # "default" is not created
+    assert (folder / render.SECRET_FILE).read_text() == first_secret  # the same keys
+    assert "API key" not in result.output  # not shown again
+    kinds = by_kind(render.read(folder))
+    assert "PersistentVolume" not in kinds
+    assert kinds["PersistentVolumeClaim"]["spec"]["storageClassName"] == "nfs-rwx"
+    config = load_config(workspace / "infra" / "inference.config.json")
+    assert config.STORAGE_ACCOUNT_NAME == "nfs-rwx"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        pytest.param(
+            "--service-type", "NodePort", "accepted are ClusterIP, LoadBalancer", id="svc"
+        ),
+        pytest.param("--autoscaler", "vpa", "accepted are keda, hpa, none", id="scaler"),
+        pytest.param("--namespace", "ML_team", "a namespace is lowercase", id="namespace"),
+        pytest.param("--gpus", "-1", "give 0 (CPU only) or more", id="gpus"),
+    ],
+)
+def test_provision_refuses_a_bad_flag_by_name(
+    cli: Callable[..., Any], workspace: Path, flag: str, value: str, message: str
+) -> None:
+    result = cli(
+        "provision",
+        "-w",
+        workspace,
+        "--provider",
+        "kubernetes",
+        "--dry-run",
+        f"{flag}={value}",
+        ok=False,
+    )
+    assert message in result.output
+
+
+def test_deploy_to_a_storage_class_volume_says_the_sync_is_not_built(
+    cli: Callable[..., Any], workspace: Path
+) -> None:
+    cli(
+        "provision",
+        "-w",
+        workspace,
+        "--provider",
+        "kubernetes",
+        "--dry-run",
+        "--context",
+        "c1",
+        "--storage-class",
+        "nfs-rwx",
+    )
+    result = cli("deploy", "-w", workspace, ok=False)
+    assert "syncing to a storage class's volume is not built yet" in result.output
+    assert "kubectl --context c1 -n default rollout restart deployment/" in result.output
+
+
+def test_the_schema_check_is_live() -> None:
+    """A misspelt field fails: the strict schemas are really applied."""
+    service = m.service(spec())
+    service["spec"]["selectors"] = service["spec"].pop("selector")
+    with pytest.raises(kubernetes_validate.ValidationError, match="selectors"):
+        kubernetes_validate.validate(service, K8S_VERSION, strict=True)
