@@ -118,6 +118,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         self._eos = eos_token_ids(served)
         self._eos_set = frozenset(self._eos)
         self.grammars = GrammarCompiler(served.tokenizer, self._eos, self._vocab_size)
+        self.grammars.prepare()
 
         # 1. the model: batched LoRA layers in place of targeted Linears (adapters are checked
         #    before the model is touched), then our attention. With no adapters the manager

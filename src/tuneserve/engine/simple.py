@@ -198,6 +198,7 @@ class PeftBatchEngine(ThreadedEngine):
         tokenizer = served.tokenizer
         self._eos = eos_token_ids(served)
         self.grammars = GrammarCompiler(tokenizer, self._eos, self._vocab_size)
+        self.grammars.prepare()
         self._pad_id = next(
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
         )

@@ -17,6 +17,7 @@ whitespace can emit it until max_tokens; the output still parses the same.
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,24 +32,31 @@ from tuneserve.engine.types import Constraint
 CACHED_GRAMMARS = 64
 
 class GrammarCompiler:
-    """One engine's matchers (used on its thread): the tokenizer converted once, compiled
-    grammars cached."""
+    """One engine's matchers (used on its thread): the tokenizer converted once (`prepare`
+    starts that in the background), compiled grammars cached."""
 
     def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int], vocab_size: int) -> None:
         self._tokenizer = tokenizer
         self._eos = list(eos_token_ids)
         self.vocab_size = vocab_size
         self._ll_tokenizer: LLTokenizer | None = None
+        self._ll_lock = threading.Lock()
         self._compiled: collections.OrderedDict[Constraint, LLMatcher] = collections.OrderedDict()
 
-    def _ll(self) -> LLTokenizer:
-        if self._ll_tokenizer is None:
-            import llguidance.hf
+    def prepare(self) -> None:
+        """Convert the tokenizer on a thread of its own now: done on the engine thread at the
+        first constrained request, it would stall every running row (~0.5 s for 49k tokens)."""
+        threading.Thread(target=self._ll, name="tuneserve-grammar", daemon=True).start()
 
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                self._tokenizer, n_vocab=self.vocab_size, eos_token=self._eos or None
-            )
-        return self._ll_tokenizer
+    def _ll(self) -> LLTokenizer:
+        with self._ll_lock:
+            if self._ll_tokenizer is None:
+                import llguidance.hf
+
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                    self._tokenizer, n_vocab=self.vocab_size, eos_token=self._eos or None
+                )
+            return self._ll_tokenizer
 
     def matcher(self, constraint: Constraint) -> LLMatcher:
         """A fresh matcher at the start of `constraint`; raises ConstraintError."""
