@@ -120,7 +120,7 @@ class OpenAIServingChat:
                 ChatCompletionChoice(
                     index=index,
                     message=ChatResponseMessage(
-                        content=None if reader.forced and not content else content,
+                        content=content or None if reader.calls or reader.forced else content,
                         tool_calls=reader.calls,
                     ),
                     logprobs=self._logprobs(job, entries),
