@@ -71,9 +71,9 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     host: Annotated[
-        str | None, typer.Option(help="Interface to listen on [default: 127.0.0.1].")
+        str | None, typer.Option(help="Interface to listen on \\[default: 127.0.0.1].")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port [default: 7860].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port \\[default: 7860].")] = None,
     api_key: Annotated[
         str | None,
         typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 and the UI's login."),
@@ -94,14 +94,14 @@ def serve(
         float | None,
         typer.Option(
             help="On SIGTERM, seconds running requests may take to finish (the platform's "
-            "grace period) [default: 30]."
+            "grace period) \\[default: 30]."
         ),
     ] = None,
     adapter_root: Annotated[
         Path | None,
         typer.Option(
             help="Folder adapters are loaded from at runtime (POST /v1/adapters, by name on "
-            "demand) [default: the workspace's models/]."
+            "demand) \\[default: the workspace's models/]."
         ),
     ] = None,
     adapter_rescan_interval: Annotated[
@@ -109,37 +109,37 @@ def serve(
         typer.Option(help="Seconds between rescans of the adapter root; 0: on demand only."),
     ] = None,
     max_model_len: Annotated[
-        int | None, typer.Option(help="Context length [default: the model's].")
+        int | None, typer.Option(help="Context length \\[default: the model's].")
     ] = None,
     engine: Annotated[
-        str | None, typer.Option(help=f"{engines_help()} [default: {DEFAULT_ENGINE}]")
+        str | None, typer.Option(help=f"{engines_help()} \\[default: {DEFAULT_ENGINE}]")
     ] = None,
     max_num_seqs: Annotated[
         int | None,
         typer.Option(
             "--max-num-seqs",
             "--max-batch-size",
-            help="Most sequences decoded together [default: 32].",
+            help="Most sequences decoded together \\[default: 32].",
         ),
     ] = None,
     max_loras: Annotated[
-        int | None, typer.Option(help="Adapters hot in LoRA slots [default: 8].")
+        int | None, typer.Option(help="Adapters hot in LoRA slots \\[default: 8].")
     ] = None,
     max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters kept in CPU memory.")] = None,
     kv_cache_memory: Annotated[
         str | None,
         typer.Option(
-            help="KV cache budget, e.g. 2GiB or 512MB [default: 4GiB on CPU; on CUDA what "
+            help="KV cache budget, e.g. 2GiB or 512MB \\[default: 4GiB on CPU; on CUDA what "
             "--gpu-memory-utilization leaves]."
         ),
     ] = None,
     gpu_memory_utilization: Annotated[
         float | None,
-        typer.Option(help="Share of GPU memory to fill, weights and KV cache [default: 0.9]."),
+        typer.Option(help="Share of GPU memory to fill, weights and KV cache \\[default: 0.9]."),
     ] = None,
     prefill_chunk: Annotated[
         int | None,
-        typer.Option(help="Most prompt tokens per engine step [default: 512]."),
+        typer.Option(help="Most prompt tokens per engine step \\[default: 512]."),
     ] = None,
     cache_dir: Annotated[
         Path | None,
