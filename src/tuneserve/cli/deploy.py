@@ -16,25 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from tuneserve.cli._common import stderr, stdout, workspace_option
 from tuneserve.deploy import registry
 from tuneserve.deploy.infra import DEFAULT_PROVIDER
 from tuneserve.errors import TuneserveError
 
 F = TypeVar("F", bound=Callable[..., Any])
-stdout = Console(highlight=False, soft_wrap=True, markup=False)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-
 Workspace = Annotated[
-    Path,
-    typer.Option(
-        "--workspace",
-        "-w",
-        envvar="TUNESERVE_WORKSPACE",
-        help="The AI Toolkit workspace (holds infra/, model-cache/, models/).",
-    ),
+    Path, workspace_option("The AI Toolkit workspace (holds infra/, model-cache/, models/).")
 ]
 
 
