@@ -476,7 +476,9 @@ def build_ui(
     notice: str | None = None,
     about: str | None = None,
 ) -> gr.Blocks:
-    """The Blocks (not yet mounted): header, Chat and Compare tabs, shared settings."""
+    """The Blocks (not yet mounted: see mount_ui): header, Chat and Compare tabs, shared
+    settings. `notice` is a warning for the header (e.g. an open server on a network), `about`
+    a line saying what is served."""
     handlers = ChatHandlers(service)
     ids = service.model_ids()
     # The engine batches and queues; Gradio's default of one run at a time would serialise users.
@@ -568,22 +570,13 @@ def _key_checker(api_key: str) -> Callable[[str, str], bool]:
     return check
 
 
-def mount_ui(
-    app: FastAPI,
-    service: GenerationService,
-    *,
-    api_key: str | None = None,
-    notice: str | None = None,
-    about: str | None = None,
-) -> FastAPI:
-    """Build the UI and mount it at "/" (call last: it catches every path not routed before).
-    `notice` is a warning for the header (e.g. an open server on a network), `about` a line
-    saying what is served.
+def mount_ui(app: FastAPI, blocks: gr.Blocks, *, api_key: str | None = None) -> FastAPI:
+    """Mount the UI built by build_ui at "/" (call last: it catches every path not routed
+    before).
 
     With an API key the UI sits behind Gradio's login (any username, password = the key);
     Gradio's own queue and config routes then refuse requests without the login cookie.
     """
-    blocks = build_ui(service, api_key=api_key, notice=notice, about=about)
     mounted: FastAPI = gr.mount_gradio_app(
         app,
         blocks,
