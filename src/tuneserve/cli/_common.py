@@ -17,3 +17,8 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 def workspace_option(help: str) -> Any:
     """`--workspace/-w` (or TUNESERVE_WORKSPACE), with what the workspace means to a command."""
     return typer.Option("--workspace", "-w", envvar="TUNESERVE_WORKSPACE", help=help)
+
+
+def examples(*lines: str) -> str:
+    """The examples block that ends a command's --help, one command line each."""
+    return "\n\nExamples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
