@@ -14,17 +14,14 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tuneserve.cli._common import stderr, stdout, workspace_option
 from tuneserve.cli.deploy import _errors  # the same one-line errors as the deploy commands
 from tuneserve.deploy.sync import human_size
 from tuneserve.errors import NotProvisionedError
 from tuneserve.server.protocol import AdapterList
-
-stdout = Console(highlight=False, soft_wrap=True, markup=False)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 Urls = Annotated[
     list[str] | None,
@@ -36,12 +33,9 @@ Urls = Annotated[
 ]
 Workspace = Annotated[
     Path,
-    typer.Option(
-        "--workspace",
-        "-w",
-        envvar="TUNESERVE_WORKSPACE",
-        help="A provisioned workspace (infra/inference.config.json): its deployment is the "
-        "target when no --url is given.",
+    workspace_option(
+        "A provisioned workspace (infra/inference.config.json): its deployment is the target "
+        "when no --url is given."
     ),
 ]
 ApiKey = Annotated[

@@ -14,19 +14,15 @@ from pathlib import Path
 
 import typer
 
+from tuneserve.cli._common import examples
 from tuneserve.errors import TuneserveError
 
-EXAMPLES = """
-Examples:
-
-  tuneserve bench --quick                      # about 3 minutes: C in {1,8}, K in {1,8}
-
-  tuneserve bench                              # the full protocol (benchmarks/README.md)
-
-  tuneserve bench --systems tuneserve,ceiling --concurrency 32 --adapters 1,32
-
-  tuneserve bench --help                       # every option of the harness
-"""
+EXAMPLES = examples(
+    "tuneserve bench --quick                      # about 3 minutes: C in {1,8}, K in {1,8}",
+    "tuneserve bench                              # the full protocol (benchmarks/README.md)",
+    "tuneserve bench --systems tuneserve,ceiling --concurrency 32 --adapters 1,32",
+    "tuneserve bench --help                       # every option of the harness",
+)
 
 
 class HarnessNotFound(TuneserveError):

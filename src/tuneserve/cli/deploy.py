@@ -16,25 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from tuneserve.cli._common import examples, stderr, stdout, workspace_option
 from tuneserve.deploy import registry
 from tuneserve.deploy.infra import DEFAULT_PROVIDER
 from tuneserve.errors import TuneserveError
 
 F = TypeVar("F", bound=Callable[..., Any])
-stdout = Console(highlight=False, soft_wrap=True, markup=False)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-
 Workspace = Annotated[
-    Path,
-    typer.Option(
-        "--workspace",
-        "-w",
-        envvar="TUNESERVE_WORKSPACE",
-        help="The AI Toolkit workspace (holds infra/, model-cache/, models/).",
-    ),
+    Path, workspace_option("The AI Toolkit workspace (holds infra/, model-cache/, models/).")
 ]
 
 
@@ -54,21 +45,17 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _examples(*lines: str) -> str:
-    return "\n\nExamples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
-
-
 def register(app: typer.Typer) -> None:
     app.command(
         "init",
         help="Scaffold infra/ (parameters, template, config) in a workspace."
-        + _examples("tuneserve init", "tuneserve init my-project --demo"),
+        + examples("tuneserve init", "tuneserve init my-project --demo"),
     )(init)
     app.command(
         "provision",
         help="Create or update the inference resources; write "
         "infra/inference.config.json."
-        + _examples(
+        + examples(
             "tuneserve provision --provider local",
             "tuneserve provision --subscription $SUB --resource-group my-rg",
         ),
@@ -77,12 +64,12 @@ def register(app: typer.Typer) -> None:
         "deploy",
         help="Sync the workspace to the share and roll out a new revision; "
         "the previous one serves until the new one is ready."
-        + _examples("tuneserve deploy", "tuneserve deploy --timeout 1800"),
+        + examples("tuneserve deploy", "tuneserve deploy --timeout 1800"),
     )(deploy)
     app.command(
         "endpoint",
         help="Print the inference endpoint's URL (or its key)."
-        + _examples(
+        + examples(
             "tuneserve endpoint",
             'curl $(tuneserve endpoint)/v1/models -H "Authorization: Bearer '
             '$(tuneserve endpoint --show-key)"',
@@ -94,7 +81,7 @@ def register(app: typer.Typer) -> None:
     app.command(
         "logs",
         help="Print the replicas' logs."
-        + _examples("tuneserve logs --tail 50", "tuneserve logs --follow"),
+        + examples("tuneserve logs --tail 50", "tuneserve logs --follow"),
     )(logs)
     app.command("stop", help="Stop the replicas (local: and the endpoint proxy).")(stop)
 

@@ -14,6 +14,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from tuneserve.cli._common import examples
 from tuneserve.engine.registry import DEFAULT_ENGINE, ENGINES, EngineOptions, backend, engines_help
 from tuneserve.errors import TuneserveError
 from tuneserve.logs import configure_logging
@@ -22,17 +23,12 @@ from tuneserve.settings import ServeSettings
 log = logging.getLogger(__name__)
 stderr = Console(stderr=True, soft_wrap=True)  # hints hold commands: never wrapped
 
-EXAMPLES = """
-Examples:
-
-  tuneserve serve                                    # the demo model and adapters
-
-  tuneserve serve --base ./Phi-3-mini --adapter support=./out/adapter
-
-  tuneserve serve --workspace ./my-aitk-project --api-key $KEY --host 0.0.0.0
-
-  tuneserve serve --base ./Phi-3-mini --adapter-root ./adapters --admin-key $ADMIN_KEY
-"""
+EXAMPLES = examples(
+    "tuneserve serve                                    # the demo model and adapters",
+    "tuneserve serve --base ./Phi-3-mini --adapter support=./out/adapter",
+    "tuneserve serve --workspace ./my-aitk-project --api-key $KEY --host 0.0.0.0",
+    "tuneserve serve --base ./Phi-3-mini --adapter-root ./adapters --admin-key $ADMIN_KEY",
+)
 
 
 DEMO_BASE_NAME = "tuneserve-demo"

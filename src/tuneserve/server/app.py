@@ -110,9 +110,10 @@ def create_app(
     add_v1_fallback(app)
 
     if ui:
-        from tuneserve.server.ui import mount_ui
+        from tuneserve.server.ui import build_ui, mount_ui
 
-        mount_ui(app, service, api_key=api_key, notice=notice, about=about)
+        blocks = build_ui(service, api_key=api_key, notice=notice, about=about)
+        mount_ui(app, blocks, api_key=api_key)
     return app
 
 

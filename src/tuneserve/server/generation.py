@@ -210,22 +210,41 @@ class GenerationService:
                 )
 
     async def chat_stream(
-        self, model: str, messages: Sequence[dict[str, Any]], params: SamplingParams
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        params: SamplingParams,
+        *,
+        fit: bool = False,
     ) -> AsyncGenerator[StreamDelta, None]:
         """Convenience for the UI: render, check length, stream one choice. (API requests are
-        refused and counted while draining by DrainMiddleware; the UI's are here.)"""
+        refused and counted while draining by DrainMiddleware; the UI's are here.)
+
+        With `fit`, max_tokens is an upper bound, not a demand: it is capped at the room the
+        context leaves, so a long conversation still gets a (shorter) reply rather than an
+        error. A prompt that alone overflows the context still raises.
+        """
         if self.lifecycle.draining:
             raise draining_error()
         with self.lifecycle.track():
-            async for delta in self._chat_stream(model, messages, params):
+            async for delta in self._chat_stream(model, messages, params, fit=fit):
                 yield delta
 
     async def _chat_stream(
-        self, model: str, messages: Sequence[dict[str, Any]], params: SamplingParams
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        params: SamplingParams,
+        *,
+        fit: bool,
     ) -> AsyncGenerator[StreamDelta, None]:
         await self.resolve_model(model)
         prompt_ids = self.render_chat(messages)
-        max_tokens = self.check_length(prompt_ids, params.max_tokens, param="messages")
+        if fit:
+            room = self.check_length(prompt_ids, None, param="messages")
+            max_tokens = min(params.max_tokens, room)
+        else:
+            max_tokens = self.check_length(prompt_ids, params.max_tokens, param="messages")
         if max_tokens != params.max_tokens:
             params = replace(params, max_tokens=max_tokens)
         async for delta in self.stream(model, prompt_ids, params):

@@ -104,6 +104,21 @@ class ErrorResponse(OpenAIBaseModel):
     error: ErrorInfo
 
 
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """FastAPI's `responses=` for routes that answer errors as ErrorResponse: one entry per
+    status, and "default" for the rest (which also keeps FastAPI from documenting a 422 we
+    never send: validation is a 400)."""
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse, "description": text}
+        for status, text in descriptions.items()
+    }
+    responses["default"] = {
+        "model": ErrorResponse,
+        "description": "Any other error, in the same shape.",
+    }
+    return responses
+
+
 # -- /v1/models --------------------------------------------------------------------------
 class ModelCard(OpenAIBaseModel):
     """vLLM's shape: `parent` is the base model's id for an adapter, None for the base."""

@@ -11,8 +11,6 @@ too, so scripts written for vLLM work unchanged. All of them need the admin key 
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse
 
@@ -26,19 +24,20 @@ from tuneserve.server.protocol import (
     AdapterLoaded,
     AdapterLoadRequest,
     AdapterProblem,
-    ErrorResponse,
     VLLMLoadRequest,
     VLLMUnloadRequest,
+    error_responses,
 )
 
 router = APIRouter(prefix="/v1", tags=["adapters (admin)"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Bad name or path (named as `param`)."},
-    401: {"model": ErrorResponse, "description": "Missing or wrong admin key."},
-    404: {"model": ErrorResponse, "description": "No adapter of that name is loaded."},
-    "default": {"model": ErrorResponse, "description": "Any other error, in the same shape."},
-}
+ERRORS = error_responses(
+    {
+        400: "Bad name or path (named as `param`).",
+        401: "Missing or wrong admin key.",
+        404: "No adapter of that name is loaded.",
+    }
+)
 
 
 def _registry(request: Request) -> AdapterRegistry:

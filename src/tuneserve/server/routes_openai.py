@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response
 
 from tuneserve.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     ModelList,
+    error_responses,
 )
 from tuneserve.server.serving_chat import OpenAIServingChat
 from tuneserve.server.serving_completions import OpenAIServingCompletion
@@ -22,14 +22,24 @@ from tuneserve.server.streaming import run_until_disconnect, sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-# "default" also keeps FastAPI from documenting a 422 we never send (validation is a 400).
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Invalid request (names the field as `param`)."},
-    401: {"model": ErrorResponse, "description": "Missing or wrong API key."},
-    404: {"model": ErrorResponse, "description": "Unknown model."},
-    "default": {"model": ErrorResponse, "description": "Any other error, in the same shape."},
-}
+ERRORS = error_responses(
+    {
+        400: "Invalid request (names the field as `param`).",
+        401: "Missing or wrong API key.",
+        404: "Unknown model.",
+    }
+)
 STREAM = {"content": {"text/event-stream": {}}, "description": "With stream=true: SSE chunks."}
+GENERATES = {**ERRORS, 200: STREAM}
+
+
+async def _answer(raw_request: Request, work: Awaitable[Any | AsyncIterator[str]]) -> Any:
+    """A handler's whole response as is, its chunks (stream=true) as SSE; 499 when the
+    client left first."""
+    result = await run_until_disconnect(raw_request, work)
+    if isinstance(result, AsyncIterator):
+        return sse_response(result)
+    return result
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)
@@ -38,27 +48,13 @@ async def list_models(raw_request: Request) -> ModelList:
     return models.list()
 
 
-@router.post(
-    "/chat/completions",
-    response_model=ChatCompletionResponse,
-    responses={**ERRORS, 200: STREAM},
-)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATES)
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
     chat: OpenAIServingChat = raw_request.app.state.serving_chat
-    result = await run_until_disconnect(raw_request, chat.create(request))
-    if isinstance(result, ChatCompletionResponse | Response):
-        return result
-    return sse_response(result)
+    return await _answer(raw_request, chat.create(request))
 
 
-@router.post(
-    "/completions",
-    response_model=CompletionResponse,
-    responses={**ERRORS, 200: STREAM},
-)
+@router.post("/completions", response_model=CompletionResponse, responses=GENERATES)
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
     completion: OpenAIServingCompletion = raw_request.app.state.serving_completion
-    result = await run_until_disconnect(raw_request, completion.create(request))
-    if isinstance(result, CompletionResponse | Response):
-        return result
-    return sse_response(result)
+    return await _answer(raw_request, completion.create(request))

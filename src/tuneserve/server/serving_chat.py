@@ -11,7 +11,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from tuneserve.engine.types import StreamDelta, TokenLogprob
-from tuneserve.server.errors import ServiceUnavailableError
 from tuneserve.server.generation import GenerationService
 from tuneserve.server.logprobs import chat_logprobs
 from tuneserve.server.protocol import (
@@ -27,6 +26,7 @@ from tuneserve.server.protocol import (
     UsageInfo,
     random_id,
 )
+from tuneserve.server.serving_base import Job, checked_finish, ensure_running
 from tuneserve.server.streaming import collect_choices, merge_streams
 from tuneserve.server.tools import (
     ToolCallReader,
@@ -37,33 +37,8 @@ from tuneserve.server.tools import (
 )
 
 
-def checked_finish(delta: StreamDelta) -> FinishReason:
-    """The OpenAI finish_reason of a final delta; an engine-side cancel is an outage."""
-    if delta.finish_reason == "cancelled":
-        raise ServiceUnavailableError(
-            "The generation was cancelled by the server (it is shutting down). Retry.",
-            code="generation_cancelled",
-        )
-    assert delta.finish_reason is not None
-    return delta.finish_reason
-
-
-def ensure_running(service: GenerationService) -> None:
-    """Fail fast with 503 rather than queue work for an engine that is not running."""
-    if not service.engine.is_running:
-        raise ServiceUnavailableError(
-            "The engine is not running (the server is starting or shutting down). Retry.",
-            code="engine_not_running",
-        )
-
-
 @dataclass(frozen=True, slots=True)
-class _Job:
-    id: str
-    created: int
-    model: str
-    prompt_tokens: int
-    streams: list[AsyncIterator[StreamDelta]]
+class _Job(Job):
     request: ChatCompletionRequest
 
 
@@ -127,22 +102,11 @@ class OpenAIServingChat:
                     finish_reason=_finish(final, reader),
                 )
             )
-        completion_tokens = sum(final.completion_tokens for _, final, _ in results)
-        return ChatCompletionResponse(
-            id=job.id,
-            created=job.created,
-            model=job.model,
-            choices=choices,
-            usage=UsageInfo.of(job.prompt_tokens, completion_tokens),
-        )
+        return job.whole(ChatCompletionResponse, choices, [final for _, final, _ in results])
 
     async def _chunks(self, job: _Job, *, include_usage: bool) -> AsyncIterator[str]:
         def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
-            body = ChatCompletionChunk(
-                id=job.id, created=job.created, model=job.model, choices=choices, usage=usage
-            )
-            # OpenAI sends "usage": null in every chunk only when usage was asked for.
-            return body.model_dump_json(exclude=None if include_usage else {"usage"})
+            return job.chunk(ChatCompletionChunk, choices, usage, include_usage=include_usage)
 
         readers = [ToolCallReader(job.request) for _ in job.streams]
         for index in range(len(job.streams)):
@@ -173,7 +137,7 @@ class OpenAIServingChat:
                         ]
                     )
         if include_usage:
-            yield chunk([], UsageInfo.of(job.prompt_tokens, completion_tokens))
+            yield chunk([], job.usage(completion_tokens))
 
     def _logprobs(self, job: _Job, entries: list[TokenLogprob]) -> ChoiceLogprobs | None:
         if not job.request.logprobs or not entries:

@@ -18,17 +18,13 @@ from tuneserve.server.protocol import (
     UsageInfo,
     random_id,
 )
-from tuneserve.server.serving_chat import checked_finish, ensure_running
+from tuneserve.server.serving_base import Job, checked_finish, ensure_running
 from tuneserve.server.streaming import collect_choices, merge_streams
 
 
 @dataclass(frozen=True, slots=True)
-class _Job:
-    id: str
-    created: int
-    model: str
-    prompt_tokens: int  # each prompt counted once, however many choices it has
-    streams: list[AsyncIterator[StreamDelta]]  # choice index = prompt index * n + i
+class _Job(Job):
+    # choice index = prompt index * n + i
     echoes: list[str]  # per choice: the prompt text when echo is on, else ""
     logprobs: bool
 
@@ -82,21 +78,11 @@ class OpenAIServingCompletion:
                 zip(results, job.echoes, strict=True)
             )
         ]
-        completion_tokens = sum(final.completion_tokens for _, final, _ in results)
-        return CompletionResponse(
-            id=job.id,
-            created=job.created,
-            model=job.model,
-            choices=choices,
-            usage=UsageInfo.of(job.prompt_tokens, completion_tokens),
-        )
+        return job.whole(CompletionResponse, choices, [final for _, final, _ in results])
 
     async def _chunks(self, job: _Job, *, include_usage: bool) -> AsyncIterator[str]:
         def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            body = CompletionResponse(
-                id=job.id, created=job.created, model=job.model, choices=choices, usage=usage
-            )
-            return body.model_dump_json(exclude=None if include_usage else {"usage"})
+            return job.chunk(CompletionResponse, choices, usage, include_usage=include_usage)
 
         for index, echo in enumerate(job.echoes):
             if echo:
@@ -118,7 +104,7 @@ class OpenAIServingCompletion:
                 )
                 yield chunk([choice])
         if include_usage:
-            yield chunk([], UsageInfo.of(job.prompt_tokens, completion_tokens))
+            yield chunk([], job.usage(completion_tokens))
 
     def _logprobs(
         self, job: _Job, entries: list[TokenLogprob], offset: int
