@@ -10,12 +10,14 @@ infra/inference.config.json keeps its six keys, with this provider's meaning:
     ACA_APP_ENDPOINT      the Service inside the cluster (http://APP.NAMESPACE.svc.cluster.local:7860)
 
 provision renders infra/kubernetes/ and (without --dry-run) applies it server-side; deploy syncs
-the Azure Files share, then rolls the Deployment by its pod template's revision annotation and
-undoes the rollout when the new pods do not become ready (deploy/k8s/rollout.py).
+the Azure Files share (or a storage class's volume, through a short-lived pod: podshare.py),
+then rolls the Deployment by its pod template's revision annotation and undoes the rollout when
+the new pods do not become ready (deploy/k8s/rollout.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -38,7 +40,9 @@ from tuneserve.deploy.infra import TARGET_PORT, FinetuningConfig, InferenceConfi
 from tuneserve.deploy.k8s import manifests as m
 from tuneserve.deploy.k8s import render, rollout
 from tuneserve.deploy.k8s.api import KubeApi, KubeApiError, connect
+from tuneserve.deploy.k8s.podshare import PodShareTarget
 from tuneserve.deploy.shares import SyncTarget
+from tuneserve.deploy.sync import SyncResult
 from tuneserve.deploy.waiting import wait_until
 from tuneserve.errors import ProviderError
 
@@ -257,19 +261,34 @@ class KubernetesProvider(Provider):
 
     def share_target(self) -> SyncTarget:
         """The Azure Files share the static volume mounts, reached as the Azure provider reaches
-        it; a storage class's volume has no such path from here."""
+        it; a storage class's volume through a short-lived pod mounting its claim (podshare.py),
+        which sync_workspace starts and deletes."""
         storage = [o for o in self._manifests() if o["kind"] == "PersistentVolume"]
         if storage and storage[0]["spec"].get("csi", {}).get("driver") == "file.csi.azure.com":
             from tuneserve.deploy.azure import AzureProvider
 
             return AzureProvider(self.paths, self._config(), self.console).share_target()
-        raise ProviderError(
-            "syncing to a storage class's volume is not built yet (only the Azure Files share "
-            "is reached from here); copy the workspace onto claim "
-            f"{self._config().FILE_SHARE_NAME!r} "
-            f"yourself (a pod mounting it and 'kubectl cp'), then run '{self._kubectl()} rollout "
-            f"restart deployment/{self.app}' (README: Deploy -> Kubernetes)"
-        )
+        claim = str(self._config().FILE_SHARE_NAME)
+        return PodShareTarget(self._api(), f"{self.app}-sync", claim, self.selector)
+
+    def sync_workspace(
+        self,
+        target: SyncTarget,
+        *,
+        prune: bool,
+        force: bool,
+        include_model_cache: bool | None,
+    ) -> SyncResult:
+        if not isinstance(target, PodShareTarget):
+            return super().sync_workspace(
+                target, prune=prune, force=force, include_model_cache=include_model_cache
+            )
+        with contextlib.ExitStack() as pod:
+            with self.console.status(f"Starting pod {target.pod} to reach claim {target.claim}"):
+                pod.enter_context(target.opened())
+            return super().sync_workspace(
+                target, prune=prune, force=force, include_model_cache=include_model_cache
+            )
 
     def _manifests(self) -> list[dict[str, Any]]:
         if not self.manifests_dir.is_dir():
