@@ -10,7 +10,9 @@ What it checks of each request:
   force=true, a body whose apiVersion, kind, name and namespace match the URL;
 - merge patches: Content-Type application/merge-patch+json, applied as RFC 7386; JSON patches
   (application/json-patch+json) only as `replace /spec/template`, what an undo sends;
-- KEDA's API exists only when `keda` is set (404 otherwise, as an API server without the CRD).
+- KEDA's API exists only when `keda` is set (404 otherwise, as an API server without the CRD);
+  the Prometheus operator's only when `prometheus_operator` is set, and then its
+  CustomResourceDefinition (apiextensions.k8s.io/v1) reads back, as a cluster with it installed.
 
 What it emulates of the Deployment controller (on every request, under one lock): a pod template
 it has not seen becomes a new ReplicaSet (revision = the highest + 1; an older template put back
@@ -71,7 +73,11 @@ PLURALS = {
     "poddisruptionbudgets": "PodDisruptionBudget",
     "horizontalpodautoscalers": "HorizontalPodAutoscaler",
     "scaledobjects": "ScaledObject",
+    "ingresses": "Ingress",
+    "servicemonitors": "ServiceMonitor",
+    "customresourcedefinitions": "CustomResourceDefinition",
 }
+MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
 _PATH = re.compile(
     r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
     r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?"
@@ -95,6 +101,7 @@ def merge(target: Any, patch: Any) -> Any:
 @dataclass
 class KubeStandIn:
     keda: bool = True
+    prometheus_operator: bool = False
     crashing: set[str] = field(default_factory=set)  # revisions whose pods never get ready
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)  # by URL path
     applies: list[str] = field(default_factory=list)  # "Kind/name" per apply request
@@ -248,6 +255,13 @@ class KubeStandIn:
         group = found["group"] or ""
         if group == "keda.sh" and not self.keda:
             return 404, _status(404, "the server could not find the requested resource")
+        if group == "monitoring.coreos.com" and not self.prometheus_operator:
+            return 404, _status(404, "the server could not find the requested resource")
+        if found["plural"] == "customresourcedefinitions" and method == "GET":
+            if self.prometheus_operator and found["name"] == MONITOR_CRD:
+                crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition"}
+                return 200, {**crd, "metadata": {"name": MONITOR_CRD}}
+            return 404, _status(404, f"customresourcedefinitions {found['name']!r} not found")
         kind = PLURALS.get(found["plural"])
         if kind is None:
             return 404, _status(404, f"no resource {found['plural']}")

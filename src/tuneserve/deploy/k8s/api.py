@@ -54,6 +54,11 @@ KINDS: dict[str, Kind] = {
     "PodDisruptionBudget": Kind("policy", "v1", "poddisruptionbudgets"),
     "HorizontalPodAutoscaler": Kind("autoscaling", "v2", "horizontalpodautoscalers"),
     "ScaledObject": Kind("keda.sh", "v1alpha1", "scaledobjects"),
+    "Ingress": Kind("networking.k8s.io", "v1", "ingresses"),
+    "ServiceMonitor": Kind("monitoring.coreos.com", "v1", "servicemonitors"),
+    "CustomResourceDefinition": Kind(
+        "apiextensions.k8s.io", "v1", "customresourcedefinitions", namespaced=False
+    ),
 }
 
 

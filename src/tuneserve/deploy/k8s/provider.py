@@ -7,7 +7,8 @@ infra/inference.config.json keeps its six keys, with this provider's meaning:
     STORAGE_ACCOUNT_NAME  the Azure storage account of the share, or the RWX storage class
     FILE_SHARE_NAME       the Azure Files share, or the claim the storage class provisions
     ACA_APP_NAME          the Deployment and Service
-    ACA_APP_ENDPOINT      the Service inside the cluster (http://APP.NAMESPACE.svc.cluster.local:7860)
+    ACA_APP_ENDPOINT      http(s)://HOST with --ingress-host, else the Service inside the cluster
+                          (http://APP.NAMESPACE.svc.cluster.local:7860)
 
 provision renders infra/kubernetes/ and (without --dry-run) applies it server-side; deploy syncs
 the Azure Files share (or a storage class's volume, through a short-lived pod: podshare.py),
@@ -18,6 +19,7 @@ the new pods do not become ready (deploy/k8s/rollout.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from collections.abc import Iterator
@@ -51,6 +53,8 @@ DEFAULT_NAMESPACE = "default"
 CURRENT_CONTEXT = "current-context"  # written when no kubeconfig names one
 KEDA_PAUSED = "autoscaling.keda.sh/paused-replicas"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_HOST = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
 
 
 @dataclass
@@ -72,6 +76,13 @@ class KubernetesProvisionRequest(ProvisionRequest):
     )
     prometheus_url: str | None = option(
         f"the Prometheus the KEDA trigger queries (default: {m.DEFAULT_PROMETHEUS})."
+    )
+    ingress_host: str | None = option(
+        "serve the endpoint under this host name through an Ingress (the cluster's default "
+        "ingress class); the endpoint becomes http(s)://HOST."
+    )
+    ingress_tls_secret: str | None = option(
+        "a kubernetes.io/tls Secret in the namespace for --ingress-host: the endpoint is https."
     )
 
 
@@ -169,7 +180,21 @@ class KubernetesProvider(Provider):
             ),
             autoscaler=_choice("--autoscaler", request.autoscaler, "keda", m.AUTOSCALERS),
             prometheus_url=request.prometheus_url or m.DEFAULT_PROMETHEUS,
+            ingress_host=self._ingress_host(request),
+            ingress_tls_secret=request.ingress_tls_secret,
         )
+
+    @staticmethod
+    def _ingress_host(request: KubernetesProvisionRequest) -> str | None:
+        host = request.ingress_host
+        if request.ingress_tls_secret and not host:
+            raise ProviderError("--ingress-tls-secret needs --ingress-host (the host it serves)")
+        if host is not None and not _HOST.fullmatch(host):
+            raise ProviderError(
+                f"--ingress-host {host!r}: give a DNS name such as chat.example.com (lowercase, "
+                "no scheme, no port; a leading '*.' is allowed)"
+            )
+        return host
 
     def _storage_group(self, request: KubernetesProvisionRequest) -> str | None:
         """The resource group of the fine-tuning step's storage account, where it is known."""
@@ -181,8 +206,11 @@ class KubernetesProvider(Provider):
         if request.keys is None:
             raise ProviderError("the Kubernetes Secret needs the endpoint's keys")
         spec = self.spec(request)
-        files = render.write(self.manifests_dir, render.render(spec, request.keys))
         context = request.context or kubeconfig_context() or CURRENT_CONTEXT
+        api = None if request.dry_run else kube_api(context, spec.namespace)
+        if api is not None and api.get("CustomResourceDefinition", SERVICE_MONITOR_CRD):
+            spec = dataclasses.replace(spec, service_monitor=True)
+        files = render.write(self.manifests_dir, render.render(spec, request.keys))
         for path in files:
             self.console.print(f"  rendered {self.paths.rel(path)}")
         if isinstance(spec.storage, m.AzureFilesShare):
@@ -191,10 +219,19 @@ class KubernetesProvider(Provider):
             f"{kubectl(context)} apply --server-side --field-manager tuneserve "
             f"-f {self.paths.rel(self.manifests_dir)}/"
         )
-        if request.dry_run:
-            self.console.print(f"Dry run: no cluster reached. Apply later with: {apply}")
+        if api is None:
+            self.console.print(
+                f"Dry run: no cluster reached (so no ServiceMonitor: provision without --dry-run "
+                f"renders one where the Prometheus operator is installed). Apply later with: "
+                f"{apply}"
+            )
         else:
-            self._apply(kube_api(context, spec.namespace), render.read(self.manifests_dir))
+            if not spec.service_monitor:
+                self.console.print(
+                    f"No ServiceMonitor: the cluster has no {SERVICE_MONITOR_CRD} (the Prometheus "
+                    "operator); pods still carry prometheus.io/scrape annotations."
+                )
+            self._apply(api, render.read(self.manifests_dir))
         storage = spec.storage
         return InferenceConfig(
             SUBSCRIPTION_ID=context,
@@ -205,7 +242,9 @@ class KubernetesProvider(Provider):
             FILE_SHARE_NAME=storage.share if isinstance(storage, m.AzureFilesShare) else spec.claim,
             ACA_APP_NAME=spec.app,
             ACA_APP_ENDPOINT=(
-                f"http://{spec.app}.{spec.namespace}.svc.cluster.local:{TARGET_PORT}"
+                f"{'https' if spec.ingress_tls_secret else 'http'}://{spec.ingress_host}"
+                if spec.ingress_host
+                else f"http://{spec.app}.{spec.namespace}.svc.cluster.local:{TARGET_PORT}"
             ),
             PROVIDER=self.name,
         )
