@@ -16,6 +16,7 @@ import yaml
 
 from tests.deploy import kube_standin
 from tests.deploy.kube_standin import REVISION, KubeStandIn
+from tests.deploy.test_adapters_local import adapters
 from tuneserve.deploy.infra import load_config
 from tuneserve.deploy.k8s.podshare import PodShareTarget, tar_stream
 from tuneserve.deploy.k8s.provider import KubernetesProvider
@@ -112,3 +113,65 @@ def test_the_tar_stream_is_a_valid_archive(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         [member] = tar.getmembers()
         assert member.name == "a/.f.bin.part" and member.size == 1234
+
+
+def test_logs_follow_every_pod_each_line_prefixed(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    cli(
+        "provision",
+        "-w",
+        workspace,
+        "--provider",
+        "kubernetes",
+        "--namespace",
+        NS,
+        "--storage-class",
+        "nfs-rwx",
+    )
+    cli("deploy", "-w", workspace, "--replicas", "2")
+    pods = sorted(p["metadata"]["name"] for p in cluster.pods())
+    assert len(pods) == 2
+    # the stand-in's follow ends with the log: each pod's stream is read to its end
+    followed = cli("logs", "-w", workspace, "--follow", "--tail", "5").stdout.splitlines()
+    assert sorted(followed) == sorted(
+        f"[{pod}] {line}" for pod in pods for line in cluster.get("Pod", pod)["log"]
+    )
+    for pod in pods:  # each pod's lines keep their order
+        mine = [line for line in followed if line.startswith(f"[{pod}] ")]
+        assert mine == [f"[{pod}] {line}" for line in cluster.get("Pod", pod)["log"]]
+
+
+def test_adapters_push_reaches_the_claim_and_says_the_pods_rescan(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn, tmp_path: Path
+) -> None:
+    """The Service (http://APP.NS.svc.cluster.local) is not reachable from here, as from a
+    laptop outside the cluster: the adapter lands on the claim and the note says so."""
+    cli(
+        "provision",
+        "-w",
+        workspace,
+        "--provider",
+        "kubernetes",
+        "--namespace",
+        NS,
+        "--storage-class",
+        "nfs-rwx",
+    )
+    config = load_config(workspace / "infra" / "inference.config.json")
+    adapter = tmp_path / "support"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}'
+    )
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 8000)
+    pushed = adapters("push", "support", adapter, "-w", workspace)
+    share = cluster.claims[str(config.FILE_SHARE_NAME)]
+    assert (share / "models/support/adapter_model.safetensors").stat().st_size == 8000
+    assert "not reachable from here" in pushed.output
+    assert "next rescan" in pushed.output and "port-forward" in pushed.output
+    assert cluster.get("Pod", f"{config.ACA_APP_NAME}-sync") is None
+
+    removed = adapters("remove", "support", "-w", workspace)
+    assert "support" in removed.output
+    assert not (share / "models/support").exists()

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from tuneserve.deploy.base import (
     StatusReport,
     option,
 )
+from tuneserve.deploy.http import http_get
 from tuneserve.deploy.infra import TARGET_PORT, FinetuningConfig, InferenceConfig
 from tuneserve.deploy.k8s import manifests as m
 from tuneserve.deploy.k8s import render, rollout
@@ -460,10 +463,8 @@ class KubernetesProvider(Provider):
         if not pods:
             raise ProviderError(f"no pods of {self.app!r} ({revision or 'any revision'}) to read")
         names = [p["metadata"]["name"] for p in pods]
-        if follow and len(names) > 1:
-            self.console.print(f"note: following {names[0]} (of {len(names)} pods)")
         if follow:
-            return api.log_lines(names[0], tail=tail, follow=True)
+            return _follow_all(api, names, tail)
         return (f"[{n}] {line}" for n in names for line in api.log_lines(n, tail=tail))
 
     def stop(self) -> str:
@@ -485,7 +486,47 @@ class KubernetesProvider(Provider):
         return kubectl(str(config.SUBSCRIPTION_ID), config.RESOURCE_GROUP_NAME)
 
     def replica_urls(self) -> list[str]:
-        return [self._config().endpoint_url]
+        """The endpoint (the Ingress host, or the Service where this machine is in the cluster)
+        when it answers; pods are not addressed one by one: the rest rescan the share."""
+        url = self._config().endpoint_url
+        try:
+            http_get(f"{url.rstrip('/')}/health", timeout=3.0)
+        except Exception:  # DNS, refused, timeout: the Service is not reachable from here
+            return []
+        return [url]
+
+    def no_replica_note(self) -> str:
+        return (
+            f"the endpoint {self._config().endpoint_url} is not reachable from here, so no pod "
+            "was told: each pod picks the adapter up at its next rescan of the share (every 10 s "
+            f"by default). To load it at once, '{self._kubectl()} port-forward svc/{self.app} "
+            f"{TARGET_PORT}' and push again with --url http://127.0.0.1:{TARGET_PORT}"
+        )
+
+
+def _follow_all(api: KubeApi, pods: list[str], tail: int) -> Iterator[str]:
+    """Every pod's log followed at once, lines interleaved as they come, each prefixed with its
+    pod; ends when every stream has (the pods ended) or when the reader stops."""
+    lines: queue.Queue[str | None] = queue.Queue(maxsize=1000)
+
+    def follow(pod: str) -> None:
+        try:
+            for line in api.log_lines(pod, tail=tail, follow=True):
+                lines.put(f"[{pod}] {line}")
+        except ProviderError as exc:
+            lines.put(f"[{pod}] (log ended: {exc})")
+        finally:
+            lines.put(None)
+
+    for pod in pods:
+        threading.Thread(target=follow, args=(pod,), daemon=True, name=f"logs-{pod}").start()
+    running = len(pods)
+    while running:
+        line = lines.get()
+        if line is None:
+            running -= 1
+        else:
+            yield line
 
 
 class _RolloutFailed(Exception):
