@@ -132,14 +132,15 @@ def test_logs_follow_every_pod_each_line_prefixed(
     cli("deploy", "-w", workspace, "--replicas", "2")
     pods = sorted(p["metadata"]["name"] for p in cluster.pods())
     assert len(pods) == 2
+    logs = {p["metadata"]["name"]: p["log"] for p in cluster.pods()}
     # the stand-in's follow ends with the log: each pod's stream is read to its end
     followed = cli("logs", "-w", workspace, "--follow", "--tail", "5").stdout.splitlines()
     assert sorted(followed) == sorted(
-        f"[{pod}] {line}" for pod in pods for line in cluster.get("Pod", pod)["log"]
+        f"[{pod}] {line}" for pod in pods for line in logs[pod]
     )
     for pod in pods:  # each pod's lines keep their order
         mine = [line for line in followed if line.startswith(f"[{pod}] ")]
-        assert mine == [f"[{pod}] {line}" for line in cluster.get("Pod", pod)["log"]]
+        assert mine == [f"[{pod}] {line}" for line in logs[pod]]
 
 
 def test_adapters_push_reaches_the_claim_and_says_the_pods_rescan(
