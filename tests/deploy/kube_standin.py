@@ -10,7 +10,9 @@ What it checks of each request:
   force=true, a body whose apiVersion, kind, name and namespace match the URL;
 - merge patches: Content-Type application/merge-patch+json, applied as RFC 7386; JSON patches
   (application/json-patch+json) only as `replace /spec/template`, what an undo sends;
-- KEDA's API exists only when `keda` is set (404 otherwise, as an API server without the CRD).
+- KEDA's API exists only when `keda` is set (404 otherwise, as an API server without the CRD);
+  the Prometheus operator's only when `prometheus_operator` is set, and then its
+  CustomResourceDefinition (apiextensions.k8s.io/v1) reads back, as a cluster with it installed.
 
 What it emulates of the Deployment controller (on every request, under one lock): a pod template
 it has not seen becomes a new ReplicaSet (revision = the highest + 1; an older template put back
@@ -21,8 +23,22 @@ The Deployment's status (observedGeneration, replicas, updatedReplicas, availabl
 computed from those pods. `generation` rises only when the spec changes, so an apply that
 changes nothing is visible as such.
 
-    PATCH/GET  /api/v1/..., /apis/{group}/{version}/...   apply, merge patch, read, list
+A Pod applied directly (not by a ReplicaSet: deploy's sync pod) is Running at once, and DELETE
+removes any object. Each PersistentVolumeClaim a pod mounts is a folder on this machine
+(`claims`, made under `claims_root` on first use), standing in for the RWX volume.
+
+Exec (what `kubectl exec`/`kubectl cp` and the client's kubernetes.stream use): a GET upgraded to
+a websocket with subprotocol v4.channel.k8s.io (the client offers v5 and v4; the stand-in takes
+v4, where stdin cannot be closed). It runs the `command` query words with /bin/sh on THIS machine,
+the pod's volume mount paths rewritten to their claims' folders, so the real tar/find/stat run on
+real files; frames carry channel 0 (stdin, from the client), 1 and 2 (stdout, stderr), and 3
+the exit status as the API server writes it (Success, or NonZeroExitCode with the code).
+It checks that stdin, stdout and stderr are asked for as the query says and that the pod is
+Running; it does not emulate a container's own file system or image.
+
+    PATCH/GET/DELETE  /api/v1/..., /apis/{group}/{version}/...   apply, merge patch, read, list
     GET        /api/v1/namespaces/{ns}/pods/{pod}/log      tailLines, follow (ends at once)
+    GET        /api/v1/namespaces/{ns}/pods/{pod}/exec     websocket: command, stdin, stdout
 """
 
 from __future__ import annotations
@@ -33,10 +49,12 @@ import copy
 import hashlib
 import json
 import re
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -55,10 +73,15 @@ PLURALS = {
     "poddisruptionbudgets": "PodDisruptionBudget",
     "horizontalpodautoscalers": "HorizontalPodAutoscaler",
     "scaledobjects": "ScaledObject",
+    "ingresses": "Ingress",
+    "servicemonitors": "ServiceMonitor",
+    "customresourcedefinitions": "CustomResourceDefinition",
 }
+MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
 _PATH = re.compile(
     r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
-    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?(?P<log>/log)?$"
+    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?"
+    r"(?:(?P<log>/log)|(?P<exec>/exec))?$"
 )
 
 
@@ -78,11 +101,23 @@ def merge(target: Any, patch: Any) -> Any:
 @dataclass
 class KubeStandIn:
     keda: bool = True
+    prometheus_operator: bool = False
     crashing: set[str] = field(default_factory=set)  # revisions whose pods never get ready
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)  # by URL path
     applies: list[str] = field(default_factory=list)  # "Kind/name" per apply request
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
+    claims_root: Path | None = None  # where claims' folders are made
+    claims: dict[str, Path] = field(default_factory=dict)  # claim name -> its folder
+    execs: list[list[str]] = field(default_factory=list)  # each exec's command words
+
+    def claim_dir(self, claim: str) -> Path:
+        if claim not in self.claims:
+            if self.claims_root is None:
+                raise RuntimeError("set claims_root to mount claims")
+            self.claims[claim] = self.claims_root / claim
+            self.claims[claim].mkdir(parents=True, exist_ok=True)
+        return self.claims[claim]
 
     # -- the store ----------------------------------------------------------------------------
 
@@ -155,7 +190,7 @@ class KubeStandIn:
                     old_hash = rs["metadata"]["labels"]["pod-template-hash"]
                     for pod in self.pods(**{"pod-template-hash": old_hash}):
                         self._delete(pod)
-        owned = [p for p in self.find("Pod") if p["metadata"]["ownerName"] == name]
+        owned = [p for p in self.find("Pod") if p["metadata"].get("ownerName") == name]
         deployment["status"] = {
             "observedGeneration": meta["generation"],
             "replicas": len(owned),
@@ -220,6 +255,13 @@ class KubeStandIn:
         group = found["group"] or ""
         if group == "keda.sh" and not self.keda:
             return 404, _status(404, "the server could not find the requested resource")
+        if group == "monitoring.coreos.com" and not self.prometheus_operator:
+            return 404, _status(404, "the server could not find the requested resource")
+        if found["plural"] == "customresourcedefinitions" and method == "GET":
+            if self.prometheus_operator and found["name"] == MONITOR_CRD:
+                crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition"}
+                return 200, {**crd, "metadata": {"name": MONITOR_CRD}}
+            return 404, _status(404, f"customresourcedefinitions {found['name']!r} not found")
         kind = PLURALS.get(found["plural"])
         if kind is None:
             return 404, _status(404, f"no resource {found['plural']}")
@@ -232,6 +274,9 @@ class KubeStandIn:
                 return (200, obj) if obj else (404, _status(404, f"{kind} not found"))
             if method == "GET":
                 return 200, {"items": self._list(kind, found["ns"], query.get("labelSelector"))}
+            if method == "DELETE" and found["name"]:
+                gone = self.objects.pop(url.path, None)
+                return (200, gone) if gone else (404, _status(404, f"{kind} not found"))
             if method == "PATCH":
                 answer = self._patch(kind, found, url.path, query, headers, json.loads(body))
                 self.reconcile()
@@ -268,6 +313,14 @@ class KubeStandIn:
             applied = merge(old or {}, body)
             if old is not None and "status" in old:
                 applied["status"] = old["status"]
+            elif kind == "Pod":  # a bare pod (the sync pod) runs at once
+                applied["status"] = {
+                    "phase": "Running",
+                    "containerStatuses": [
+                        {"name": "sync", "ready": True, "state": {"running": {}}}
+                    ],
+                }
+                applied["log"] = []
             return 200, self._put(path, applied)
         if content_type == "application/merge-patch+json":
             old = self.objects.get(path)
@@ -284,6 +337,35 @@ class KubeStandIn:
             replaced["spec"]["template"] = body[0]["value"]
             return 200, self._put(path, replaced)
         return 415, _status(415, f"unsupported patch type {content_type!r}")
+
+    def exec_plan(self, raw_path: str) -> tuple[list[str], bool, str | None]:
+        """(argv to run here, whether stdin is wanted, or None and why not) for an exec URL."""
+        url = urlparse(raw_path)
+        query = parse_qs(url.query)
+        with self.lock:
+            pod = self.objects.get(url.path.removesuffix("/exec"))
+            if pod is None or pod.get("status", {}).get("phase") != "Running":
+                return [], False, "pod not found or not running"
+            mounts = {
+                v["name"]: self.claim_dir(v["persistentVolumeClaim"]["claimName"])
+                for v in pod["spec"].get("volumes", [])
+                if "persistentVolumeClaim" in v
+            }
+            paths = {
+                m["mountPath"]: mounts[m["name"]]
+                for m in pod["spec"]["containers"][0].get("volumeMounts", [])
+                if m["name"] in mounts
+            }
+        argv = query.get("command", [])
+        if query.get("stdout") != ["true"] or query.get("stderr") != ["true"]:
+            return [], False, f"stdout and stderr not both asked for: {query}"
+        self.execs.append(list(argv))
+        rewritten = []
+        for word in argv:
+            for mount, folder in paths.items():
+                word = word.replace(mount, str(folder))
+            rewritten.append(word)
+        return rewritten, query.get("stdin") == ["true"], None
 
     def _log(self, pod_path: str, query: dict[str, str]) -> tuple[int, Any]:
         pod = self.objects.get(pod_path)
@@ -322,10 +404,116 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_PATCH = _serve
+    def do_GET(self) -> None:
+        if self.headers.get("Upgrade", "").lower() != "websocket":
+            self._serve()
+            return
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            self.send_error(401)
+            return
+        argv, wants_stdin, refused = self.standin.exec_plan(self.path)
+        if refused:
+            self.send_error(400, refused)
+            return
+        offered = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if "v4.channel.k8s.io" not in offered:
+            self.send_error(400, f"no v4.channel.k8s.io in {offered}")
+            return
+        accept = base64.b64encode(
+            hashlib.sha1((self.headers["Sec-WebSocket-Key"] + _WS_GUID).encode()).digest()
+        ).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.send_header("Sec-WebSocket-Protocol", "v4.channel.k8s.io")
+        self.end_headers()
+        self.wfile.flush()
+        _run_exec(self.rfile, self.wfile, argv, wants_stdin)
+        self.close_connection = True
+
+    do_PATCH = do_DELETE = _serve
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _send_frame(out: Any, payload: bytes, opcode: int = 2) -> None:
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([n])
+    elif n < 1 << 16:
+        head += bytes([126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([127]) + n.to_bytes(8, "big")
+    out.write(head + payload)
+    out.flush()
+
+
+def _read_frame(inp: Any) -> tuple[int, bytes] | None:
+    """One client frame (masked, as clients must send them), or None at the end."""
+    head = inp.read(2)
+    if len(head) < 2:
+        return None
+    opcode, n = head[0] & 0x0F, head[1] & 0x7F
+    if n == 126:
+        n = int.from_bytes(inp.read(2), "big")
+    elif n == 127:
+        n = int.from_bytes(inp.read(8), "big")
+    mask = inp.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+    data = inp.read(n)
+    return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+def _run_exec(inp: Any, out: Any, argv: list[str], wants_stdin: bool) -> None:
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if wants_stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    send_lock = threading.Lock()
+
+    def pump(stream: Any, channel: int) -> None:
+        while data := stream.read1(65536):
+            with send_lock:
+                _send_frame(out, bytes([channel]) + data)
+
+    def feed() -> None:
+        assert proc.stdin is not None
+        try:
+            while (frame := _read_frame(inp)) is not None and frame[0] != 8:
+                if frame[0] in (1, 2) and frame[1][:1] == b"\0":
+                    proc.stdin.write(frame[1][1:])
+                    proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # the command stopped reading (head -c N read its bytes)
+
+    pumps = [
+        threading.Thread(target=pump, args=(s, c)) for s, c in ((proc.stdout, 1), (proc.stderr, 2))
+    ]
+    for t in pumps:
+        t.start()
+    if wants_stdin:
+        threading.Thread(target=feed, daemon=True).start()
+    code = proc.wait()
+    for t in pumps:
+        t.join()
+    status: dict[str, Any] = {"metadata": {}, "status": "Success"}
+    if code:
+        status = {
+            "metadata": {},
+            "status": "Failure",
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
+        }
+    with send_lock:
+        _send_frame(out, b"\3" + json.dumps(status).encode())
+        _send_frame(out, b"\x03\xe8", opcode=8)
 
 
 def kubeconfig(url: str, context: str = "stand-in") -> dict[str, Any]:

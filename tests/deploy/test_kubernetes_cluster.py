@@ -170,3 +170,21 @@ def test_a_failed_first_deploy_leaves_the_provisioned_pods_serving(
     assert deployment is not None
     assert REVISION not in deployment["spec"]["template"]["metadata"]["annotations"]
     assert cluster.pods() == provisioned
+
+
+def test_a_service_monitor_is_applied_only_where_the_operators_crd_exists(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    result = provision(cli, workspace, "--ingress-host", "chat.example.com")
+    assert "No ServiceMonitor: the cluster has no servicemonitors.monitoring.coreos.com" in (
+        result.output
+    )
+    app = app_of(workspace)
+    assert cluster.get("Ingress", app) is not None
+    assert not cluster.find("ServiceMonitor")
+
+    cluster.prometheus_operator = True
+    again = provision(cli, workspace, "--ingress-host", "chat.example.com")
+    assert f"applied ServiceMonitor/{app}" in again.output
+    monitor = cluster.get("ServiceMonitor", app)
+    assert monitor is not None and monitor["spec"]["endpoints"][0]["path"] == "/metrics"

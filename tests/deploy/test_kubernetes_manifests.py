@@ -7,6 +7,7 @@ fields are checked here by hand."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -294,9 +295,11 @@ def test_provision_refuses_a_bad_flag_by_name(
     assert message in result.output
 
 
-def test_deploy_to_a_storage_class_volume_says_the_sync_is_not_built(
-    cli: Callable[..., Any], workspace: Path
+def test_deploy_to_a_storage_class_volume_without_a_cluster_names_the_context(
+    cli: Callable[..., Any], workspace: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """The sync pod needs the cluster (test_kubernetes_podshare.py syncs through it)."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
     cli(
         "provision",
         "-w",
@@ -310,8 +313,7 @@ def test_deploy_to_a_storage_class_volume_says_the_sync_is_not_built(
         "nfs-rwx",
     )
     result = cli("deploy", "-w", workspace, ok=False)
-    assert "syncing to a storage class's volume is not built yet" in result.output
-    assert "kubectl --context c1 -n default rollout restart deployment/" in result.output
+    assert "cannot use context 'c1' of the kubeconfig" in result.output
 
 
 def test_the_schema_check_is_live() -> None:
@@ -320,3 +322,81 @@ def test_the_schema_check_is_live() -> None:
     service["spec"]["selectors"] = service["spec"].pop("selector")
     with pytest.raises(kubernetes_validate.ValidationError, match="selectors"):
         kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+
+
+def test_the_ingress_routes_the_host_to_the_service_and_validates() -> None:
+    s = spec(ingress_host="chat.example.com", ingress_tls_secret="chat-tls")
+    objects = rendered(s)
+    assert validate_all(objects) == ["ScaledObject"]  # the Ingress passes the strict schema
+    ingress = by_kind(objects)["Ingress"]
+    [rule] = ingress["spec"]["rules"]
+    assert rule["host"] == "chat.example.com"
+    [route] = rule["http"]["paths"]
+    assert route["backend"]["service"] == {"name": "chat", "port": {"name": "http"}}
+    assert m.service(s)["spec"]["ports"][0]["name"] == "http"
+    assert ingress["spec"]["tls"] == [{"hosts": ["chat.example.com"], "secretName": "chat-tls"}]
+    # streams are not cut at ingress-nginx's 60 s nor buffered
+    assert (
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    )
+    assert "tls" not in (m.ingress(spec(ingress_host="chat.example.com")) or {})["spec"]
+    assert m.ingress(spec()) is None
+
+
+def test_the_service_monitor_scrapes_the_services_pods() -> None:
+    """A custom resource (no bundled schema): its fields checked by hand against the
+    Prometheus operator's monitoring.coreos.com/v1 ServiceMonitor."""
+    s = spec(service_monitor=True)
+    objects = rendered(s)
+    assert sorted(validate_all(objects)) == ["ScaledObject", "ServiceMonitor"]
+    monitor = by_kind(objects)["ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor["spec"]) == {"selector", "namespaceSelector", "endpoints"}
+    service = by_kind(objects)["Service"]
+    # it selects the Service by its labels, and names the Service's port
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+    assert endpoint["path"] == "/metrics"
+    assert re.fullmatch(r"\d+s", endpoint["interval"])
+    assert m.service_monitor(spec()) is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        pytest.param(["--ingress-host", "https://x.io"], "give a DNS name", id="scheme"),
+        pytest.param(["--ingress-tls-secret", "t"], "needs --ingress-host", id="tls-alone"),
+    ],
+)
+def test_ingress_flags_are_checked(
+    cli: Callable[..., Any], workspace: Path, args: list[str], message: str
+) -> None:
+    result = cli(
+        "provision", "-w", workspace, "--provider", "kubernetes", "--dry-run", *args, ok=False
+    )
+    assert message in result.output
+
+
+def test_with_an_ingress_host_the_endpoint_is_the_host(
+    cli: Callable[..., Any], workspace: Path
+) -> None:
+    cli(
+        "provision",
+        "-w",
+        workspace,
+        "--provider",
+        "kubernetes",
+        "--dry-run",
+        "--ingress-host",
+        "chat.example.com",
+        "--ingress-tls-secret",
+        "chat-tls",
+    )
+    config = load_config(workspace / "infra" / "inference.config.json")
+    assert config.ACA_APP_ENDPOINT == "https://chat.example.com"
+    assert (workspace / "infra" / "kubernetes" / "45-ingress.yaml").exists()
+    assert not (workspace / "infra" / "kubernetes" / "70-service-monitor.yaml").exists()

@@ -62,6 +62,8 @@ def test_each_provider_owns_its_provision_options() -> None:
                 "service_type",
                 "autoscaler",
                 "prometheus_url",
+                "ingress_host",
+                "ingress_tls_secret",
             )
         },
     }

@@ -29,7 +29,7 @@ import httpx
 from rich.console import Console
 
 from tuneserve.deploy.base import Provider
-from tuneserve.deploy.shares import LocalDirTarget, SyncTarget
+from tuneserve.deploy.shares import LocalDirTarget, SyncTarget, session
 from tuneserve.deploy.transfer import Advance, transfer_progress
 from tuneserve.errors import AdapterError, DeployError
 from tuneserve.models.adapter_root import check_adapter_name
@@ -260,6 +260,11 @@ class Deployment:
     replicas: list[str]  # the URLs to tell about a change
     endpoint: str
     each_replica: bool  # whether `replicas` are every replica (else the endpoint: one of them)
+    # said when `replicas` is empty
+    no_replica_note: str = (
+        "no replica is serving: the share holds the adapter, and the next "
+        "'tuneserve deploy' serves it"
+    )
 
 
 def deployment(provider: Provider, endpoint: str) -> Deployment:
@@ -269,6 +274,7 @@ def deployment(provider: Provider, endpoint: str) -> Deployment:
         provider.replica_urls(),
         endpoint,
         each_replica=provider.addresses_replicas,
+        no_replica_note=provider.no_replica_note(),
     )
 
 
@@ -372,14 +378,12 @@ def push_to_deployment(
     with (
         _storage_errors(where, "upload the adapter to"),
         transfer_progress(console, adapter.size, f"upload -> {where}") as transfer,
+        session(target.share),
     ):
         report.replaced = install(target.share, adapter, share_folder(name), transfer.advance)
     report.replicas = _tell_load(client, target.replicas, name)
     if not target.replicas:
-        report.notes.append(
-            "no replica is serving: the share holds the adapter, and the next "
-            "'tuneserve deploy' serves it"
-        )
+        report.notes.append(target.no_replica_note)
     elif not target.each_replica:
         report.notes.append(
             f"told the endpoint {target.endpoint} (one replica); the other replicas load "
@@ -436,12 +440,13 @@ def remove_from_deployment(client: AdminClient, target: Deployment, name: str) -
             if inner != PurePosixPath(root) and inner.is_relative_to(PurePosixPath(root)):
                 rel = inner.relative_to(PurePosixPath(root)).as_posix()
                 candidates.append(f"{ADAPTERS_DIR}/{rel}")
-    with _storage_errors(target.share.describe(), "list the adapters of"):
-        folder = next((c for c in candidates if share_has_adapter(target.share, c)), None)
-    if folder is not None:
-        report.folder = f"{target.share.describe()}/{folder}"
-        with _storage_errors(report.folder, "delete"):
-            target.share.remove_dir(folder)
+    with session(target.share):
+        with _storage_errors(target.share.describe(), "list the adapters of"):
+            folder = next((c for c in candidates if share_has_adapter(target.share, c)), None)
+        if folder is not None:
+            report.folder = f"{target.share.describe()}/{folder}"
+            with _storage_errors(report.folder, "delete"):
+                target.share.remove_dir(folder)
     report.replicas = _tell_remove(client, target.replicas, name)
     if not target.each_replica and target.replicas:
         report.notes.append(

@@ -271,6 +271,13 @@ class Provider(ABC):
     @abstractmethod
     def share_target(self) -> SyncTarget: ...
 
+    def no_replica_note(self) -> str:
+        """What `adapters push` says when replica_urls() is empty."""
+        return (
+            "no replica is serving: the share holds the adapter, and the next "
+            "'tuneserve deploy' serves it"
+        )
+
     @abstractmethod
     def replica_urls(self) -> list[str]:
         """The URLs to tell about an adapter change: each replica where the platform lets us

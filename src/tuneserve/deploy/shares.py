@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tuneserve.deploy.atomic import replacing, write_atomic
 from tuneserve.deploy.transfer import copy_chunks
@@ -65,6 +65,18 @@ class HashingTarget(Protocol):
     workspace's, so it is kept (and reported) rather than adopted."""
 
     def sha256(self, rel: str) -> str | None: ...
+
+
+@runtime_checkable
+class SessionTarget(Protocol):
+    """A share reached only inside a session (the Kubernetes sync pod): opened() starts it and
+    ends it. Optional: other shares are reached at once."""
+
+    def opened(self) -> contextlib.AbstractContextManager[Any]: ...
+
+
+def session(target: SyncTarget) -> contextlib.AbstractContextManager[Any]:
+    return target.opened() if isinstance(target, SessionTarget) else contextlib.nullcontext()
 
 
 def file_sha256(path: Path) -> str:

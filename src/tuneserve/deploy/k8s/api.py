@@ -7,13 +7,17 @@ rendered as dicts, and custom resources (KEDA's ScaledObject) have no typed mode
     get / select      objects by kind and name, by label selector
     merge_patch / json_patch   RFC 7386 and RFC 6902 patches
     log_lines(pod)    a pod's log, its tail or followed
+    delete            an object, if it is there
+    exec_in(pod, argv, stdin)   a command in a pod over the exec websocket (kubernetes.stream,
+                      what `kubectl exec`/`kubectl cp` use): bytes streamed to its stdin, its
+                      exit code, stdout and stderr back
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +54,19 @@ KINDS: dict[str, Kind] = {
     "PodDisruptionBudget": Kind("policy", "v1", "poddisruptionbudgets"),
     "HorizontalPodAutoscaler": Kind("autoscaling", "v2", "horizontalpodautoscalers"),
     "ScaledObject": Kind("keda.sh", "v1alpha1", "scaledobjects"),
+    "Ingress": Kind("networking.k8s.io", "v1", "ingresses"),
+    "ServiceMonitor": Kind("monitoring.coreos.com", "v1", "servicemonitors"),
+    "CustomResourceDefinition": Kind(
+        "apiextensions.k8s.io", "v1", "customresourcedefinitions", namespaced=False
+    ),
 }
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    code: int
+    stdout: bytes
+    stderr: bytes
 
 
 class KubeApiError(ProviderError):
@@ -158,6 +174,62 @@ class KubeApi:
             "PATCH", self.path(kind, name), body=ops, content_type="application/json-patch+json"
         )
         return result
+
+    def delete(self, kind: str, name: str) -> None:
+        try:
+            self.request("DELETE", self.path(kind, name))
+        except KubeApiError as exc:
+            if exc.status != 404:
+                raise
+
+    def exec_in(
+        self,
+        pod: str,
+        argv: list[str],
+        stdin: Iterable[bytes] | None = None,
+        on_sent: Callable[[int], None] | None = None,
+    ) -> ExecResult:
+        """Run argv in the pod's first container; stdin's chunks are written as they come (a
+        command reading stdin must stop by itself, e.g. `head -c N`: the v4 protocol cannot
+        close stdin), and on_sent hears each chunk's size."""
+        from kubernetes import client as kube_client
+        from kubernetes.stream import stream
+
+        core = kube_client.CoreV1Api(self.client)
+        try:
+            ws = stream(
+                core.connect_get_namespaced_pod_exec,
+                pod,
+                self.namespace,
+                command=argv,
+                stdin=stdin is not None,
+                stdout=True,
+                stderr=True,
+                tty=False,
+                binary=True,
+                _preload_content=False,
+            )
+        except Exception as exc:  # the client's ApiException, websocket's handshake errors
+            raise ProviderError(f"cannot exec in pod {pod!r}: {exc}") from None
+        out, err = bytearray(), bytearray()
+        try:
+            for chunk in stdin or ():
+                ws.write_stdin(chunk)
+                if on_sent:
+                    on_sent(len(chunk))
+                ws.update(timeout=0)
+                out += ws.read_stdout() if ws.peek_stdout() else b""
+                err += ws.read_stderr() if ws.peek_stderr() else b""
+            while ws.is_open():
+                ws.update(timeout=1)
+                out += ws.read_stdout() if ws.peek_stdout() else b""
+                err += ws.read_stderr() if ws.peek_stderr() else b""
+            out += ws.read_stdout() if ws.peek_stdout() else b""
+            err += ws.read_stderr() if ws.peek_stderr() else b""
+            code = ws.returncode
+        finally:
+            ws.close()
+        return ExecResult(int(code if code is not None else -1), bytes(out), bytes(err))
 
     def log_lines(self, pod: str, *, tail: int, follow: bool = False) -> Iterator[str]:
         query = [("tailLines", str(tail))] + ([("follow", "true")] if follow else [])

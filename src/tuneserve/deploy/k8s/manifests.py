@@ -83,6 +83,9 @@ class KubeSpec:
     target_waiting: int = DEFAULT_TARGET_WAITING
     startup_budget_s: int = DEFAULT_STARTUP_BUDGET_S
     extra_labels: dict[str, str] = field(default_factory=dict)
+    ingress_host: str | None = None
+    ingress_tls_secret: str | None = None  # a kubernetes.io/tls Secret for ingress_host
+    service_monitor: bool = False  # the cluster has the Prometheus operator's CRD
 
     @property
     def labels(self) -> dict[str, str]:
@@ -387,5 +390,53 @@ def autoscaler(spec: KubeSpec) -> Obj | None:
                 }
             ],
             "behavior": {"scaleDown": scale_down},
+        },
+    }
+
+
+# Streams (SSE) stay open for a whole generation: ingress-nginx's defaults (60 s reads, buffered
+# responses) would cut long answers and hold tokens back.
+INGRESS_ANNOTATIONS = {
+    "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-buffering": "off",
+    "nginx.ingress.kubernetes.io/proxy-body-size": "64m",
+}
+SCRAPE_INTERVAL = "15s"
+
+
+def ingress(spec: KubeSpec) -> Obj | None:
+    """The Service under a host name, through the cluster's default ingress class."""
+    if not spec.ingress_host:
+        return None
+    meta = spec.meta(spec.app)
+    meta["annotations"] = dict(INGRESS_ANNOTATIONS)
+    backend = {"service": {"name": spec.app, "port": {"name": "http"}}}
+    body: Obj = {
+        "rules": [
+            {
+                "host": spec.ingress_host,
+                "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": backend}]},
+            }
+        ]
+    }
+    if spec.ingress_tls_secret:
+        body["tls"] = [{"hosts": [spec.ingress_host], "secretName": spec.ingress_tls_secret}]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta, "spec": body}
+
+
+def service_monitor(spec: KubeSpec) -> Obj | None:
+    """The Prometheus operator's scrape of every pod behind the Service (/metrics is open: see
+    server/auth.py), so the autoscaler's query and routers' vllm: gauges have their series."""
+    if not spec.service_monitor:
+        return None
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": spec.meta(spec.app),
+        "spec": {
+            "selector": {"matchLabels": spec.labels},
+            "namespaceSelector": {"matchNames": [spec.namespace]},
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": SCRAPE_INTERVAL}],
         },
     }

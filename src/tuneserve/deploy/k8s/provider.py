@@ -7,17 +7,23 @@ infra/inference.config.json keeps its six keys, with this provider's meaning:
     STORAGE_ACCOUNT_NAME  the Azure storage account of the share, or the RWX storage class
     FILE_SHARE_NAME       the Azure Files share, or the claim the storage class provisions
     ACA_APP_NAME          the Deployment and Service
-    ACA_APP_ENDPOINT      the Service inside the cluster (http://APP.NAMESPACE.svc.cluster.local:7860)
+    ACA_APP_ENDPOINT      http(s)://HOST with --ingress-host, else the Service inside the cluster
+                          (http://APP.NAMESPACE.svc.cluster.local:7860)
 
 provision renders infra/kubernetes/ and (without --dry-run) applies it server-side; deploy syncs
-the Azure Files share, then rolls the Deployment by its pod template's revision annotation and
-undoes the rollout when the new pods do not become ready (deploy/k8s/rollout.py).
+the Azure Files share (or a storage class's volume, through a short-lived pod: podshare.py),
+then rolls the Deployment by its pod template's revision annotation and undoes the rollout when
+the new pods do not become ready (deploy/k8s/rollout.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +40,14 @@ from tuneserve.deploy.base import (
     StatusReport,
     option,
 )
+from tuneserve.deploy.http import http_get
 from tuneserve.deploy.infra import TARGET_PORT, FinetuningConfig, InferenceConfig
 from tuneserve.deploy.k8s import manifests as m
 from tuneserve.deploy.k8s import render, rollout
 from tuneserve.deploy.k8s.api import KubeApi, KubeApiError, connect
+from tuneserve.deploy.k8s.podshare import PodShareTarget
 from tuneserve.deploy.shares import SyncTarget
+from tuneserve.deploy.sync import SyncResult
 from tuneserve.deploy.waiting import wait_until
 from tuneserve.errors import ProviderError
 
@@ -47,6 +56,8 @@ DEFAULT_NAMESPACE = "default"
 CURRENT_CONTEXT = "current-context"  # written when no kubeconfig names one
 KEDA_PAUSED = "autoscaling.keda.sh/paused-replicas"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_HOST = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
 
 
 @dataclass
@@ -68,6 +79,13 @@ class KubernetesProvisionRequest(ProvisionRequest):
     )
     prometheus_url: str | None = option(
         f"the Prometheus the KEDA trigger queries (default: {m.DEFAULT_PROMETHEUS})."
+    )
+    ingress_host: str | None = option(
+        "serve the endpoint under this host name through an Ingress (the cluster's default "
+        "ingress class); the endpoint becomes http(s)://HOST."
+    )
+    ingress_tls_secret: str | None = option(
+        "a kubernetes.io/tls Secret in the namespace for --ingress-host: the endpoint is https."
     )
 
 
@@ -165,7 +183,21 @@ class KubernetesProvider(Provider):
             ),
             autoscaler=_choice("--autoscaler", request.autoscaler, "keda", m.AUTOSCALERS),
             prometheus_url=request.prometheus_url or m.DEFAULT_PROMETHEUS,
+            ingress_host=self._ingress_host(request),
+            ingress_tls_secret=request.ingress_tls_secret,
         )
+
+    @staticmethod
+    def _ingress_host(request: KubernetesProvisionRequest) -> str | None:
+        host = request.ingress_host
+        if request.ingress_tls_secret and not host:
+            raise ProviderError("--ingress-tls-secret needs --ingress-host (the host it serves)")
+        if host is not None and not _HOST.fullmatch(host):
+            raise ProviderError(
+                f"--ingress-host {host!r}: give a DNS name such as chat.example.com (lowercase, "
+                "no scheme, no port; a leading '*.' is allowed)"
+            )
+        return host
 
     def _storage_group(self, request: KubernetesProvisionRequest) -> str | None:
         """The resource group of the fine-tuning step's storage account, where it is known."""
@@ -177,8 +209,11 @@ class KubernetesProvider(Provider):
         if request.keys is None:
             raise ProviderError("the Kubernetes Secret needs the endpoint's keys")
         spec = self.spec(request)
-        files = render.write(self.manifests_dir, render.render(spec, request.keys))
         context = request.context or kubeconfig_context() or CURRENT_CONTEXT
+        api = None if request.dry_run else kube_api(context, spec.namespace)
+        if api is not None and api.get("CustomResourceDefinition", SERVICE_MONITOR_CRD):
+            spec = dataclasses.replace(spec, service_monitor=True)
+        files = render.write(self.manifests_dir, render.render(spec, request.keys))
         for path in files:
             self.console.print(f"  rendered {self.paths.rel(path)}")
         if isinstance(spec.storage, m.AzureFilesShare):
@@ -187,10 +222,19 @@ class KubernetesProvider(Provider):
             f"{kubectl(context)} apply --server-side --field-manager tuneserve "
             f"-f {self.paths.rel(self.manifests_dir)}/"
         )
-        if request.dry_run:
-            self.console.print(f"Dry run: no cluster reached. Apply later with: {apply}")
+        if api is None:
+            self.console.print(
+                f"Dry run: no cluster reached (so no ServiceMonitor: provision without --dry-run "
+                f"renders one where the Prometheus operator is installed). Apply later with: "
+                f"{apply}"
+            )
         else:
-            self._apply(kube_api(context, spec.namespace), render.read(self.manifests_dir))
+            if not spec.service_monitor:
+                self.console.print(
+                    f"No ServiceMonitor: the cluster has no {SERVICE_MONITOR_CRD} (the Prometheus "
+                    "operator); pods still carry prometheus.io/scrape annotations."
+                )
+            self._apply(api, render.read(self.manifests_dir))
         storage = spec.storage
         return InferenceConfig(
             SUBSCRIPTION_ID=context,
@@ -201,7 +245,9 @@ class KubernetesProvider(Provider):
             FILE_SHARE_NAME=storage.share if isinstance(storage, m.AzureFilesShare) else spec.claim,
             ACA_APP_NAME=spec.app,
             ACA_APP_ENDPOINT=(
-                f"http://{spec.app}.{spec.namespace}.svc.cluster.local:{TARGET_PORT}"
+                f"{'https' if spec.ingress_tls_secret else 'http'}://{spec.ingress_host}"
+                if spec.ingress_host
+                else f"http://{spec.app}.{spec.namespace}.svc.cluster.local:{TARGET_PORT}"
             ),
             PROVIDER=self.name,
         )
@@ -257,19 +303,34 @@ class KubernetesProvider(Provider):
 
     def share_target(self) -> SyncTarget:
         """The Azure Files share the static volume mounts, reached as the Azure provider reaches
-        it; a storage class's volume has no such path from here."""
+        it; a storage class's volume through a short-lived pod mounting its claim (podshare.py),
+        which sync_workspace starts and deletes."""
         storage = [o for o in self._manifests() if o["kind"] == "PersistentVolume"]
         if storage and storage[0]["spec"].get("csi", {}).get("driver") == "file.csi.azure.com":
             from tuneserve.deploy.azure import AzureProvider
 
             return AzureProvider(self.paths, self._config(), self.console).share_target()
-        raise ProviderError(
-            "syncing to a storage class's volume is not built yet (only the Azure Files share "
-            "is reached from here); copy the workspace onto claim "
-            f"{self._config().FILE_SHARE_NAME!r} "
-            f"yourself (a pod mounting it and 'kubectl cp'), then run '{self._kubectl()} rollout "
-            f"restart deployment/{self.app}' (README: Deploy -> Kubernetes)"
-        )
+        claim = str(self._config().FILE_SHARE_NAME)
+        return PodShareTarget(self._api(), f"{self.app}-sync", claim, self.selector)
+
+    def sync_workspace(
+        self,
+        target: SyncTarget,
+        *,
+        prune: bool,
+        force: bool,
+        include_model_cache: bool | None,
+    ) -> SyncResult:
+        if not isinstance(target, PodShareTarget):
+            return super().sync_workspace(
+                target, prune=prune, force=force, include_model_cache=include_model_cache
+            )
+        with contextlib.ExitStack() as pod:
+            with self.console.status(f"Starting pod {target.pod} to reach claim {target.claim}"):
+                pod.enter_context(target.opened())
+            return super().sync_workspace(
+                target, prune=prune, force=force, include_model_cache=include_model_cache
+            )
 
     def _manifests(self) -> list[dict[str, Any]]:
         if not self.manifests_dir.is_dir():
@@ -402,10 +463,8 @@ class KubernetesProvider(Provider):
         if not pods:
             raise ProviderError(f"no pods of {self.app!r} ({revision or 'any revision'}) to read")
         names = [p["metadata"]["name"] for p in pods]
-        if follow and len(names) > 1:
-            self.console.print(f"note: following {names[0]} (of {len(names)} pods)")
         if follow:
-            return api.log_lines(names[0], tail=tail, follow=True)
+            return _follow_all(api, names, tail)
         return (f"[{n}] {line}" for n in names for line in api.log_lines(n, tail=tail))
 
     def stop(self) -> str:
@@ -427,7 +486,47 @@ class KubernetesProvider(Provider):
         return kubectl(str(config.SUBSCRIPTION_ID), config.RESOURCE_GROUP_NAME)
 
     def replica_urls(self) -> list[str]:
-        return [self._config().endpoint_url]
+        """The endpoint (the Ingress host, or the Service where this machine is in the cluster)
+        when it answers; pods are not addressed one by one: the rest rescan the share."""
+        url = self._config().endpoint_url
+        try:
+            http_get(f"{url.rstrip('/')}/health", timeout=3.0)
+        except Exception:  # DNS, refused, timeout: the Service is not reachable from here
+            return []
+        return [url]
+
+    def no_replica_note(self) -> str:
+        return (
+            f"the endpoint {self._config().endpoint_url} is not reachable from here, so no pod "
+            "was told: each pod picks the adapter up at its next rescan of the share (every 10 s "
+            f"by default). To load it at once, '{self._kubectl()} port-forward svc/{self.app} "
+            f"{TARGET_PORT}' and push again with --url http://127.0.0.1:{TARGET_PORT}"
+        )
+
+
+def _follow_all(api: KubeApi, pods: list[str], tail: int) -> Iterator[str]:
+    """Every pod's log followed at once, lines interleaved as they come, each prefixed with its
+    pod; ends when every stream has (the pods ended) or when the reader stops."""
+    lines: queue.Queue[str | None] = queue.Queue(maxsize=1000)
+
+    def follow(pod: str) -> None:
+        try:
+            for line in api.log_lines(pod, tail=tail, follow=True):
+                lines.put(f"[{pod}] {line}")
+        except ProviderError as exc:
+            lines.put(f"[{pod}] (log ended: {exc})")
+        finally:
+            lines.put(None)
+
+    for pod in pods:
+        threading.Thread(target=follow, args=(pod,), daemon=True, name=f"logs-{pod}").start()
+    running = len(pods)
+    while running:
+        line = lines.get()
+        if line is None:
+            running -= 1
+        else:
+            yield line
 
 
 class _RolloutFailed(Exception):

@@ -36,7 +36,11 @@ def render(spec: m.KubeSpec, keys: EndpointKeys) -> dict[str, list[m.Obj]]:
     files["50-disruption-budget.yaml"] = [m.disruption_budget(spec)]
     if (scaler := m.autoscaler(spec)) is not None:
         files["60-autoscaler.yaml"] = [scaler]
-    return files
+    if (entry := m.ingress(spec)) is not None:
+        files["45-ingress.yaml"] = [entry]
+    if (monitor := m.service_monitor(spec)) is not None:
+        files["70-service-monitor.yaml"] = [monitor]
+    return dict(sorted(files.items()))
 
 
 def to_yaml(objects: list[m.Obj]) -> str:
