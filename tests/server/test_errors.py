@@ -108,6 +108,12 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
             {"logit_bias": {"999999": 1}}, "logit_bias", ["999999", "out of range"], id="bias-id"
         ),
         pytest.param({"store": True}, "store", ["does not store"], id="store"),
+        pytest.param(
+            {"stream": True, "stream_options": {"include_obfuscation": True}},
+            "stream_options.include_obfuscation",
+            ["only false"],
+            id="obfuscation",
+        ),
         pytest.param({"audio": {"voice": "alloy", "format": "wav"}}, "audio", ["text"], id="audio"),
         pytest.param({"modalities": ["text", "audio"]}, "modalities", ["text"], id="modalities"),
         pytest.param({"reasoning_effort": "high"}, "reasoning_effort", ["not"], id="reasoning"),

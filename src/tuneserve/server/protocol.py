@@ -141,8 +141,15 @@ class ModelList(OpenAIBaseModel):
 class StreamOptions(RequestModel):
     include_usage: bool = False
     include_obfuscation: bool | None = Field(
-        None, description="Accepted for compatibility: chunks carry no obfuscation padding."
+        None, description="Only false: this server sends no obfuscation padding."
     )
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("this server sends no obfuscation padding; only false is accepted")
+        return value
 
 
 class JsonSchemaFormat(RequestModel):
