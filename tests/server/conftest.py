@@ -45,6 +45,14 @@ def real_server(real_demo: Any) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def real_client(real_server: Any) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=real_server.api_url, api_key="unused", max_retries=0, timeout=120
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
 def http(demo_server: Any) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=demo_server.url, timeout=120) as c:
         yield c

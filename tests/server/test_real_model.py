@@ -7,7 +7,6 @@ One live server (`real_server` in conftest: the continuous engine, as `tuneserve
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,8 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def client(real_server: Any) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=real_server.api_url, api_key="unused", max_retries=0, timeout=120
-    ) as c:
-        yield c
+def client(real_client: openai.OpenAI) -> openai.OpenAI:
+    return real_client  # this module's tests all talk to the real demo
 
 
 @pytest.fixture(scope="module")
