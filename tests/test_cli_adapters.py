@@ -210,7 +210,7 @@ def test_missing_or_wrong_key_is_one_clear_line(replicas: Replicas, demo_paths: 
         pytest.param({"config.json": "{}"}, "adapter_config.json and", id="no-adapter-files"),
         pytest.param(
             {"adapter_config.json": "{not json", "adapter_model.safetensors": ""},
-            "is not valid JSON",
+            "not valid JSON",
             id="broken-config",
         ),
     ],

@@ -34,7 +34,7 @@ def _params(**values: Any) -> str:
     [
         pytest.param(
             '{"parameters": {\n  "location": {"value": null},\n}}',
-            "line 3, column 1: malformed JSON",
+            "line 3, column 1: not valid JSON",
             id="trailing-comma",
         ),
         pytest.param("[]", "expected a JSON object", id="not-an-object"),

@@ -327,7 +327,7 @@ class AzureProvisionRequest(ProvisionRequest):
 class AzureProvider(Provider):
     name = "azure"
     summary = "Azure Container Apps"
-    has_scope = True
+    scope_source = "asked"
     request_type = AzureProvisionRequest
     default_timeout_s = 1800.0
     # STORAGE_ACCOUNT_NAME names an Azure storage account (the local provider's is a folder)

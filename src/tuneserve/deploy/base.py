@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from rich.console import Console
 
@@ -180,8 +180,11 @@ class Provider(ABC):
     addresses_replicas: ClassVar[bool] = False
     # whether deploy --replicas sets how many replicas run (else the platform scales them)
     fixed_replicas: ClassVar[bool] = False
-    # whether the platform has subscriptions and resource groups (else they only seed names)
-    has_scope: ClassVar[bool] = False
+    # Where the subscription and resource group come from when no flag gives them:
+    # "asked" (the platform has them: the user's answers, else the fine-tuning step's),
+    # "finetuning" (they only seed derived names: the fine-tuning step's, so a null
+    # storageAccountName is its account), "name" (the provider's name).
+    scope_source: ClassVar[Literal["asked", "finetuning", "name"]] = "name"
     # rules for infra/inference.config.json's values beyond the shared ones
     config_rules: ClassVar[dict[str, naming.NameRule]] = {}
 
@@ -201,10 +204,13 @@ class Provider(ABC):
         ask: Ask | None,
     ) -> tuple[str, str]:
         """The subscription and resource group to provision into, which seed the derived
-        names: the flags, else (where the platform has them) the user's answers or the
-        fine-tuning step's, else the provider's name."""
-        if not cls.has_scope:
-            return subscription or cls.name, resource_group or cls.name
+        names: the flags, else what `scope_source` says, else the provider's name."""
+        if cls.scope_source != "asked":
+            seeds = finetuning if cls.scope_source == "finetuning" else None
+            return (
+                subscription or getattr(seeds, "SUBSCRIPTION_ID", None) or cls.name,
+                resource_group or getattr(seeds, "RESOURCE_GROUP_NAME", None) or cls.name,
+            )
         asked = [
             (subscription, "SUBSCRIPTION_ID", "Subscription id", "--subscription"),
             (resource_group, "RESOURCE_GROUP_NAME", "Resource group", "--resource-group"),

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneserve.deploy import naming
 from tuneserve.errors import InfraFileError, NotProvisionedError
+from tuneserve.jsonfile import JsonFileProblem, kind_of, read_json_object
 from tuneserve.settings import DEFAULT_SHUTDOWN_TIMEOUT_S
 
 PARAMETERS_SCHEMA = (
@@ -364,28 +365,10 @@ def read_json(path: Path, *, shown: str | None = None) -> dict[str, Any]:
 
 
 def _read_json(path: Path, *, shown: str | None = None) -> tuple[dict[str, Any], str]:
-    where = shown or str(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InfraFileError(where, "file not found") from None
-    except OSError as exc:
-        raise InfraFileError(where, f"cannot read: {exc.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InfraFileError(
-            where, f"line {exc.lineno}, column {exc.colno}: malformed JSON: {exc.msg}"
-        ) from None
-    if not isinstance(data, dict):
-        raise InfraFileError(where, f"expected a JSON object at the top, found {_kind(data)}")
-    return data, text
-
-
-def _kind(value: Any) -> str:
-    return {list: "an array", str: "a string", int: "a number", float: "a number"}.get(
-        type(value), "null" if value is None else type(value).__name__
-    )
+        return read_json_object(path)
+    except JsonFileProblem as exc:
+        raise InfraFileError(shown or str(path), str(exc)) from None
 
 
 def _line_of(text: str, loc: list[str]) -> str:
@@ -429,7 +412,7 @@ def _format_errors(
             continue
         msg = err["msg"].removeprefix("Value error, ")
         if kind.endswith("_type") or kind in {"literal_error"}:
-            msg += f" (got {_kind(err.get('input'))}: {json.dumps(err.get('input'))[:60]})"
+            msg += f" (got {kind_of(err.get('input'))}: {json.dumps(err.get('input'))[:60]})"
         lines.append(msg if not loc else f"{field}: {msg}")
     return "; ".join(dict.fromkeys(lines))
 
@@ -507,7 +490,7 @@ def load_finetuning_names(path: Path, *, shown: str | None = None) -> dict[str, 
         raise InfraFileError(
             where,
             "'parameters' must be an object of parameter entries like "
-            f'{{"value": ...}}, found {_kind(params)}',
+            f'{{"value": ...}}, found {kind_of(params)}',
         )
     names: dict[str, str] = {}
     for name in FINETUNING_NAME_PARAMETERS:
@@ -522,7 +505,7 @@ def load_finetuning_names(path: Path, *, shown: str | None = None) -> dict[str, 
             raise InfraFileError(
                 where,
                 f"{line}parameters.{name}.value: expected a name (a string) or null, found "
-                f"{_kind(value)}: {json.dumps(value)[:60]}",
+                f"{kind_of(value)}: {json.dumps(value)[:60]}",
             )
         if problem := naming.RULES_BY_PARAMETER[name].check(value):
             raise InfraFileError(where, f"{line}parameters.{name}.value: {problem}")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneserve.errors import AdapterError
+from tuneserve.jsonfile import JsonFileProblem, read_json_object
 from tuneserve.models.gguf import SUFFIX as GGUF_SUFFIX
 from tuneserve.models.types import AdapterSpec
 
@@ -110,15 +111,9 @@ def read_adapter_config(name: str, file: Path) -> tuple[dict[str, Any], LoraAdap
             f"{_SAVED_BY}",
         )
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdapterError(name, f"cannot read {file}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise AdapterError(
-            name, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from exc
-    if not isinstance(raw, dict):
-        raise AdapterError(name, f"{file} must hold a JSON object, not {type(raw).__name__}")
+        raw, _ = read_json_object(file)
+    except JsonFileProblem as exc:
+        raise AdapterError(name, f"{file}: {exc}") from None
     return raw, parse_adapter_config(name, file, raw)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from jinja2 import TemplateError
@@ -22,22 +22,23 @@ from tuneserve.server.lifecycle import Lifecycle, draining_error
 from tuneserve.server.logprobs import TokenTexts
 
 
+@dataclass(frozen=True)
+class FinishedRequest:
+    """One request's end as the metrics count it (finished, or "cancelled")."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    finish_reason: str
+
+
 class GenerationObserver(Protocol):
     """Hooks for metrics; server/metrics.py implements them."""
 
-    def request_started(self, model: str) -> None: ...
-
     def first_token(self, model: str, seconds: float) -> None: ...
 
-    def request_finished(
-        self,
-        model: str,
-        *,
-        prompt_tokens: int,
-        completion_tokens: int,
-        seconds: float,
-        finish_reason: str,
-    ) -> None: ...
+    def request_finished(self, done: FinishedRequest) -> None: ...
 
 
 class AdapterFinder(Protocol):
@@ -185,8 +186,6 @@ class GenerationService:
         started = time.perf_counter()
         # Submit first: a request the engine refuses never started, so it is not reported.
         engine_stream = self.engine.submit(request)
-        if self.observer:
-            self.observer.request_started(model)
         first = True
         last: StreamDelta | None = None
         try:
@@ -200,13 +199,15 @@ class GenerationService:
             engine_stream.cancel()
             if self.observer:
                 self.observer.request_finished(
-                    model,
-                    prompt_tokens=len(prompt_ids),
-                    completion_tokens=last.completion_tokens if last else 0,
-                    seconds=time.perf_counter() - started,
-                    finish_reason=(
-                        last.finish_reason if last and last.finish_reason else "cancelled"
-                    ),
+                    FinishedRequest(
+                        model,
+                        prompt_tokens=len(prompt_ids),
+                        completion_tokens=last.completion_tokens if last else 0,
+                        seconds=time.perf_counter() - started,
+                        finish_reason=(
+                            last.finish_reason if last and last.finish_reason else "cancelled"
+                        ),
+                    )
                 )
 
     async def chat_stream(

@@ -39,6 +39,7 @@ from starlette.responses import Response
 
 from tuneserve.engine.base import Engine
 from tuneserve.engine.types import EngineStats
+from tuneserve.server.generation import FinishedRequest
 
 PREFIX = "tuneserve_"
 VLLM_PREFIX = "vllm:"
@@ -167,25 +168,15 @@ class PrometheusMetrics:
         r.register(EngineStatsCollector(engine, model_name))
 
     # -- GenerationObserver ----------------------------------------------------------------
-    def request_started(self, model: str) -> None:
-        pass  # in-flight counts come from the engine itself (requests_running/waiting)
-
     def first_token(self, model: str, seconds: float) -> None:
         self.ttft.labels(model).observe(seconds)
 
-    def request_finished(
-        self,
-        model: str,
-        *,
-        prompt_tokens: int,
-        completion_tokens: int,
-        seconds: float,
-        finish_reason: str,
-    ) -> None:
-        self.requests.labels(model, finish_reason).inc()
-        self.prompt_tokens.labels(model).inc(prompt_tokens)
-        self.generation_tokens.labels(model).inc(completion_tokens)
-        self.latency.labels(model).observe(seconds)
+    def request_finished(self, done: FinishedRequest) -> None:
+        # in-flight counts come from the engine itself (requests_running/waiting)
+        self.requests.labels(done.model, done.finish_reason).inc()
+        self.prompt_tokens.labels(done.model).inc(done.prompt_tokens)
+        self.generation_tokens.labels(done.model).inc(done.completion_tokens)
+        self.latency.labels(done.model).observe(done.seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -33,7 +33,6 @@ import yaml
 from rich.markup import escape
 
 from tuneserve.deploy.base import (
-    Ask,
     DeployResult,
     Provider,
     ProvisionRequest,
@@ -41,7 +40,7 @@ from tuneserve.deploy.base import (
     option,
 )
 from tuneserve.deploy.http import http_get
-from tuneserve.deploy.infra import TARGET_PORT, FinetuningConfig, InferenceConfig
+from tuneserve.deploy.infra import TARGET_PORT, InferenceConfig
 from tuneserve.deploy.k8s import manifests as m
 from tuneserve.deploy.k8s import render, rollout
 from tuneserve.deploy.k8s.api import KubeApi, KubeApiError, connect
@@ -128,21 +127,7 @@ class KubernetesProvider(Provider):
     # a rollout waits for the new pods' model load; their startup probe allows this much
     default_timeout_s = float(m.DEFAULT_STARTUP_BUDGET_S)
     poll_s = 2.0  # between reads of a rollout's state
-
-    @classmethod
-    def scope(
-        cls,
-        subscription: str | None,
-        resource_group: str | None,
-        finetuning: FinetuningConfig | None,
-        ask: Ask | None,
-    ) -> tuple[str, str]:
-        """The fine-tuning step's subscription and group seed the derived names (so a null
-        storageAccountName is the fine-tuning step's account, as on Azure); nothing is asked."""
-        return (
-            subscription or getattr(finetuning, "SUBSCRIPTION_ID", None) or cls.name,
-            resource_group or getattr(finetuning, "RESOURCE_GROUP_NAME", None) or cls.name,
-        )
+    scope_source = "finetuning"
 
     @property
     def manifests_dir(self) -> Path:
