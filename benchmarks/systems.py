@@ -55,10 +55,11 @@ def _adapter_flags(bench: BenchModel, k: int) -> list[str]:
 
 
 class Tuneserve(HttpSystem):
-    def __init__(self, name: str, engine: str | None) -> None:
-        self.name, self.engine = name, engine
+    def __init__(self, name: str, engine: str | None, extra: tuple[str, ...] = ()) -> None:
+        self.name, self.engine, self.extra = name, engine, extra
         self.description = (f"tuneserve serve --engine {engine}" if engine
-                            else "tuneserve serve (its default engine)")
+                            else "tuneserve serve (its default engine)") + "".join(
+                                f" {flag}" for flag in extra)
 
     def unsupported(self, k: int) -> str | None:
         if self.engine and not tuneserve_has_engine_flag():
@@ -76,6 +77,7 @@ class Tuneserve(HttpSystem):
         if self.engine in (None, "continuous"):
             # Every adapter of the point hot: what a user serving K adapters would set.
             argv += ["--max-loras", str(max(8, k))]
+        argv += self.extra
         return Launch(argv, "/ready", {"GRADIO_ANALYTICS_ENABLED": "False"})
 
 
@@ -224,6 +226,8 @@ def http_system(name: str, cfg: BenchConfig) -> HttpSystem:
         return Tuneserve(name, cfg.tuneserve_engine)
     if name == "tuneserve-simple":
         return Tuneserve(name, "simple")
+    if name == "tuneserve-f16":  # float16 weights for steps of 1-2 tokens (--decode-float16)
+        return Tuneserve(name, cfg.tuneserve_engine, ("--decode-float16",))
     if name == "seed-way":
         return Peer(name, "benchmarks.peers.seed_way",
                     "one PEFT model, one request at a time via TextIteratorStreamer in a thread "

@@ -95,6 +95,11 @@ def test_serve_demo_prints_urls_and_serves(real_demo: Any, demo_cache: Path) -> 
             "--kv-cache-memory applies to the continuous engine only",
             id="kv-budget-on-simple",
         ),
+        pytest.param(
+            ["--engine", "simple", "--decode-float16"],
+            "--decode-float16 applies to the continuous engine only",
+            id="float16-decode-on-simple",
+        ),
     ],
 )
 def test_serve_bad_input_is_one_clear_line(args: list[str], expected: str) -> None:
@@ -129,6 +134,24 @@ def test_a_kv_budget_too_small_for_one_sequence_says_which_flags_to_change(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "the KV cache budget (--kv-cache-memory 64.0 KiB) holds" in result.stderr
     assert "raise --kv-cache-memory" in result.stderr and "--max-model-len" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_decode_float16_on_a_model_that_is_not_float32_is_one_clear_line(
+    demo_paths: Any,
+) -> None:
+    result = subprocess.run(
+        [*TUNESERVE, "serve", "--base", str(demo_paths.base), "--dtype", "bfloat16"]
+        + ["--decode-float16", "--device", "cpu", "--no-ui"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "--decode-float16 applies to a float32 model on a CPU; this one is bfloat16 on cpu" in (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 

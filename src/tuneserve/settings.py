@@ -72,6 +72,10 @@ class ServeSettings(BaseSettings):
     prefill_chunk: int | None = Field(
         None, ge=1, description="Most prompt tokens fed in one step (bounds the decode stall)."
     )
+    decode_float16: bool | None = Field(
+        None,
+        description="CPU, float32: also keep float16 weights for steps of 1-2 tokens.",
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir)
     open_admin: bool = Field(
         False,

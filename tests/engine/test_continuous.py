@@ -22,6 +22,7 @@ from tests.engine.tiny import (
     wait_until,
 )
 from tuneserve.engine.continuous import ContinuousBatchingEngine
+from tuneserve.engine.cpu_linear import PackedLinear
 from tuneserve.engine.types import StreamDelta
 from tuneserve.errors import EngineError, UnknownAdapterError
 from tuneserve.models.types import AdapterSpec, LoadedModel
@@ -177,6 +178,34 @@ def test_mixed_batch_with_arrivals_matches_generate_alone(
         if adapter is not None:  # the check has teeth: each adapter changes the output
             base = generate_alone(reference_model(tiny, None, device, dtype), ids, new_tokens)
             assert expected != base
+
+
+def test_decode_float16_answers_like_float32_up_to_near_ties(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
+) -> None:
+    """One request at a time: every decode step has one token, so it reads the float16
+    copies (a prompt's prefill and larger steps stay float32)."""
+    engine = engine_for(tiny_llama.served(), decode_float16=True, max_loras=2)
+    engines.append(engine)
+    for i, (length, adapter) in enumerate(CASES[:4]):
+        ids = prompt(length, seed=i)
+        one = request(ids, adapter, request_id=f"r{i}", max_tokens=10)
+
+        async def answer(one: Any = one) -> list[StreamDelta]:
+            return await collect(engine.submit(one))
+
+        deltas = run(answer)
+        reference = reference_model(tiny_llama, adapter)
+        assert_greedy_matches(token_ids(deltas), reference, ids, tolerance=0.03)
+    halves = [m.weight_f16 for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    assert halves and all(h is not None and h.dtype == torch.float16 for h in halves)
+
+
+def test_decode_float16_is_refused_where_nothing_is_packed(tiny_llama: TinyFamily) -> None:
+    served = tiny_llama.served()
+    served.model.to(torch.bfloat16)
+    with pytest.raises(EngineError, match="--decode-float16 applies to a float32 model on a CPU"):
+        ContinuousBatchingEngine(served, decode_float16=True)
 
 
 def test_more_adapters_than_hot_slots_all_answered_correctly(

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from tuneserve.engine.cpu_linear import FusedMember, PackedLinear, can_pack, pack_linears
+from tuneserve.engine.cpu_linear import (
+    HALF_MAX_ROWS,
+    FusedMember,
+    PackedLinear,
+    can_pack,
+    pack_linears,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN"
@@ -78,3 +84,31 @@ def test_projections_inside_lora_wrappers_are_fused_too() -> None:
     assert isinstance(block.q_proj, BatchedLoRALinear)
     assert isinstance(block.q_proj.base_layer, FusedMember)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_float16_copies_serve_steps_of_one_or_two_tokens_and_float32_the_rest() -> None:
+    torch.manual_seed(3)
+    block = Block().eval()
+    o_weight = block.o_proj.weight.detach().clone()
+    small, large = torch.randn(2, 32), torch.randn(HALF_MAX_ROWS + 1, 32)
+    with torch.inference_mode():
+        want_small, want_large = block(small), block(large)
+        pack_linears(block, half=True)
+        got_small, got_large = block(small), block(large)
+        o = block.o_proj
+        assert isinstance(o, PackedLinear) and o.weight_f16 is not None
+        assert o.weight_f16.dtype == torch.float16 and o.weight_f16.shape == (32, 32)
+        # a small step is float16's product (accumulated in float32), not float32's
+        half_product = torch.nn.functional.linear(small.half(), o_weight.half()).float()
+        assert torch.equal(o(small), half_product)
+    assert HALF_MAX_ROWS == 2
+    torch.testing.assert_close(got_small, want_small, rtol=1e-2, atol=1e-2)
+    assert not torch.equal(got_small, want_small)
+    torch.testing.assert_close(got_large, want_large, rtol=1e-5, atol=1e-5)
+
+
+def test_without_half_there_are_no_float16_copies() -> None:
+    block = Block().eval()
+    with torch.inference_mode():
+        pack_linears(block)
+    assert isinstance(block.o_proj, PackedLinear) and block.o_proj.weight_f16 is None

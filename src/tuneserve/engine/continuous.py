@@ -66,7 +66,7 @@ from tuneserve.engine.types import (
     StreamDelta,
     distinct_adapters,
 )
-from tuneserve.errors import AdapterError
+from tuneserve.errors import AdapterError, EngineError
 from tuneserve.models.types import AdapterSpec, LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         prefill_chunk: int | None = None,
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float | None = None,
+        decode_float16: bool | None = None,
     ) -> None:
         prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         if max_num_seqs < 1:
@@ -127,6 +128,12 @@ class ContinuousBatchingEngine(ThreadedEngine):
         # packed on the engine thread (`_loop`): oneDNN's packed weights run ~30% slower when
         # another thread packed them (measured; benchmarks/README.md)
         self._pack = can_pack(self.model)
+        self._half = bool(decode_float16)
+        if self._half and not self._pack:
+            raise EngineError(
+                "--decode-float16 applies to a float32 model on a CPU; this one is "
+                f"{str(parameter.dtype).removeprefix('torch.')} on {self.device.type}"
+            )
         self.loras = LoRAManager(
             self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
         )
@@ -228,7 +235,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         with torch.inference_mode():
             if self._pack:
                 try:
-                    pack_linears(self.model)
+                    pack_linears(self.model, half=self._half)
                 except Exception:  # the plain layers compute the same thing, only slower
                     logger.exception("packing the Linears for this CPU failed; serving unpacked")
             while True:

@@ -168,6 +168,8 @@ class BatchedLoRALinear(nn.Module):
         self.a_t: torch.Tensor | None = None  # [in, R]
         self.b: torch.Tensor | None = None  # [R, out]
         self.layout = _Layout((0,) * num_slots, torch.empty(0, dtype=torch.long))
+        # (slots in use, their A columns, their B rows): kept while the same slots are in use
+        self._picked: tuple[frozenset[int], torch.Tensor, torch.Tensor] | None = None
 
     # attributes some modeling code reads off its projections
     @property
@@ -205,6 +207,7 @@ class BatchedLoRALinear(nn.Module):
         return list(self._slots)
 
     def _restack(self) -> None:
+        self._picked = None
         loaded = [(s, w) for s, w in enumerate(self._slots) if w is not None]
         ranks = tuple(0 if w is None else w[0].shape[0] for w in self._slots)
         device = self.base_layer.weight.device
@@ -228,7 +231,11 @@ class BatchedLoRALinear(nn.Module):
         cols, mask = selected
         a_t, b = self.a_t, self.b
         if cols is not None:
-            a_t, b = a_t.index_select(1, cols), b.index_select(0, cols)
+            # the same adapters step after step (one user chatting): select their columns once
+            if self._picked is None or self._picked[0] != self.batch.active:
+                picked = (a_t.index_select(1, cols), b.index_select(0, cols))
+                self._picked = (self.batch.active, *picked)
+            a_t, b = self._picked[1], self._picked[2]
         add_lora(y.view(-1, self.out_features), x2, a_t, b, mask)  # y: fresh, ours
         return y
 

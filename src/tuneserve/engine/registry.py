@@ -29,6 +29,7 @@ class EngineOptions:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float | None = None
     prefill_chunk: int | None = None
+    decode_float16: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +73,10 @@ ENGINES: dict[str, Backend] = {
             "simple",
             "static batches through PEFT (a reference and a fallback)",
             _simple,
-            ignores=frozenset({"kv_cache_memory", "gpu_memory_utilization", "prefill_chunk"}),
-            ignores_why="has no KV cache budget or prefill chunks",
+            ignores=frozenset(
+                {"kv_cache_memory", "gpu_memory_utilization", "prefill_chunk", "decode_float16"}
+            ),
+            ignores_why="has no KV cache budget, prefill chunks or packed CPU Linears",
         ),
     )
 }
