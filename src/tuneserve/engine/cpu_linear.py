@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # Steps of at most this many tokens read the float16 copy when there is one: there the
 # product is bound by streaming the weights, and torch's float16 GEMV (float32 accumulation)
-# streams half the bytes; from 4 rows on, oneDNN's float32 product is as fast or faster (module docstring).
+# streams half the bytes; from 4 rows on, oneDNN's float32 product is as fast or faster.
 HALF_MAX_ROWS = 2
 
 
