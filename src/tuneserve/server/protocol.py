@@ -230,7 +230,8 @@ class SamplingFields(RequestModel):
     @classmethod
     def _bias_by_token_id(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.isdigit():
+            # ASCII only: str.isdigit() also takes "³" (which int() refuses) and "٣".
+            if not (token.isascii() and token.isdigit()):
                 raise ValueError(f"keys are token ids written as strings, got {token!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases go from -100 to 100, got {bias} for token {token}")
