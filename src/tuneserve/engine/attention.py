@@ -192,6 +192,51 @@ def _decode_sdpa(
     return out.reshape(slots, heads, dim)
 
 
+def attend(
+    step: PackedStep,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Attention of one layer over the cache, token-major: query [N,H,D], key/value [N,KVH,D]
+    (RoPE applied) -> [N,H,D]. Writes the new keys/values into the cache first."""
+    cache = step.cache
+    cache.write(layer, key, value, step.write_rows)
+    out = query.new_empty(query.shape)
+
+    # Phase 1: decode rows (packed first), one batched SDPA over their gathered keys
+    if step.decode_blocks is not None:
+        nd = step.num_decodes
+        k, v = cache.gather(layer, step.decode_blocks)  # [Bd, KVH, nb * block_size, D]
+        q = query[:nd].unsqueeze(2)  # [Bd, H, 1, D]
+        out[:nd] = _decode_sdpa(q, k, v, mask=step.decode_mask(sliding_window), scale=scaling)
+
+    # Phase 2: prefill chunks: a first chunk over its own keys, a later one over its prefix
+    for i, chunk in enumerate(step.prefills):
+        mask = step.prefill_mask(i, sliding_window)
+        if chunk.blocks is None:
+            k = key[chunk.begin : chunk.end].transpose(0, 1)[None]  # [1, KVH, T, D]
+            v = value[chunk.begin : chunk.end].transpose(0, 1)[None]
+        else:
+            k, v = cache.gather(layer, chunk.blocks)  # [1, KVH, nb * block_size, D]
+            end_pos = chunk.start + chunk.end - chunk.begin
+            k, v = k[:, :, :end_pos], v[:, :, :end_pos]
+        o = _sdpa(
+            query[chunk.begin : chunk.end].transpose(0, 1)[None],  # [1, H, T, D]
+            k,
+            v,
+            mask=mask,
+            causal=mask is None,
+            scale=scaling,
+        )  # [1, H, T, D]
+        out[chunk.begin : chunk.end] = o[0].transpose(0, 1)
+    return out
+
+
 def packed_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -210,38 +255,16 @@ def packed_attention(
             f"attention {ATTENTION_NAME!r} needs the {STEP_KWARG}= keyword; this model is owned "
             "by a tuneserve engine and cannot be called directly"
         )
-    layer = int(module.layer_idx)  # type: ignore[arg-type]
-    cache = step.cache
-    cache.write(layer, key, value, step.write_rows)
-    num_heads, head_dim = query.shape[1], query.shape[3]
-    out = query.new_empty(1, step.num_tokens, num_heads, head_dim)
-
-    # Phase 1: decode rows (packed first), one batched SDPA over their gathered keys
-    if step.decode_blocks is not None:
-        nd = step.num_decodes
-        k, v = cache.gather(layer, step.decode_blocks)  # [Bd, KVH, nb * block_size, D]
-        q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
-        out[0, :nd] = _decode_sdpa(q, k, v, mask=step.decode_mask(sliding_window), scale=scaling)
-
-    # Phase 2: prefill chunks: a first chunk over its own keys, a later one over its prefix
-    for i, chunk in enumerate(step.prefills):
-        mask = step.prefill_mask(i, sliding_window)
-        if chunk.blocks is None:
-            k, v = key[:, :, chunk.begin : chunk.end], value[:, :, chunk.begin : chunk.end]
-        else:
-            k, v = cache.gather(layer, chunk.blocks)  # [1, KVH, nb * block_size, D]
-            end_pos = chunk.start + chunk.end - chunk.begin
-            k, v = k[:, :, :end_pos], v[:, :, :end_pos]
-        o = _sdpa(
-            query[:, :, chunk.begin : chunk.end],
-            k,
-            v,
-            mask=mask,
-            causal=mask is None,
-            scale=scaling,
-        )  # [1, H, T, D]
-        out[0, chunk.begin : chunk.end] = o[0].transpose(0, 1)
-    return out, None
+    out = attend(
+        step,
+        int(module.layer_idx),  # type: ignore[arg-type]
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        scaling=scaling,
+        sliding_window=sliding_window,
+    )
+    return out[None], None
 
 
 _registered = False

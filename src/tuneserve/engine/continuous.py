@@ -6,6 +6,7 @@ runs unchanged; the engine owns what is around it:
 - kv_cache.py  a pool of KV blocks, the memory budget; sequences take blocks as they grow;
 - attention.py a registered attention function: one packed forward `[1, N]` carries prefill
                chunks and decode tokens of every row, masking is per row;
+- lean_forward.py Llama-family decoders run directly, without HF's per-layer framework;
 - cpu_linear.py on CPU in float32, Linears packed for oneDNN and sibling projections fused;
 - lora.py      targeted Linears become batched multi-LoRA layers over hot adapter slots;
 - scheduler.py who runs each step: decodes always, prompts in chunks under a token budget,
@@ -51,6 +52,7 @@ from tuneserve.engine.kv_cache import (
     format_bytes,
     kv_cache_budget,
 )
+from tuneserve.engine.lean_forward import LeanForward
 from tuneserve.engine.lora import LoRAManager, load_adapter_weights, read_layout
 from tuneserve.engine.output import RequestOutput, eos_token_ids, invalid_prompt
 from tuneserve.engine.sampling import sample
@@ -101,6 +103,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float | None = None,
         decode_float16: bool | None = None,
+        lean_forward: bool = True,
     ) -> None:
         prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         if max_num_seqs < 1:
@@ -138,6 +141,9 @@ class ContinuousBatchingEngine(ThreadedEngine):
             self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
         )
         install_packed_attention(self.model)
+        # Llama-family decoders run without HF's per-layer framework (lean_forward.py);
+        # `lean_forward=False` keeps HF's forward (for comparison), as any other family does
+        self._lean = LeanForward.of(self.model) if lean_forward else None
         # 2. the KV cache: blocks within the memory budget (a clear error when one
         #    max-length sequence cannot fit)
         shape = kv_cache_budget(
@@ -381,12 +387,16 @@ class ContinuousBatchingEngine(ThreadedEngine):
         step = PackedStep.build(self.cache, rows, self.device)
         self.loras.batch.set(token_lora, keep_lora, self.device)
         keep_index = torch.tensor(keep or [len(ids) - 1], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),  # [1, N]
-            position_ids=step.positions[None],  # [1, N]
-            use_cache=False,
-            logits_to_keep=keep_index,  # [K]
-            **{STEP_KWARG: step},
-        )
-        logits: torch.Tensor = out.logits[0]  # [K, V]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [N]
+        logits: torch.Tensor
+        if self._lean is not None:
+            logits = self._lean(input_ids, step, keep_index)  # [K, V]
+        else:
+            logits = self.model(
+                input_ids=input_ids[None],  # [1, N]
+                position_ids=step.positions[None],  # [1, N]
+                use_cache=False,
+                logits_to_keep=keep_index,  # [K]
+                **{STEP_KWARG: step},
+            ).logits[0]  # [K, V]
         return logits if keep else logits[:0]

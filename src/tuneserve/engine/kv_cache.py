@@ -178,10 +178,10 @@ class KVCache:
 
     # -- data ------------------------------------------------------------------------------
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> None:
-        """Store new keys/values. key, value: [1, KVH, N, D]; rows: [N] long, cache rows."""
+        """Store new keys/values. key, value: [N, KVH, D]; rows: [N] long, cache rows."""
         k, v = self.keys[layer], self.values[layer]
-        k.index_copy_(0, rows, key[0].transpose(0, 1).to(k.dtype))
-        v.index_copy_(0, rows, value[0].transpose(0, 1).to(v.dtype))
+        k.index_copy_(0, rows, key.to(k.dtype))
+        v.index_copy_(0, rows, value.to(v.dtype))
 
     def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of block tables `blocks` ([B, nb] long) as [B, KVH, nb*bs, D] views.

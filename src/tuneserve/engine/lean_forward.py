@@ -1,0 +1,180 @@
+"""A lean forward for Llama-family decoders: HF's modules and weights, without HF's framework.
+
+At one user, a decode step on a CPU is a few hundred small operations besides the matrix
+products, and HF's modeling code adds its own Python around each of them: decorators that
+inspect keyword arguments on every layer and attention call, `[1, N, ...]` views and
+transposes, `rotate_half`'s slices and concatenation, a causal-mask factory per forward. On
+SmolLM2 that was ~28 ms of a ~75 ms step (benchmarks/README.md, "One user on a CPU").
+
+`LeanForward.of(model)` recognises the exact classes of Llama, Mistral and Qwen2 (same layer,
+differing only in biases, which their Linears hold, and the sliding window) and runs their
+decoder itself, token-major (`[N, H, D]`, what the KV cache stores), calling the model's own
+submodules for every product: the packed and fused Linears of cpu_linear.py and the LoRA
+wrappers of lora.py work unchanged. The arithmetic is HF's, op for op in the same order (RMSNorm
+in float32, RoPE as `x * cos + rotate_half(x) * sin` with the half-rotation's sign folded into
+`sin`: an exact rewrite), so greedy output stays token-identical to transformers + PEFT. Any
+other architecture (Phi-3's fused projections, Gemma's scaled embeddings...) keeps HF's forward
+with our attention plugged in (attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuneserve.engine.attention import PackedStep, attend
+
+
+def _families() -> dict[type, tuple[type, type, type, type]]:
+    """model class -> (decoder layer, attention, MLP, RMSNorm) classes this forward computes."""
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.mistral import modeling_mistral as mistral
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+    return {
+        llama.LlamaForCausalLM: (
+            llama.LlamaDecoderLayer,
+            llama.LlamaAttention,
+            llama.LlamaMLP,
+            llama.LlamaRMSNorm,
+        ),
+        mistral.MistralForCausalLM: (
+            mistral.MistralDecoderLayer,
+            mistral.MistralAttention,
+            mistral.MistralMLP,
+            mistral.MistralRMSNorm,
+        ),
+        qwen2.Qwen2ForCausalLM: (
+            qwen2.Qwen2DecoderLayer,
+            qwen2.Qwen2Attention,
+            qwen2.Qwen2MLP,
+            qwen2.Qwen2RMSNorm,
+        ),
+    }
+
+
+def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
+    """LlamaRMSNorm's forward (float32 statistics, the weight applied in the input's dtype)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    weight: torch.Tensor = norm.weight
+    return weight * x32.to(dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """One decoder layer's parts. Its Linears are read from `attn` and `mlp` at every call:
+    packing (cpu_linear.py) and LoRA wrapping (lora.py) replace them after this is built."""
+
+    input_norm: Any
+    attn: Any
+    post_norm: Any
+    mlp: Any
+    scaling: float
+    sliding_window: int | None
+
+
+class LeanForward:
+    """The decoder of a supported model run directly (see the module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        config: Any = model.config
+        decoder: Any = model.model
+        self.model: Any = model
+        self.embed = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.final_norm = decoder.norm
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(config.num_key_value_heads)
+        self.layers: list[_Layer] = []
+        for index, layer in enumerate(decoder.layers[: config.num_hidden_layers]):
+            attn = layer.self_attn
+            assert attn.layer_idx == index
+            # Qwen2 sets it per layer (None on full-attention layers); Mistral in its config
+            window = (
+                attn.sliding_window
+                if hasattr(attn, "sliding_window")
+                else getattr(config, "sliding_window", None)
+            )
+            self.layers.append(
+                _Layer(
+                    layer.input_layernorm,
+                    attn,
+                    layer.post_attention_layernorm,
+                    layer.mlp,
+                    float(attn.scaling),
+                    window,
+                )
+            )
+        self.head_dim = int(attn.head_dim)
+        half = self.head_dim // 2
+        # rotate_half(x) = cat(-x2, x1) = roll(x, half) * sign: the sign goes into sin
+        parameter = next(model.parameters())
+        self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(
+            parameter.device, parameter.dtype
+        )
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LeanForward | None:
+        """A lean forward for `model`, or None when its architecture is not one it computes."""
+        classes = _families().get(type(model))
+        if classes is None:
+            return None
+        layer_cls, attn_cls, mlp_cls, norm_cls = classes
+        decoder: Any = getattr(model, "model", None)
+        config: Any = model.config
+        if decoder is None or type(decoder.norm) is not norm_cls:
+            return None
+        expected = (layer_cls, attn_cls, mlp_cls, norm_cls, norm_cls)
+        for layer in decoder.layers:
+            parts = (
+                layer,
+                layer.self_attn,
+                layer.mlp,
+                layer.input_layernorm,
+                layer.post_attention_layernorm,
+            )
+            if tuple(type(part) for part in parts) != expected:
+                return None
+        if getattr(config, "pretraining_tp", 1) not in (None, 1):
+            return None
+        return cls(model)
+
+    def __call__(
+        self, input_ids: torch.Tensor, step: PackedStep, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids [N] of the packed step -> the logits of the rows in `keep`: [K, V]."""
+        n = input_ids.shape[0]
+        hidden: torch.Tensor = self.embed(input_ids)  # [N, hidden]
+        cos, sin = self.rotary(hidden, position_ids=step.positions[None])  # [1, N, D] each
+        cos = cos[0, :, None, :]  # [N, 1, D]: broadcast over heads
+        sin = sin[0, :, None, :] * self._sign
+        half = self.head_dim // 2
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        for index, layer in enumerate(self.layers):
+            attn, mlp = layer.attn, layer.mlp
+            x = _rms_norm(hidden, layer.input_norm)
+            q = attn.q_proj(x).view(n, heads, dim)
+            k = attn.k_proj(x).view(n, kv_heads, dim)
+            v = attn.v_proj(x).view(n, kv_heads, dim)
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            out = attend(
+                step,
+                index,
+                q,
+                k,
+                v,
+                scaling=layer.scaling,
+                sliding_window=layer.sliding_window,
+            )
+            hidden.add_(attn.o_proj(out.view(n, heads * dim)))  # hidden: ours
+            x = _rms_norm(hidden, layer.post_norm)
+            hidden.add_(mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)))
+        last = _rms_norm(hidden.index_select(0, keep), self.final_norm)
+        logits: torch.Tensor = self.model.lm_head(last)
+        return logits
