@@ -10,31 +10,47 @@ What it checks of each request:
   force=true, a body whose apiVersion, kind, name and namespace match the URL;
 - merge patches: Content-Type application/merge-patch+json, applied as RFC 7386; JSON patches
   (application/json-patch+json) only as `replace /spec/template`, what an undo sends;
-- KEDA's API exists only when `keda` is set (404 otherwise, as an API server without the CRD);
-  the Prometheus operator's only when `prometheus_operator` is set, and then its
-  CustomResourceDefinition (apiextensions.k8s.io/v1) reads back, as a cluster with it installed.
+- KEDA's API exists only when `keda` is set (404 otherwise, as an API server without the CRD),
+  the Prometheus operator's only when `prometheus_operator` is set; each one's
+  CustomResourceDefinition (apiextensions.k8s.io/v1: scaledobjects.keda.sh,
+  servicemonitors.monitoring.coreos.com) and its API discovery (GET /apis/GROUP/VERSION, an
+  APIResourceList) read back only then, as on a cluster with it installed; the custom metrics
+  API's discovery (custom.metrics.k8s.io/v1beta1, prometheus-adapter's) only with
+  `custom_metrics`. Other groups' discovery is not served (404).
 
 What it emulates of the Deployment controller (on every request, under one lock): a pod template
 it has not seen becomes a new ReplicaSet (revision = the highest + 1; an older template put back
 becomes the newest again, as `rollout undo` does) with `replicas` pods. Pods whose template
 carries a revision in `crashing` sit in CrashLoopBackOff and log a traceback; others are ready at
-once. Old ReplicaSets lose their pods only once the new one's are all ready (maxUnavailable 0).
-The Deployment's status (observedGeneration, replicas, updatedReplicas, availableReplicas) is
-computed from those pods. `generation` rises only when the spec changes, so an apply that
-changes nothing is visible as such.
+once. The Deployment's own strategy decides when old pods go: with RollingUpdate and
+`maxUnavailable: 0` only once the new ReplicaSet's pods are all ready; with anything else (a
+maxUnavailable above 0, Recreate) at once, ready or not, which is the worst a real controller
+may do with them. So the tests' "the old pods still serve" rests on the rendered strategy, not
+on the stand-in. `ready_counts` records the ready pods of each Deployment after every
+reconcile, so a test can see that the endpoint never had none. The Deployment's status
+(observedGeneration, replicas, updatedReplicas, availableReplicas) is computed from those pods.
+`generation` rises only when the spec changes, so an apply that changes nothing is visible as
+such.
 
 A Pod applied directly (not by a ReplicaSet: deploy's sync pod) is Running at once, and DELETE
 removes any object. Each PersistentVolumeClaim a pod mounts is a folder on this machine
 (`claims`, made under `claims_root` on first use), standing in for the RWX volume.
 
 Exec (what `kubectl exec`/`kubectl cp` and the client's kubernetes.stream use): a GET upgraded to
-a websocket with subprotocol v4.channel.k8s.io (the client offers v5 and v4; the stand-in takes
-v4, where stdin cannot be closed). It runs the `command` query words with /bin/sh on THIS machine,
-the pod's volume mount paths rewritten to their claims' folders, so the real tar/find/stat run on
-real files; frames carry channel 0 (stdin, from the client), 1 and 2 (stdout, stderr), and 3
-the exit status as the API server writes it (Success, or NonZeroExitCode with the code).
-It checks that stdin, stdout and stderr are asked for as the query says and that the pod is
-Running; it does not emulate a container's own file system or image.
+a websocket. The subprotocol is negotiated as the API server's wsstream handshake does: the first
+of the client's offered ones that the server serves (`exec_protocols`, by default v5 and v4, as
+a 1.30+ API server whose stream translator serves v5; `("v4.channel.k8s.io",)` stands in for an
+older one proxying to a kubelet); none served: 403. The installed client offers v5 then v4, so
+the default negotiates v5, as a current cluster does; `negotiated` records each choice. It runs
+the `command` query words on THIS machine, the pod's volume mount paths rewritten to their
+claims' folders, so the real tar/find/stat run on real files; frames carry channel 0 (stdin,
+from the client), 1 and 2 (stdout, stderr), and 3 the exit status as the API server writes it
+(Success, NonZeroExitCode with the code, or, for a command that cannot start, InternalError with
+the runtime's message, as the kubelet reports an executable not found); under v5 a client's
+close of channel 0 (a frame 255, 0) closes the command's stdin. It checks that stdin, stdout
+and stderr are asked for as the query says and that the pod is Running; it does not emulate a
+container's own file system or image: the tools are this machine's, or, with `exec_path` set
+to a folder of busybox applet links, busybox's (the sync pod's image is busybox).
 
     PATCH/GET/DELETE  /api/v1/..., /apis/{group}/{version}/...   apply, merge patch, read, list
     GET        /api/v1/namespaces/{ns}/pods/{pod}/log      tailLines, follow (ends at once)
@@ -78,6 +94,9 @@ PLURALS = {
     "customresourcedefinitions": "CustomResourceDefinition",
 }
 MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
+KEDA_CRD = "scaledobjects.keda.sh"
+V5, V4 = "v5.channel.k8s.io", "v4.channel.k8s.io"
+_DISCOVERY = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)$")
 _PATH = re.compile(
     r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
     r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?"
@@ -102,6 +121,7 @@ def merge(target: Any, patch: Any) -> Any:
 class KubeStandIn:
     keda: bool = True
     prometheus_operator: bool = False
+    custom_metrics: bool = False  # prometheus-adapter's custom.metrics.k8s.io/v1beta1
     crashing: set[str] = field(default_factory=set)  # revisions whose pods never get ready
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)  # by URL path
     applies: list[str] = field(default_factory=list)  # "Kind/name" per apply request
@@ -110,6 +130,12 @@ class KubeStandIn:
     claims_root: Path | None = None  # where claims' folders are made
     claims: dict[str, Path] = field(default_factory=dict)  # claim name -> its folder
     execs: list[list[str]] = field(default_factory=list)  # each exec's command words
+    exec_protocols: tuple[str, ...] = (V5, V4)  # the exec subprotocols served
+    exec_path: str | None = (
+        None  # PATH of exec'd commands (a folder of busybox applets); None: ours
+    )
+    negotiated: list[str] = field(default_factory=list)  # each exec's chosen subprotocol
+    ready_counts: dict[str, list[int]] = field(default_factory=dict)  # by Deployment name
 
     def claim_dir(self, claim: str) -> Path:
         if claim not in self.claims:
@@ -184,13 +210,19 @@ class KubeStandIn:
             self._delete(extra)
         new_pods = self.pods(**{"pod-template-hash": pod_hash})
         ready = [p for p in new_pods if _ready(p)]
-        if len(ready) == wanted:  # only now may the old pods go
+        strategy = spec.get("strategy") or {}
+        keeps_old = (
+            strategy.get("type", "RollingUpdate") == "RollingUpdate"
+            and (strategy.get("rollingUpdate") or {}).get("maxUnavailable", "25%") == 0
+        )
+        if len(ready) == wanted or not keeps_old:  # only then may the old pods go
             for rs in sets:
                 if rs is not current:
                     old_hash = rs["metadata"]["labels"]["pod-template-hash"]
                     for pod in self.pods(**{"pod-template-hash": old_hash}):
                         self._delete(pod)
         owned = [p for p in self.find("Pod") if p["metadata"].get("ownerName") == name]
+        self.ready_counts.setdefault(name, []).append(sum(_ready(p) for p in owned))
         deployment["status"] = {
             "observedGeneration": meta["generation"],
             "replicas": len(owned),
@@ -249,6 +281,8 @@ class KubeStandIn:
             return 401, _status(401, "Unauthorized")
         url = urlparse(raw_path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if (discovery := _DISCOVERY.match(url.path)) and method == "GET":
+            return self._discovery(discovery["group"], discovery["version"])
         found = _PATH.match(url.path)
         if not found:
             return 404, _status(404, f"no route {url.path}")
@@ -258,9 +292,10 @@ class KubeStandIn:
         if group == "monitoring.coreos.com" and not self.prometheus_operator:
             return 404, _status(404, "the server could not find the requested resource")
         if found["plural"] == "customresourcedefinitions" and method == "GET":
-            if self.prometheus_operator and found["name"] == MONITOR_CRD:
+            installed = {MONITOR_CRD: self.prometheus_operator, KEDA_CRD: self.keda}
+            if installed.get(found["name"] or ""):
                 crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition"}
-                return 200, {**crd, "metadata": {"name": MONITOR_CRD}}
+                return 200, {**crd, "metadata": {"name": found["name"]}}
             return 404, _status(404, f"customresourcedefinitions {found['name']!r} not found")
         kind = PLURALS.get(found["plural"])
         if kind is None:
@@ -282,6 +317,31 @@ class KubeStandIn:
                 self.reconcile()
                 return answer
         return 405, _status(405, f"{method} not served")
+
+    def _discovery(self, group: str, version: str) -> tuple[int, Any]:
+        served = {
+            ("keda.sh", "v1alpha1"): (self.keda, "scaledobjects", "ScaledObject"),
+            ("monitoring.coreos.com", "v1"): (
+                self.prometheus_operator,
+                "servicemonitors",
+                "ServiceMonitor",
+            ),
+            ("custom.metrics.k8s.io", "v1beta1"): (
+                self.custom_metrics,
+                "pods/*",
+                "MetricValueList",
+            ),
+        }
+        installed, plural, kind = served.get((group, version), (False, "", ""))
+        if not installed:
+            return 404, _status(404, "the server could not find the requested resource")
+        resource = {"name": plural, "namespaced": True, "kind": kind, "verbs": ["get", "list"]}
+        return 200, {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": f"{group}/{version}",
+            "resources": [resource],
+        }
 
     def _list(self, kind: str, ns: str | None, selector: str | None) -> list[dict[str, Any]]:
         wanted = dict(part.split("=", 1) for part in (selector or "").split(",") if part)
@@ -416,9 +476,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(400, refused)
             return
         offered = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")]
-        if "v4.channel.k8s.io" not in offered:
-            self.send_error(400, f"no v4.channel.k8s.io in {offered}")
+        # wsstream's handshake: the client's order, the first one served
+        chosen = next((p for p in offered if p in self.standin.exec_protocols), None)
+        if chosen is None:
+            self.send_error(403, f"requested protocol(s) are not supported: {offered}")
             return
+        self.standin.negotiated.append(chosen)
         accept = base64.b64encode(
             hashlib.sha1((self.headers["Sec-WebSocket-Key"] + _WS_GUID).encode()).digest()
         ).decode()
@@ -426,10 +489,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "Upgrade")
         self.send_header("Sec-WebSocket-Accept", accept)
-        self.send_header("Sec-WebSocket-Protocol", "v4.channel.k8s.io")
+        self.send_header("Sec-WebSocket-Protocol", chosen)
         self.end_headers()
         self.wfile.flush()
-        _run_exec(self.rfile, self.wfile, argv, wants_stdin)
+        env = None if self.standin.exec_path is None else {"PATH": self.standin.exec_path}
+        _run_exec(self.rfile, self.wfile, argv, wants_stdin, v5=chosen == V5, env=env)
         self.close_connection = True
 
     do_PATCH = do_DELETE = _serve
@@ -469,13 +533,33 @@ def _read_frame(inp: Any) -> tuple[int, bytes] | None:
     return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
 
 
-def _run_exec(inp: Any, out: Any, argv: list[str], wants_stdin: bool) -> None:
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE if wants_stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+def _run_exec(
+    inp: Any, out: Any, argv: list[str], wants_stdin: bool, *, v5: bool, env: Any = None
+) -> None:
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if wants_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    except OSError as exc:  # the kubelet's answer when the runtime cannot start the command
+        why = (
+            f"error executing command in container: failed to exec in container: exec: "
+            f"{argv[0] if argv else ''!r}: {exc.strerror}"
+        )
+        failure = {
+            "metadata": {},
+            "status": "Failure",
+            "message": f"Internal error occurred: {why}",
+            "reason": "InternalError",
+            "details": {"causes": [{"message": why}]},
+            "code": 500,
+        }
+        _send_frame(out, b"\3" + json.dumps(failure).encode())
+        _send_frame(out, b"\x03\xe8", opcode=8)
+        return
     send_lock = threading.Lock()
 
     def pump(stream: Any, channel: int) -> None:
@@ -490,6 +574,8 @@ def _run_exec(inp: Any, out: Any, argv: list[str], wants_stdin: bool) -> None:
                 if frame[0] in (1, 2) and frame[1][:1] == b"\0":
                     proc.stdin.write(frame[1][1:])
                     proc.stdin.flush()
+                elif v5 and frame[0] in (1, 2) and frame[1][:2] == b"\xff\0":
+                    proc.stdin.close()  # v5's close of stdin: the command reads its end
         except (BrokenPipeError, ValueError, OSError):
             pass  # the command stopped reading (head -c N read its bytes)
 

@@ -86,14 +86,40 @@ def test_provision_applies_server_side_and_again_changes_nothing(
     assert json.dumps(cluster.objects, sort_keys=True) == before  # nothing changed
 
 
-def test_provision_without_keda_applies_the_rest_and_says_so(
+def test_without_keda_the_autoscaler_is_a_plain_hpa_on_the_same_gauge(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    """KEDA is looked for by API discovery (GET /apis/keda.sh/v1alpha1); where it is absent and
+    --autoscaler does not say, the HPA takes its place, and a missing custom metrics API (what
+    the HPA reads the gauge through) is warned of."""
+    cluster.keda = False
+    result = provision(cli, workspace)
+    app = app_of(workspace)
+    assert "The cluster has no KEDA" in result.output
+    assert "HorizontalPodAutoscaler on tuneserve_requests_waiting" in result.output
+    assert "custom.metrics.k8s.io/v1beta1" in result.output  # not served here
+    assert not cluster.find("ScaledObject")
+    hpa = cluster.get("HorizontalPodAutoscaler", app)
+    assert hpa is not None and hpa["spec"]["scaleTargetRef"]["name"] == app
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert metric == "tuneserve_requests_waiting"
+    folder = workspace / "infra" / "kubernetes"
+    rendered = yaml.safe_load((folder / "60-autoscaler.yaml").read_text())
+    assert rendered["kind"] == "HorizontalPodAutoscaler"  # the files say what was applied
+
+    cluster.custom_metrics = True  # prometheus-adapter installed: no warning
+    again = provision(cli, workspace)
+    assert "custom.metrics.k8s.io" not in again.output
+
+
+def test_keda_asked_for_on_a_cluster_without_it_applies_the_rest_and_says_so(
     cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
 ) -> None:
     cluster.keda = False
-    result = provision(cli, workspace)
+    result = provision(cli, workspace, "--autoscaler", "keda")
     assert "the cluster has no KEDA" in result.output and "--autoscaler hpa" in result.output
     assert cluster.get("Deployment", app_of(workspace)) is not None
-    assert not cluster.find("ScaledObject")
+    assert not cluster.find("ScaledObject") and not cluster.find("HorizontalPodAutoscaler")
 
 
 def test_deploy_rolls_a_new_revision_and_a_failed_one_is_undone(
@@ -108,7 +134,11 @@ def test_deploy_rolls_a_new_revision_and_a_failed_one_is_undone(
     assert [p["metadata"]["annotations"][REVISION] for p in serving] == [f"{app}--r1"]
 
     cluster.crashing.add(f"{app}--r2")
+    cluster.ready_counts.clear()
     failed = cli("deploy", "-w", workspace, ok=False)
+    # at every step of the failed rollout and its undo a ready pod was there to serve (the
+    # stand-in removes old pods early unless the rendered strategy says maxUnavailable 0)
+    assert cluster.ready_counts[app] and min(cluster.ready_counts[app]) >= 1
     assert f"revision {app}--r2 did not become ready" in failed.output
     assert "CrashLoopBackOff" in failed.output
     assert "ModelLoadError: boom" in failed.output  # the failing pod's log tail
@@ -123,6 +153,25 @@ def test_deploy_rolls_a_new_revision_and_a_failed_one_is_undone(
     again = cli("deploy", "-w", workspace)
     assert f"Deployed revision {app}--r2" in again.output
     assert [p["metadata"]["annotations"][REVISION] for p in cluster.pods()] == [f"{app}--r2"]
+
+
+def test_the_stand_in_removes_old_pods_early_unless_the_strategy_keeps_them(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    """The check above is live: with maxUnavailable 1 the failed rollout leaves no pod ready
+    for a while (the stand-in does what a controller may do then)."""
+    from tuneserve.deploy.k8s.provider import kube_api
+
+    provision(cli, workspace)
+    app = app_of(workspace)
+    cli("deploy", "-w", workspace)
+    api = kube_api("stand-in", NS)
+    loose = {"spec": {"strategy": {"rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}}}
+    api.merge_patch("Deployment", app, loose)
+    cluster.crashing.add(f"{app}--r2")
+    cluster.ready_counts.clear()
+    cli("deploy", "-w", workspace, ok=False)
+    assert min(cluster.ready_counts[app]) == 0
 
 
 def test_status_logs_and_stop(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -400,3 +402,66 @@ def test_with_an_ingress_host_the_endpoint_is_the_host(
     assert config.ACA_APP_ENDPOINT == "https://chat.example.com"
     assert (workspace / "infra" / "kubernetes" / "45-ingress.yaml").exists()
     assert not (workspace / "infra" / "kubernetes" / "70-service-monitor.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param(
+            {
+                "ingress_host": "chat.example.com",
+                "ingress_tls_secret": "t",
+                "service_monitor": True,
+            },
+            id="azure-files-keda-ingress-monitor",
+        ),
+        pytest.param(
+            {"storage": m.ClassShare("nfs-rwx"), "gpus": 0, "autoscaler": "hpa"},
+            id="class-cpu-hpa",
+        ),
+    ],
+)
+def test_the_rendered_files_pass_the_kubernetes_validate_command(
+    tmp_path: Path, changes: dict[str, Any]
+) -> None:
+    """`kubernetes-validate --strict -k 1.30` itself (the command, on the files as written),
+    as a user or CI would run it on infra/kubernetes/: every object passes, and the only ones it
+    cannot check are the custom resources, which it names."""
+    s = spec(**changes)
+    files = render.write(tmp_path / "kubernetes", render.render(s, KEYS))
+    done = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", K8S_VERSION]
+        + [str(f) for f in files],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    objects = render.read(tmp_path / "kubernetes")
+    custom = {"ScaledObject", "ServiceMonitor"}
+    passed = re.findall(r"^INFO .* passed for resource (\S+) against version", done.stdout, re.M)
+    assert len(passed) == len([o for o in objects if o["kind"] not in custom])
+    warned = re.findall(r"^WARN .*", done.stdout, re.M)
+    assert len(warned) == len([o for o in objects if o["kind"] in custom])
+    assert all(any(k.lower() in w.lower() for k in custom) for w in warned), warned
+    assert "ERROR" not in done.stdout
+
+
+def test_deploy_syncs_the_static_volumes_azure_files_share_as_the_azure_provider_does(
+    cli: Callable[..., Any], workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The share the rendered PersistentVolume mounts (the fine-tuning step's account and share)
+    is the one deploy syncs, through the Azure provider's own share client (tested against the
+    Azure stand-in in test_azure_provider.py); nothing is sent here, the client is lazy."""
+    from tuneserve.deploy.azure import AzureFileShareTarget
+    from tuneserve.deploy.k8s.provider import KubernetesProvider
+
+    cli("provision", "-w", workspace, "--provider", "kubernetes", "--dry-run")
+    monkeypatch.setenv("AZURE_STORAGE_KEY", "c3RhbmQtaW4=")
+    paths = InfraPaths(workspace)
+    target = KubernetesProvider(paths, load_config(paths.config)).share_target()
+    assert isinstance(target, AzureFileShareTarget)
+    volume = by_kind(render.read(workspace / "infra" / "kubernetes"))["PersistentVolume"]
+    attrs = volume["spec"]["csi"]["volumeAttributes"]
+    assert target.describe() == f"{attrs['storageAccount']}/{attrs['shareName']}"
+    assert target.share.url == "https://ftstorage.file.core.windows.net/ftshare"

@@ -5,12 +5,19 @@ rendered as dicts, and custom resources (KEDA's ScaledObject) have no typed mode
     apply(obj)        server-side apply (PATCH application/apply-patch+yaml, fieldManager,
                       force): creates or updates, and running it again changes nothing
     get / select      objects by kind and name, by label selector
+    serves            whether an API group/version (KEDA's, the Prometheus operator's) is served
     merge_patch / json_patch   RFC 7386 and RFC 6902 patches
     log_lines(pod)    a pod's log, its tail or followed
     delete            an object, if it is there
     exec_in(pod, argv, stdin)   a command in a pod over the exec websocket (kubernetes.stream,
                       what `kubectl exec`/`kubectl cp` use): bytes streamed to its stdin, its
                       exit code, stdout and stderr back
+
+The exec websocket: the client offers v5.channel.k8s.io then v4.channel.k8s.io, and the API server
+takes the first it serves (a 1.30+ API server, whose stream translator serves v5: v5; an older
+one, proxying to the kubelet: v4). Nothing here depends on which: stdin is never closed (v4
+cannot), so a command reading stdin stops by itself, and the exit status is read from channel 3,
+which both carry the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 from tuneserve.errors import ProviderError
 
 FIELD_MANAGER = "tuneserve"
+ERROR_CHANNEL = 3  # the exec stream's channel for the command's exit Status
 INSTALL_HINT = "pip install 'tuneserve[kubernetes]'"
 
 
@@ -157,6 +165,22 @@ class KubeApi:
             raise
         return found
 
+    def serves(self, group: str, version: str, plural: str | None = None) -> bool:
+        """Whether the cluster serves the API group/version (and its resource `plural`), read
+        from API discovery (/apis/GROUP/VERSION), which every authenticated user may read, where
+        a CustomResourceDefinition needs cluster-wide read rights. An aggregated API registered
+        but unavailable (503, a metrics adapter down) counts as not served."""
+        try:
+            found = self.request("GET", f"/apis/{group}/{version}")
+        except KubeApiError as exc:
+            if exc.status in (404, 503):
+                return False
+            raise
+        if plural is None:
+            return True
+        resources = found.get("resources", []) if isinstance(found, dict) else []
+        return any(r.get("name") == plural for r in resources)
+
     def select(self, kind: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         query = [("labelSelector", ",".join(f"{k}={v}" for k, v in selector.items()))]
         items: list[dict[str, Any]] = self.request("GET", self.path(kind), query=query)["items"]
@@ -190,8 +214,10 @@ class KubeApi:
         on_sent: Callable[[int], None] | None = None,
     ) -> ExecResult:
         """Run argv in the pod's first container; stdin's chunks are written as they come (a
-        command reading stdin must stop by itself, e.g. `head -c N`: the v4 protocol cannot
-        close stdin), and on_sent hears each chunk's size."""
+        command reading stdin must stop by itself, e.g. `head -c N`: stdin is not closed, which
+        v4 cannot do), and on_sent hears each chunk's size. A command that did not run (the
+        Status on channel 3 is not Success nor an exit code) comes back with code -1 and the
+        Status's message at the end of stderr."""
         from kubernetes import client as kube_client
         from kubernetes.stream import stream
 
@@ -226,10 +252,14 @@ class KubeApi:
                 err += ws.read_stderr() if ws.peek_stderr() else b""
             out += ws.read_stdout() if ws.peek_stdout() else b""
             err += ws.read_stderr() if ws.peek_stderr() else b""
-            code = ws.returncode
+            code, why = exit_status(ws.read_channel(ERROR_CHANNEL))
         finally:
             ws.close()
-        return ExecResult(int(code if code is not None else -1), bytes(out), bytes(err))
+        if why:  # the command did not run (or its end was not told): say why, as kubectl does
+            if err and not err.endswith(b"\n"):
+                err += b"\n"
+            err += why.encode() + b"\n"
+        return ExecResult(code, bytes(out), bytes(err))
 
     def log_lines(self, pod: str, *, tail: int, follow: bool = False) -> Iterator[str]:
         query = [("tailLines", str(tail))] + ([("follow", "true")] if follow else [])
@@ -243,6 +273,29 @@ class KubeApi:
                 yield raw.decode("utf-8", "replace").rstrip("\n")
         finally:
             response.release_conn()
+
+
+def exit_status(raw: bytes | str) -> tuple[int, str]:
+    """The exit code in the Status the API server writes on the exec stream's channel 3, and, when
+    there is none, -1 and why: Success is 0, NonZeroExitCode carries the code in an ExitCode
+    cause, and anything else (InternalError: the executable not found, the container gone) is
+    the message. (The client's own `returncode` takes any cause's message for the code.)"""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if not text.strip():
+        return -1, "the exec stream ended without the command's exit status"
+    try:
+        status = json.loads(text)
+    except ValueError:
+        return -1, text.strip()[:300]
+    if not isinstance(status, dict):
+        return -1, text.strip()[:300]
+    if status.get("status") == "Success":
+        return 0, ""
+    if status.get("reason") == "NonZeroExitCode":
+        for cause in (status.get("details") or {}).get("causes") or []:
+            if cause.get("reason") == "ExitCode" and str(cause.get("message", "")).isdigit():
+                return int(cause["message"]), ""
+    return -1, str(status.get("message") or status.get("reason") or status)[:300]
 
 
 def _reason(data: bytes) -> str:

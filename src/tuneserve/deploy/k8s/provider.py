@@ -57,6 +57,10 @@ KEDA_PAUSED = "autoscaling.keda.sh/paused-replicas"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _HOST = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
+# the APIs provision looks for, by discovery: (group, version, plural)
+KEDA_API = ("keda.sh", "v1alpha1", "scaledobjects")
+MONITOR_API = ("monitoring.coreos.com", "v1", "servicemonitors")
+CUSTOM_METRICS_API = ("custom.metrics.k8s.io", "v1beta1")
 
 
 @dataclass
@@ -73,8 +77,8 @@ class KubernetesProvisionRequest(ProvisionRequest):
     )
     service_type: str | None = option("ClusterIP (default) or LoadBalancer.")
     autoscaler: str | None = option(
-        "keda (default: a ScaledObject on queued requests), hpa (the same gauge through the "
-        "custom metrics API) or none."
+        "keda (default where the cluster has KEDA: a ScaledObject on queued requests), hpa (the "
+        "same gauge through the custom metrics API; the default where KEDA is absent) or none."
     )
     prometheus_url: str | None = option(
         f"the Prometheus the KEDA trigger queries (default: {m.DEFAULT_PROMETHEUS})."
@@ -196,8 +200,8 @@ class KubernetesProvider(Provider):
         spec = self.spec(request)
         context = request.context or kubeconfig_context() or CURRENT_CONTEXT
         api = None if request.dry_run else kube_api(context, spec.namespace)
-        if api is not None and api.get("CustomResourceDefinition", SERVICE_MONITOR_CRD):
-            spec = dataclasses.replace(spec, service_monitor=True)
+        if api is not None:
+            spec = self._fit_to_cluster(api, spec, chosen_autoscaler=request.autoscaler)
         files = render.write(self.manifests_dir, render.render(spec, request.keys))
         for path in files:
             self.console.print(f"  rendered {self.paths.rel(path)}")
@@ -236,6 +240,29 @@ class KubernetesProvider(Provider):
             ),
             PROVIDER=self.name,
         )
+
+    def _fit_to_cluster(
+        self, api: KubeApi, spec: m.KubeSpec, *, chosen_autoscaler: str | None
+    ) -> m.KubeSpec:
+        """What the cluster has decides two things: a ServiceMonitor where the Prometheus
+        operator's API is served, and, unless --autoscaler says, KEDA's ScaledObject where KEDA
+        is installed, else a plain HPA on the same gauge."""
+        if api.serves(*MONITOR_API):
+            spec = dataclasses.replace(spec, service_monitor=True)
+        if spec.autoscaled and chosen_autoscaler is None and not api.serves(*KEDA_API):
+            spec = dataclasses.replace(spec, autoscaler="hpa")
+            self.console.print(
+                "The cluster has no KEDA (no keda.sh/v1alpha1 scaledobjects): the autoscaler is "
+                "a plain HorizontalPodAutoscaler on tuneserve_requests_waiting instead "
+                "(--autoscaler keda or none to choose)."
+            )
+        if spec.autoscaled and spec.autoscaler == "hpa" and not api.serves(*CUSTOM_METRICS_API):
+            self.console.print(
+                "[yellow]warning:[/] the HPA reads tuneserve_requests_waiting through the custom "
+                "metrics API (custom.metrics.k8s.io/v1beta1, e.g. prometheus-adapter), which this "
+                "cluster does not serve: it will not scale until that API is there."
+            )
+        return spec
 
     def _explain_storage_secret(
         self, spec: m.KubeSpec, share: m.AzureFilesShare, context: str

@@ -68,15 +68,47 @@ def progress(deployment: dict[str, Any], new_pods: list[dict[str, Any]]) -> Prog
         return Progress(False, None, "waiting for the controller to see the new template")
     wanted = spec.get("replicas", 1)
     updated = status.get("updatedReplicas", 0)
+    waiting_on = _waiting_on(new_pods)
     if updated < wanted:
-        return Progress(False, None, f"{updated} of {wanted} new pods updated")
+        return Progress(False, None, f"{updated} of {wanted} new pods updated{waiting_on}")
     if status.get("replicas", 0) > updated:
         old = status["replicas"] - updated
+        ready = sum(_ready(p) for p in new_pods)
+        if ready < updated:
+            # kubectl says "old replicas are pending termination" here: they are kept, serving,
+            # until the new pods are ready (maxUnavailable 0)
+            return Progress(
+                False, None, f"{ready} of {updated} new pods ready{waiting_on}; {old} old kept"
+            )
         return Progress(False, None, f"{old} old pod(s) still terminating")
     available = status.get("availableReplicas", 0)
     if available < updated:
-        return Progress(False, None, f"{available} of {updated} new pods ready")
+        return Progress(False, None, f"{available} of {updated} new pods ready{waiting_on}")
     return Progress(True, None, f"{available} pod(s) ready")
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    statuses = pod.get("status", {}).get("containerStatuses", [])
+    return bool(statuses) and all(c.get("ready") for c in statuses)
+
+
+def _waiting_on(new_pods: list[dict[str, Any]]) -> str:
+    """What the first new pod not ready waits for, where it says: the scheduler's reason (a
+    surge pod with no free GPU is Unschedulable until a node has one), else its container's."""
+    for pod in new_pods:
+        if _ready(pod):
+            continue
+        name = pod["metadata"]["name"]
+        for condition in pod.get("status", {}).get("conditions", []):
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                why = condition.get("message") or condition.get("reason") or "not scheduled"
+                return f" (pod {name}: {condition.get('reason', 'Unschedulable')}: {why[:160]})"
+        for state in pod.get("status", {}).get("containerStatuses", []):
+            reason = (state.get("state", {}).get("waiting") or {}).get("reason")
+            if reason:
+                return f" (pod {name}: {reason})"
+        return ""
+    return ""
 
 
 def replica_sets(api: KubeApi, selector: dict[str, str]) -> list[dict[str, Any]]:
