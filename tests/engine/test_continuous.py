@@ -618,13 +618,13 @@ def test_packed_attention_equals_a_per_token_loop(window: int | None) -> None:
 
     heads, kv_heads, dim = 4, 2, 8
     shape = KVCacheShape(
-        num_layers=1, num_kv_heads=kv_heads, head_dim=dim, num_blocks=8, block_size=4
+        num_layers=1, num_kv_heads=kv_heads, head_dim=dim, num_blocks=10, block_size=4
     )
     cache = KVCache(shape, dtype=torch.float32, device="cpu")
     # block tables out of order and interleaved: rows are found through them, not by layout
-    tables = {0: [5, 1], 1: [2, 7], 2: [3, 6], 3: [4]}
+    tables = {0: [5, 1], 1: [2, 7], 2: [3, 6], 3: [4], 4: [8, 9]}
     history = {
-        s: (torch.zeros(kv_heads, 16, dim), torch.zeros(kv_heads, 16, dim)) for s in range(4)
+        s: (torch.zeros(kv_heads, 16, dim), torch.zeros(kv_heads, 16, dim)) for s in range(5)
     }
     torch.manual_seed(0)
     steps = [
@@ -634,6 +634,10 @@ def test_packed_attention_equals_a_per_token_loop(window: int | None) -> None:
         [(0, 5, 1), (1, 2, 1), (3, 1, 1), (2, 3, 4)],
         # every sequence decoding; sequence 2 crosses into its second block
         [(0, 6, 1), (1, 3, 1), (2, 7, 1), (3, 2, 1)],
+        # one sequence alone: consecutive blocks are read in place, others gathered
+        [(4, 0, 5)],
+        [(4, 5, 1)],
+        [(0, 7, 1)],
     ]
     for plan in steps:
         rows = [RowChunk(tables[seq], start, n) for seq, start, n in plan]

@@ -66,6 +66,9 @@ class PackedStep:
     decode_lengths: torch.Tensor | None  # [Bd] long: keys each decode query may see
     decode_uniform: bool  # every decode row has the same length
     prefills: list[_Prefill]
+    # one decode row whose blocks are consecutive: its keys are the cache rows
+    # [start, end) in order, read in place (no gather, no mask)
+    decode_span: tuple[int, int] | None = None
     _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -118,6 +121,10 @@ class PackedStep:
             step.decode_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
             span = step.decode_blocks.shape[1] * bs
             step.decode_uniform = min(lengths) == span  # every row fills every gathered key
+            if num_decodes == 1:
+                first = rows[0].blocks[: cache.blocks_for(lengths[0])]
+                if list(first) == list(range(first[0], first[0] + len(first))):
+                    step.decode_span = (first[0] * bs, first[0] * bs + lengths[0])
         return step
 
     # -- masks (bool, True = may attend), cached per step ---------------------------------
@@ -206,14 +213,25 @@ def attend(
     (RoPE applied) -> [N,H,D]. Writes the new keys/values into the cache first."""
     cache = step.cache
     cache.write(layer, key, value, step.write_rows)
-    out = query.new_empty(query.shape)
 
-    # Phase 1: decode rows (packed first), one batched SDPA over their gathered keys
-    if step.decode_blocks is not None:
+    # Phase 1: decode rows (packed first), one batched SDPA over their keys
+    decoded: torch.Tensor | None = None  # [Bd, H, D]
+    if step.decode_span is not None:  # one user: its keys in place, exactly its length
+        start, end = step.decode_span
+        if sliding_window is not None:
+            start = max(start, end - sliding_window)
+        k, v = cache.rows(layer, start, end)  # [1, KVH, L, D]
+        decoded = _decode_sdpa(query[:1].unsqueeze(2), k, v, mask=None, scale=scaling)
+    elif step.decode_blocks is not None:
         nd = step.num_decodes
         k, v = cache.gather(layer, step.decode_blocks)  # [Bd, KVH, nb * block_size, D]
         q = query[:nd].unsqueeze(2)  # [Bd, H, 1, D]
-        out[:nd] = _decode_sdpa(q, k, v, mask=step.decode_mask(sliding_window), scale=scaling)
+        decoded = _decode_sdpa(q, k, v, mask=step.decode_mask(sliding_window), scale=scaling)
+    if not step.prefills and decoded is not None:
+        return decoded  # a step of decodes only
+    out = query.new_empty(query.shape)
+    if decoded is not None:
+        out[: step.num_decodes] = decoded
 
     # Phase 2: prefill chunks: a first chunk over its own keys, a later one over its prefix
     for i, chunk in enumerate(step.prefills):

@@ -197,6 +197,14 @@ class KVCache:
             out.append(picked.transpose(1, 2))
         return out[0], out[1]
 
+    def rows(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of cache rows start..end-1 as [1, KVH, end-start, D] views (no
+        copy): a sequence whose blocks are consecutive lies there in order."""
+        return (
+            self.keys[layer][start:end].transpose(0, 1)[None],
+            self.values[layer][start:end].transpose(0, 1)[None],
+        )
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
