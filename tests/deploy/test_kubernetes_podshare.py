@@ -52,14 +52,8 @@ def workspace(tmp_path: Path) -> Path:
     return ws
 
 
-@pytest.mark.parametrize(
-    "served",
-    [pytest.param((V5, V4), id="v5-api-server"), pytest.param((V4,), id="v4-only-api-server")],
-)
-def test_deploy_syncs_through_a_pod_on_the_claim_and_deletes_it(
-    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn, served: tuple[str, ...]
-) -> None:
-    cluster.exec_protocols = served
+def provision_on_storage_class(cli: Callable[..., Any], workspace: Path) -> None:
+    """Provision on the stand-in with the share on an RWX storage class (synced by pod)."""
     cli(
         "provision",
         "-w",
@@ -71,6 +65,17 @@ def test_deploy_syncs_through_a_pod_on_the_claim_and_deletes_it(
         "--storage-class",
         "nfs-rwx",
     )
+
+
+@pytest.mark.parametrize(
+    "served",
+    [pytest.param((V5, V4), id="v5-api-server"), pytest.param((V4,), id="v4-only-api-server")],
+)
+def test_deploy_syncs_through_a_pod_on_the_claim_and_deletes_it(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn, served: tuple[str, ...]
+) -> None:
+    cluster.exec_protocols = served
+    provision_on_storage_class(cli, workspace)
     config = load_config(workspace / "infra" / "inference.config.json")
     app, claim = str(config.ACA_APP_NAME), str(config.FILE_SHARE_NAME)
 
@@ -123,17 +128,7 @@ def test_the_sync_commands_run_on_busybox(
     assert len(deep.encode()) > 100  # a PAX path header, not ustar's name field
     (workspace / deep).parent.mkdir(parents=True)
     (workspace / deep).write_bytes(os.urandom(3000))
-    cli(
-        "provision",
-        "-w",
-        workspace,
-        "--provider",
-        "kubernetes",
-        "--namespace",
-        NS,
-        "--storage-class",
-        "nfs-rwx",
-    )
+    provision_on_storage_class(cli, workspace)
     config = load_config(workspace / "infra" / "inference.config.json")
     claim = str(config.FILE_SHARE_NAME)
     cli("deploy", "-w", workspace)
@@ -266,17 +261,7 @@ def test_the_tar_stream_is_a_valid_archive(tmp_path: Path) -> None:
 def test_logs_follow_every_pod_each_line_prefixed(
     cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
 ) -> None:
-    cli(
-        "provision",
-        "-w",
-        workspace,
-        "--provider",
-        "kubernetes",
-        "--namespace",
-        NS,
-        "--storage-class",
-        "nfs-rwx",
-    )
+    provision_on_storage_class(cli, workspace)
     cli("deploy", "-w", workspace, "--replicas", "2")
     pods = sorted(p["metadata"]["name"] for p in cluster.pods())
     assert len(pods) == 2
@@ -294,17 +279,7 @@ def test_adapters_push_reaches_the_claim_and_says_the_pods_rescan(
 ) -> None:
     """The Service (http://APP.NS.svc.cluster.local) is not reachable from here, as from a
     laptop outside the cluster: the adapter lands on the claim and the note says so."""
-    cli(
-        "provision",
-        "-w",
-        workspace,
-        "--provider",
-        "kubernetes",
-        "--namespace",
-        NS,
-        "--storage-class",
-        "nfs-rwx",
-    )
+    provision_on_storage_class(cli, workspace)
     config = load_config(workspace / "infra" / "inference.config.json")
     adapter = tmp_path / "support"
     adapter.mkdir()

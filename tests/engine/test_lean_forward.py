@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.engine.tiny import TinyFamily
+from tests.engine.tiny import TinyFamily, tiny_config
 from tuneserve.engine.attention import STEP_KWARG, PackedStep, RowChunk
 from tuneserve.engine.continuous import ContinuousBatchingEngine
 from tuneserve.engine.cpu_linear import pack_linears
@@ -67,25 +67,19 @@ def test_lean_logits_equal_hf_forward(tiny: TinyFamily, packed: bool) -> None:
 
 
 def test_other_architectures_keep_hf_forward(tokenizer: Any) -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
+    from transformers import AutoModelForCausalLM, Phi3Config
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
-    sizes: dict[str, Any] = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    phi3 = AutoModelForCausalLM.from_config(Phi3Config(pad_token_id=0, **sizes))
-    assert LeanForward.of(phi3) is None  # fused qkv_proj / gate_up_proj: HF's forward
+    llama_config = tiny_config("llama", tokenizer)
+    # the same sizes in Phi-3's layout: fused qkv_proj / gate_up_proj, HF's forward
+    phi3 = AutoModelForCausalLM.from_config(Phi3Config(**llama_config.to_diff_dict()))
+    assert type(phi3).__name__ == "Phi3ForCausalLM" and LeanForward.of(phi3) is None
 
     class Patched(LlamaForCausalLM):  # a subclass may compute anything: not recognised
         pass
 
-    assert LeanForward.of(Patched(LlamaConfig(**sizes))) is None
-    assert LeanForward.of(LlamaForCausalLM(LlamaConfig(**sizes))) is not None
+    assert LeanForward.of(Patched(llama_config)) is None
+    assert LeanForward.of(LlamaForCausalLM(llama_config)) is not None
 
 
 def test_the_engine_can_keep_hf_forward(tiny_llama: TinyFamily) -> None:
