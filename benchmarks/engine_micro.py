@@ -13,6 +13,9 @@ Variants per C:
   engine        ContinuousBatchingEngine, no adapters served
   engine-idle   8 adapters served (slots loaded), every request on the base model
   engine-lora   8 adapters served, request i uses adapter i % 8
+  engine-hf-forward, engine-lora-hf-forward
+                the same as engine / engine-lora through HF's modeling code instead of the
+                lean forward (engine/lean_forward.py): what the lean forward gains
 
     python -m benchmarks.engine_micro --cache /tmp/tuneserve-bench --batch 1,8,32
 
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--variants", default="hf,engine,engine-idle,engine-lora")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats; median kept")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--decode-float16", action="store_true",
+                        help="engines as serve's --decode-float16")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -150,13 +155,15 @@ def main() -> None:
     if "hf" in variants:
         hf_model = AutoModelForCausalLM.from_pretrained(bench.base, dtype=torch.float32).eval()
         hf_decode_tok_s(hf_model, bench, 1, args.prompt_len, 4)  # warm-up
-    setups = {
-        "engine": (0, []),
-        "engine-idle": (args.adapters, []),
-        "engine-lora": (args.adapters, names),
+    setups = {  # adapters served, adapters used, the lean forward
+        "engine": (0, [], True),
+        "engine-idle": (args.adapters, [], True),
+        "engine-lora": (args.adapters, names, True),
+        "engine-hf-forward": (0, [], False),
+        "engine-lora-hf-forward": (args.adapters, names, False),
     }
     engines: dict[str, tuple[Any, list[str]]] = {}
-    for variant, (served_adapters, used) in setups.items():
+    for variant, (served_adapters, used, lean) in setups.items():
         if variant not in variants:
             continue
         engine = ContinuousBatchingEngine(
@@ -164,6 +171,8 @@ def main() -> None:
             max_num_seqs=max(batches),
             max_model_len=args.prompt_len + args.new_tokens + 8,
             max_loras=max(served_adapters, 1),
+            decode_float16=args.decode_float16,
+            lean_forward=lean,
         )
         if engine.loras is not None:  # every adapter in its slot before timing
             for name in names[:served_adapters]:
@@ -195,7 +204,12 @@ def main() -> None:
         row["decode_tok_s_all"] = [round(p["decode_tok_s"], 1) for p in points]
         results.append(row)
         print(json.dumps(row), flush=True)
-    summary = {"threads": torch.get_num_threads(), "rounds": args.rounds, "results": results}
+    summary = {
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "decode_float16": args.decode_float16,
+        "results": results,
+    }
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2))
 
