@@ -2,15 +2,15 @@
 
 One forward carries every scheduled token of every row as a single sequence `[1, N]`: prefill
 chunks and decode tokens together, each token tagged with its cache row (from its sequence's
-block table, kv_cache.py) and its position. HF's layers compute q/k/v and RoPE (from the
-`position_ids` we pass); `packed_attention` (the function registered with
-`transformers.AttentionInterface`) then
+block table, kv_cache.py) and its position. The layers compute q/k/v and RoPE (HF's from the
+`position_ids` we pass, or lean_forward.py's); `attend` (token-major; `packed_attention`, the
+function registered with `transformers.AttentionInterface`, transposes HF's layout into it) then
 
 1. writes the new keys/values into the cache rows of their tokens,
 2. attends the decode rows (one token each, packed first) in one batched SDPA over their keys
    gathered from the cache block by block `[Bd, KVH, L, D]` (L = the longest rounded up to a
-   block; shorter rows pad with the zero
-   block, masked),
+   block; shorter rows pad with the zero block, masked); a lone decode row whose blocks are
+   consecutive reads its keys in place instead (`decode_span`),
 3. attends each prefill chunk with its own SDPA: a first chunk over its own fresh keys, a later
    one over its prefix gathered from the cache; causal.
 

@@ -1,7 +1,8 @@
 """The fast engine: continuous batching over our own KV cache, every row with its own LoRA.
 
-Token ids in, text deltas out (engine/types.py); it knows nothing of HTTP. HF's modeling code
-runs unchanged; the engine owns what is around it:
+Token ids in, text deltas out (engine/types.py); it knows nothing of HTTP. The model's own
+modules compute (through HF's modeling code, or for Llama-family decoders through
+lean_forward.py); the engine owns what is around them:
 
 - kv_cache.py  a pool of KV blocks, the memory budget; sequences take blocks as they grow;
 - attention.py a registered attention function: one packed forward `[1, N]` carries prefill
