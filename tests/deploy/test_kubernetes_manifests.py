@@ -1,11 +1,13 @@
 """The kubernetes provider's rendering: `tuneserve provision --provider kubernetes --dry-run`
 writes infra/kubernetes/, every object of which passes kubernetes-validate's strict schemas for a
 named Kubernetes version (offline: the package bundles them), and the Deployment carries what a
-lossless rollout needs. KEDA's ScaledObject is a custom resource the bundled schemas lack: its
-fields are checked here by hand."""
+lossless rollout needs. KEDA's ScaledObject and the Prometheus operator's ServiceMonitor are
+custom resources the bundled schemas lack: they are validated against their CRDs' published
+openAPIV3Schema (kept in crds/), every field of them declared there."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import stat
@@ -15,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
 from tuneserve.deploy.infra import TARGET_PORT, InfraPaths, load_config
 from tuneserve.deploy.k8s import manifests as m
@@ -346,8 +350,8 @@ def test_the_ingress_routes_the_host_to_the_service_and_validates() -> None:
 
 
 def test_the_service_monitor_scrapes_the_services_pods() -> None:
-    """A custom resource (no bundled schema): its fields checked by hand against the
-    Prometheus operator's monitoring.coreos.com/v1 ServiceMonitor."""
+    """A custom resource (no bundled schema; its CRD's schema is applied below): what it
+    selects and scrapes checked against the Service."""
     s = spec(service_monitor=True)
     objects = rendered(s)
     assert sorted(validate_all(objects)) == ["ScaledObject", "ServiceMonitor"]
@@ -365,6 +369,106 @@ def test_the_service_monitor_scrapes_the_services_pods() -> None:
     assert endpoint["path"] == "/metrics"
     assert re.fullmatch(r"\d+s", endpoint["interval"])
     assert m.service_monitor(spec()) is None
+
+
+# --- the custom resources against their CRDs' schemas ---------------------------------------
+
+CRDS = Path(__file__).parent / "crds"
+CRD_SCHEMAS = {  # kind: the served version's openAPIV3Schema (source and license in each file)
+    "ScaledObject": CRDS / "keda.sh_scaledobjects.v1alpha1.yaml",
+    "ServiceMonitor": CRDS / "monitoring.coreos.com_servicemonitors.v1.yaml",
+}
+
+
+def undeclared(value: Any, schema: dict[str, Any], path: str) -> list[str]:
+    """The paths of fields the structural schema does not declare: the API server prunes them
+    without a word, so a misspelt optional field would be lost rather than refused."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(value, list) and "items" in schema:
+        items = schema["items"]
+        return [p for i, v in enumerate(value) for p in undeclared(v, items, f"{path}[{i}]")]
+    if not isinstance(value, dict):
+        return []
+    found = []
+    for key, v in value.items():
+        sub = schema.get("properties", {}).get(key, schema.get("additionalProperties"))
+        if isinstance(sub, dict):
+            found += undeclared(v, sub, f"{path}.{key}")
+        elif sub is not True:
+            found.append(f"{path}.{key}")
+    return found
+
+
+@functools.cache
+def crd_schema(kind: str) -> dict[str, Any]:
+    schema: dict[str, Any] = yaml.safe_load(CRD_SCHEMAS[kind].read_text(encoding="utf-8"))
+    jsonschema.Draft4Validator.check_schema(schema)  # OpenAPI 3.0 schemas are draft-4 style
+    return schema
+
+
+def crd_problems(obj: dict[str, Any]) -> list[str]:
+    """What the CRD's schema refuses or does not declare in `obj` (the CEL rules of
+    x-kubernetes-validations are not evaluated; metadata is ObjectMeta, checked strictly)."""
+    schema = crd_schema(obj["kind"])
+    errors = jsonschema.Draft4Validator(schema).iter_errors(obj)
+    problems = [f"{e.json_path}: {e.message}" for e in errors]
+    problems += [f"undeclared {p}" for p in undeclared({**obj, "metadata": {}}, schema, "$")]
+    meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}
+    try:
+        kubernetes_validate.validate(meta, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        problems.append(f"$.metadata: {e.message}")
+    return problems
+
+
+@pytest.mark.parametrize("kind", sorted(CRD_SCHEMAS))
+def test_the_custom_resources_validate_against_their_crds(tmp_path: Path, kind: str) -> None:
+    """As written to infra/kubernetes/ (the YAML kubectl applies), with KEDA and a monitor."""
+    render.write(tmp_path, render.render(spec(service_monitor=True), KEYS))
+    assert crd_problems(by_kind(render.read(tmp_path))[kind]) == []
+
+
+def _rename(node: dict[str, Any], old: str, new: str) -> None:
+    node[new] = node.pop(old)
+
+
+@pytest.mark.parametrize(
+    ("kind", "spoil", "problem"),
+    [
+        pytest.param(  # jsonschema alone passes this one: only the walk sees it
+            "ScaledObject",
+            lambda o: _rename(o["spec"], "minReplicaCount", "minReplicas"),
+            "undeclared $.spec.minReplicas",
+            id="optional-field-typo",
+        ),
+        pytest.param(
+            "ScaledObject",
+            lambda o: _rename(o["spec"]["triggers"][0], "metadata", "metdata"),
+            "$.spec.triggers[0]: 'metadata' is a required property",
+            id="trigger-field-typo",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            lambda o: _rename(o["metadata"], "labels", "label"),
+            "$.metadata: Additional properties are not allowed ('label' was unexpected)",
+            id="metadata-typo",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            lambda o: o["spec"]["endpoints"][0].update(interval=15),
+            "$.spec.endpoints[0].interval: 15 is not of type 'string'",
+            id="wrong-type",
+        ),
+    ],
+)
+def test_the_crd_check_is_live(
+    kind: str, spoil: Callable[[dict[str, Any]], None], problem: str
+) -> None:
+    obj = by_kind(rendered(spec(service_monitor=True)))[kind]
+    assert crd_problems(obj) == []
+    spoil(obj)
+    assert problem in crd_problems(obj)
 
 
 @pytest.mark.parametrize(
