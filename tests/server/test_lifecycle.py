@@ -26,7 +26,7 @@ from tests.conftest import free_port
 from tests.test_cli import _env
 
 BASE = "tuneserve-demo"
-TOKENS = 160  # per stream: long enough to still run through the checks made after SIGTERM
+TOKENS = 400  # per stream: long enough to still run through the checks made after SIGTERM
 
 
 class Serve:
