@@ -31,14 +31,17 @@ def compute_targets(res: Results, system: str = "tuneserve") -> list[Target]:
         versus("tf-serve-cb", k1, 1.2),
         versus("ceiling", 0, 1.0),
     ]
-    value = _ratio(_tps(res.point(system, k_hi, c_hi)), _tps(ours))
-    targets.append(Target(name=f"{system} throughput K={k_hi} / K={k1}",
-                          goal=f">= 0.9x (C={c_hi})", value=value,
-                          met=None if value is None else value >= 0.9))
-    lo = res.point(system, k1, c_lo)
-    value = _ratio(ours.ttft_p50_ms if ours else None, lo.ttft_p50_ms if lo else None)
-    targets.append(Target(name=f"{system} TTFT p50 C={c_hi} / C={c_lo}", goal=f"<= 3x (K={k1})",
-                          value=value, met=None if value is None else value <= 3.0))
+    if k_hi != k1:  # a run of one K (or one C) has no ratio to take
+        value = _ratio(_tps(res.point(system, k_hi, c_hi)), _tps(ours))
+        targets.append(Target(name=f"{system} throughput K={k_hi} / K={k1}",
+                              goal=f">= 0.9x (C={c_hi})", value=value,
+                              met=None if value is None else value >= 0.9))
+    if c_hi != c_lo:
+        lo = res.point(system, k1, c_lo)
+        value = _ratio(ours.ttft_p50_ms if ours else None, lo.ttft_p50_ms if lo else None)
+        targets.append(Target(name=f"{system} TTFT p50 C={c_hi} / C={c_lo}",
+                              goal=f"<= 3x (K={k1})", value=value,
+                              met=None if value is None else value <= 3.0))
     if "llama.cpp" in res.config.systems:
         targets += _versus_llama_cpp(res, system)
     if c_hi < 32 or k_hi < 32:
@@ -54,7 +57,8 @@ def _versus_llama_cpp(res: Results, system: str) -> list[Target]:
     cs, ks = res.config.concurrency, res.config.adapters
     c_lo, c_hi, k1 = min(cs), max(cs), min(ks)
     k_many = 8 if 8 in ks else max(ks)
-    specs = [(k1, c_lo, 1.0), (k1, c_hi, 2.0)]
+    # one user: >= 1.0x; many (the largest C): >= 2.0x; a run of one C gets the one that fits
+    specs = [(k1, c, 1.0 if c == 1 else 2.0) for c in sorted({c_lo, c_hi})]
     if k_many != k1:
         specs.append((k_many, c_hi, 4.0))
     targets = []

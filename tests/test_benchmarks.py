@@ -189,6 +189,20 @@ def test_targets_against_llama_cpp() -> None:
     assert targets["tuneserve / llama.cpp throughput C=32, K=8"].value == pytest.approx(4.0)
 
 
+def test_a_run_of_one_concurrency_and_one_k_has_only_the_targets_that_fit() -> None:
+    cfg = BenchConfig(systems=["tuneserve", "llama.cpp"], concurrency=[1], adapters=[1])
+    res = Results(date="d", command="c", machine={}, config=cfg, model={}, points=[
+        Point(system="tuneserve", adapters=1, concurrency=1, output_tokens_per_s=20.0),
+        Point(system="llama.cpp", adapters=1, concurrency=1, output_tokens_per_s=25.0),
+    ])
+    names = [t.name for t in compute_targets(res)]
+    assert "tuneserve / llama.cpp throughput C=1, K=1" in names
+    assert names.count("tuneserve / llama.cpp throughput C=1, K=1") == 1
+    assert not [n for n in names if "K=1 / K=1" in n or "C=1 / C=1" in n], names
+    target = next(t for t in compute_targets(res) if "llama.cpp" in t.name)
+    assert target.goal == ">= 1.0x" and target.met is False  # 0.8x
+
+
 def test_prompts_have_exactly_the_asked_length(tmp_path: Path) -> None:
     from benchmarks.model import build_tokenizer
 
