@@ -117,14 +117,14 @@ class PackedStep:
         )
         if num_decodes:
             lengths = [row.start + 1 for row in rows[:num_decodes]]
+            first = list(rows[0].blocks[: cache.blocks_for(lengths[0])])
+            if num_decodes == 1 and first == list(range(first[0], first[0] + len(first))):
+                step.decode_span = (first[0] * bs, first[0] * bs + lengths[0])
+                return step  # no gather tables: the keys are read in place
             step.decode_blocks = blocks_of(tables[:num_decodes], max(lengths))
             step.decode_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
             span = step.decode_blocks.shape[1] * bs
             step.decode_uniform = min(lengths) == span  # every row fills every gathered key
-            if num_decodes == 1:
-                first = rows[0].blocks[: cache.blocks_for(lengths[0])]
-                if list(first) == list(range(first[0], first[0] + len(first))):
-                    step.decode_span = (first[0] * bs, first[0] * bs + lengths[0])
         return step
 
     # -- masks (bool, True = may attend), cached per step ---------------------------------

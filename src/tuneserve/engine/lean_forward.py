@@ -10,11 +10,11 @@ SmolLM2 that was ~28 ms of a ~75 ms step (benchmarks/README.md, "One user on a C
 differing only in biases, which their Linears hold, and the sliding window) and runs their
 decoder itself, token-major (`[N, H, D]`, what the KV cache stores), calling the model's own
 submodules for every product: the packed and fused Linears of cpu_linear.py and the LoRA
-wrappers of lora.py work unchanged. The arithmetic is HF's, op for op in the same order (RMSNorm
-in float32, RoPE as `x * cos + rotate_half(x) * sin` with the half-rotation's sign folded into
-`sin`: an exact rewrite), so greedy output stays token-identical to transformers + PEFT. Any
-other architecture (Phi-3's fused projections, Gemma's scaled embeddings...) keeps HF's forward
-with our attention plugged in (attention.py).
+wrappers of lora.py work unchanged. The arithmetic is HF's, op for op in the same order (the
+RMSNorm modules themselves; RoPE as `x * cos + rotate_half(x) * sin` with the half-rotation's
+sign folded into `sin`: an exact rewrite), so greedy output stays token-identical to
+transformers + PEFT. Any other architecture (Phi-3's fused projections, Gemma's scaled
+embeddings...) keeps HF's forward with our attention plugged in (attention.py).
 """
 
 from __future__ import annotations
@@ -54,15 +54,6 @@ def _families() -> dict[type, tuple[type, type, type, type]]:
             qwen2.Qwen2RMSNorm,
         ),
     }
-
-
-def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
-    """LlamaRMSNorm's forward (float32 statistics, the weight applied in the input's dtype)."""
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    weight: torch.Tensor = norm.weight
-    return weight * x32.to(dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +148,7 @@ class LeanForward:
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.attn, layer.mlp
-            x = _rms_norm(hidden, layer.input_norm)
+            x = layer.input_norm(hidden)
             q = attn.q_proj(x).view(n, heads, dim)
             k = attn.k_proj(x).view(n, kv_heads, dim)
             v = attn.v_proj(x).view(n, kv_heads, dim)
@@ -173,8 +164,8 @@ class LeanForward:
                 sliding_window=layer.sliding_window,
             )
             hidden.add_(attn.o_proj(out.view(n, heads * dim)))  # hidden: ours
-            x = _rms_norm(hidden, layer.post_norm)
+            x = layer.post_norm(hidden)
             hidden.add_(mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)))
-        last = _rms_norm(hidden.index_select(0, keep), self.final_norm)
+        last = self.final_norm(hidden.index_select(0, keep))  # per row: only the kept ones
         logits: torch.Tensor = self.model.lm_head(last)
         return logits

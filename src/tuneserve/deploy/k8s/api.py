@@ -286,21 +286,22 @@ def exit_status(raw: bytes | str) -> tuple[int, str]:
     try:
         status = json.loads(text)
     except ValueError:
-        return -1, text.strip()[:300]
-    if not isinstance(status, dict):
-        return -1, text.strip()[:300]
-    if status.get("status") == "Success":
-        return 0, ""
-    if status.get("reason") == "NonZeroExitCode":
-        for cause in (status.get("details") or {}).get("causes") or []:
-            if cause.get("reason") == "ExitCode" and str(cause.get("message", "")).isdigit():
-                return int(cause["message"]), ""
-    return -1, str(status.get("message") or status.get("reason") or status)[:300]
+        status = None
+    if isinstance(status, dict):
+        if status.get("status") == "Success":
+            return 0, ""
+        if status.get("reason") == "NonZeroExitCode":
+            for cause in (status.get("details") or {}).get("causes") or []:
+                if cause.get("reason") == "ExitCode" and str(cause.get("message", "")).isdigit():
+                    return int(cause["message"]), ""
+    return -1, _reason(text.strip().encode())
 
 
 def _reason(data: bytes) -> str:
     try:
         status = json.loads(data)
     except ValueError:
-        return data.decode("utf-8", "replace")[:200]
+        status = None
+    if not isinstance(status, dict):
+        return data.decode("utf-8", "replace")[:300]
     return str(status.get("message") or status.get("reason") or status)[:300]

@@ -450,7 +450,7 @@ class KubernetesProvider(Provider):
                 {
                     "name": pod["metadata"]["name"],
                     "phase": pod.get("status", {}).get("phase"),
-                    "ready": bool(statuses) and all(c.get("ready") for c in statuses),
+                    "ready": rollout.pod_ready(pod),
                     "restarts": sum(c.get("restartCount", 0) for c in statuses),
                     "revision": annotations.get(m.REVISION_ANNOTATION),
                 }

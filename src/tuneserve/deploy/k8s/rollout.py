@@ -73,7 +73,7 @@ def progress(deployment: dict[str, Any], new_pods: list[dict[str, Any]]) -> Prog
         return Progress(False, None, f"{updated} of {wanted} new pods updated{waiting_on}")
     if status.get("replicas", 0) > updated:
         old = status["replicas"] - updated
-        ready = sum(_ready(p) for p in new_pods)
+        ready = sum(pod_ready(p) for p in new_pods)
         if ready < updated:
             # kubectl says "old replicas are pending termination" here: they are kept, serving,
             # until the new pods are ready (maxUnavailable 0)
@@ -87,7 +87,8 @@ def progress(deployment: dict[str, Any], new_pods: list[dict[str, Any]]) -> Prog
     return Progress(True, None, f"{available} pod(s) ready")
 
 
-def _ready(pod: dict[str, Any]) -> bool:
+def pod_ready(pod: dict[str, Any]) -> bool:
+    """Every container of the pod reports ready."""
     statuses = pod.get("status", {}).get("containerStatuses", [])
     return bool(statuses) and all(c.get("ready") for c in statuses)
 
@@ -96,7 +97,7 @@ def _waiting_on(new_pods: list[dict[str, Any]]) -> str:
     """What the first new pod not ready waits for, where it says: the scheduler's reason (a
     surge pod with no free GPU is Unschedulable until a node has one), else its container's."""
     for pod in new_pods:
-        if _ready(pod):
+        if pod_ready(pod):
             continue
         name = pod["metadata"]["name"]
         for condition in pod.get("status", {}).get("conditions", []):
