@@ -21,6 +21,7 @@ from tests.engine.tiny import (
     token_ids,
     wait_until,
 )
+from tuneserve.engine import lora
 from tuneserve.engine.continuous import ContinuousBatchingEngine
 from tuneserve.engine.cpu_linear import PackedLinear
 from tuneserve.engine.types import StreamDelta
@@ -145,9 +146,17 @@ CASES: list[tuple[int, str | None]] = [
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize("lora_form", ["dense", "grouped"])
 def test_mixed_batch_with_arrivals_matches_generate_alone(
-    tiny: TinyFamily, device: str, dtype: torch.dtype, engines: list[ContinuousBatchingEngine]
+    tiny: TinyFamily,
+    device: str,
+    dtype: torch.dtype,
+    lora_form: str,
+    engines: list[ContinuousBatchingEngine],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # both forms of the batched LoRA (engine/lora.py), whatever the tokens' spread
+    monkeypatch.setattr(lora, "GROUPED_MIN_SPREAD", 1 if lora_form == "grouped" else 10**6)
     new_tokens = 10
     engine = engine_for(tiny.served(), device, dtype, max_num_seqs=6, prefill_chunk=8, max_loras=3)
     engines.append(engine)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tests.engine.tiny import TinyFamily, quiet_peft
+from tuneserve.engine import lora
 from tuneserve.engine.lora import (
     BatchedLoRALinear,
     LoRABatch,
@@ -23,6 +24,14 @@ from tuneserve.engine.lora import (
 )
 from tuneserve.errors import AdapterError
 from tuneserve.models.types import AdapterSpec
+
+
+@pytest.fixture(params=["dense", "grouped"])
+def lora_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each batched-op test runs through both forms (lora.py's docstring): the dense masked one
+    and tokens grouped by slot, whichever the number of adapters in use would pick."""
+    monkeypatch.setattr(lora, "GROUPED_MIN_SPREAD", 1 if request.param == "grouped" else 10**6)
+    return str(request.param)
 
 
 def random_layer(
@@ -44,9 +53,13 @@ def random_layer(
         pytest.param([16, 16, 16], [2, 2, 2, 2], id="one-adapter"),
         pytest.param([1], [0, -1, 0], id="rank-1"),
         pytest.param([4, 8, 2, 6], [3, -1, 1, 3, 1], id="some-hot-slots-unused"),
+        pytest.param([16] * 8, [i % 8 for i in range(32)], id="eight-adapters-even-groups"),
+        pytest.param([8, 16, 4, 2, 8], [4, 0, 0, 0, 1, -1, 0, 3, 2, 0], id="uneven-groups"),
     ],
 )
-def test_batched_op_equals_the_plain_loop(ranks: list[int], token_slots: list[int]) -> None:
+def test_batched_op_equals_the_plain_loop(
+    ranks: list[int], token_slots: list[int], lora_form: str
+) -> None:
     layer, batch = random_layer(ranks)
     x = torch.randn(1, len(token_slots), 24)
     batch.set(token_slots, [], torch.device("cpu"))
@@ -68,6 +81,26 @@ def test_only_the_columns_of_slots_in_use_take_part() -> None:
     assert selected is not None and selected[0] is None  # every slot in use: no copy
 
 
+def test_the_form_follows_the_number_of_adapters_in_use() -> None:
+    batch = LoRABatch()
+    assert lora.GROUPED_MIN_SPREAD == 8
+    batch.set([0, 1, 2, 3, 4, 5, 6, 7] * 4, [], torch.device("cpu"))  # 32 decodes, 8 adapters
+    assert batch.groups(32, torch.float32) is not None
+    batch.set([0] * 4 + [1, 2, 3, 4, 5, 6, 7] * 4, [], torch.device("cpu"))  # slot 0: 4 of 32
+    assert batch.groups(32, torch.float32) is not None
+    batch.set([0] * 128 + [1, 2, 3, 4, 5, 6, 7] * 4, [], torch.device("cpu"))  # a prompt on 0
+    assert batch.groups(156, torch.float32) is None  # uneven: 7 groups padded to 128 rows
+    batch.set([0, 1, 2, 3] * 2, [], torch.device("cpu"))  # 2 tokens a slot of 8: 1/4
+    assert batch.groups(8, torch.float32) is None
+    batch.set([0, 1, 2, 3, 0] + [-1] * 35, [], torch.device("cpu"))
+    groups = batch.groups(40, torch.float32)
+    assert groups is not None and groups.shape == (4, 2)
+    assert groups.slots == (0, 1, 2, 3)
+    assert groups.index.tolist() == [0, 4, 1, 0, 2, 0, 3, 0]  # padding points at token 0
+    assert groups.padding is not None
+    assert groups.padding[:, :, 0].tolist() == [[1, 1], [1, 0], [1, 0], [1, 0]]
+
+
 def test_add_lora_semantics_by_hand() -> None:
     """The docstring's loop, written out for two slots."""
     torch.manual_seed(1)
@@ -83,7 +116,7 @@ def test_add_lora_semantics_by_hand() -> None:
     torch.testing.assert_close(add_lora(y, x, a_t, b, mask), expected)
 
 
-def test_rows_without_adapter_get_the_base_output_exactly() -> None:
+def test_rows_without_adapter_get_the_base_output_exactly(lora_form: str) -> None:
     layer, batch = random_layer([4, 8])
     x = torch.randn(1, 6, 24)
     batch.set([-1] * 6, [], torch.device("cpu"))
@@ -93,16 +126,25 @@ def test_rows_without_adapter_get_the_base_output_exactly() -> None:
     assert torch.equal(out[0, [0, 1, 3, 4, 5]], layer.base_layer(x)[0, [0, 1, 3, 4, 5]])
 
 
-def test_a_module_after_logits_to_keep_uses_the_kept_rows_slots() -> None:
-    layer, batch = random_layer([4, 2], bias=False)
-    token_slots, keep_slots = [0, 0, 0, 1, -1, -1], [0, 1, -1]
+@pytest.mark.parametrize(
+    "token_slots, keep_slots",
+    [
+        pytest.param([0, 0, 0, 1, -1, -1], [0, 1, -1], id="same-slots"),
+        # the rows on slots 2 and 3 are mid-prompt: no logits kept for them
+        pytest.param([2, 2, 0, 3, 3, 1, -1], [0, 1, -1], id="kept-rows-on-fewer-slots"),
+    ],
+)
+def test_a_module_after_logits_to_keep_uses_the_kept_rows_slots(
+    token_slots: list[int], keep_slots: list[int], lora_form: str
+) -> None:
+    layer, batch = random_layer([4, 2, 8, 6], bias=False)
     batch.set(token_slots, keep_slots, torch.device("cpu"))
     x = torch.randn(1, 3, 24)  # one hidden state per kept row
     expected = layer.base_layer(x)[0] + lora_reference(x[0], keep_slots, layer.slot_weights())
     torch.testing.assert_close(layer(x)[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_reset_lora_empties_a_slot() -> None:
+def test_reset_lora_empties_a_slot(lora_form: str) -> None:
     layer, batch = random_layer([4, 8])
     layer.reset_lora(0)
     assert layer.layout.ranks == (0, 8)

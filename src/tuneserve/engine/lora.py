@@ -1,19 +1,27 @@
 """Batched multi-LoRA: every row of a batch through its own adapter in one forward.
 
 Each targeted `nn.Linear` of the base model is replaced by a `BatchedLoRALinear` that keeps the
-base layer and up to `max_loras` adapter slots. The slots' weights are stacked with their true
-ranks concatenated: `a_t [in, R]` and `b [R, out]` with R = the sum of the slots' ranks at this
-module (the scale alpha/r, or alpha/sqrt(r) with rsLoRA, is folded into b). Per step, every packed
-token carries its row's slot (-1 = no adapter), and a 0/1 mask `[N, R]` selects the columns of
-that slot, so the whole mixed batch costs two matmuls per module:
+base layer and up to `max_loras` adapter slots, stacked per slot: `a [S, in, r]` and
+`b [S, r, out]`, r = the largest rank loaded at this module (a smaller rank is zero-padded: its
+extra columns add exact zeros), the scale alpha/r (or alpha/sqrt(r) with rsLoRA) folded into b.
+Per step every packed token carries its row's slot (-1 = no adapter), and one of two forms
+computes the whole mixed batch (`LoRABatch.groups` picks, per step, by how the tokens spread):
 
-    y = base(x) + ((x @ a_t) * mask) @ b
+- dense over the true-rank columns of the slots in use, `y = base(x) + ((x @ a_t) * mask) @ b_t`,
+  a 0/1 mask `[N, R]` selecting each token's columns: three ops per module, nothing gathered;
+- grouped, when many adapters share the step about evenly (the largest group at most
+  1/GROUPED_MIN_SPREAD of the tokens: 32 decodes on 8 adapters): tokens grouped by slot, each
+  group padded to the largest, one batched product per factor, `h = bmm(x[groups], a[slots])`,
+  then `y.index_add_(tokens, bmm(h, b[slots]))`. A token meets only its own adapter's columns,
+  where the dense form multiplies it by every adapter's in use (R = 8 x 16 = 128 columns with 8
+  adapters of rank 16); but padding costs as much as tokens, so uneven groups (a long prompt on
+  one adapter beside decodes on others) stay dense.
 
-Only the columns of slots that some token of the step uses take part (the others would be
-multiplied by zero), so the cost follows the adapters in use, not the adapters hot.
-
-(measured on this machine the cheapest of gather+bmm, einsum, group-by-slot and this one; see
-DESIGN.md). Modules no active slot touches, and steps with no adapter rows, skip the LoRA path.
+Measured on SmolLM2-135M (q/k/v/o at rank 16, 2-core AVX2, microseconds per layer, even
+groups): dense 14 / 45 / 69 / 289 at 1 token / 32 tokens on 1, 2 and 8 adapters; grouped
+37 / 97 / 96 / 145. The whole forward of 32 decodes on 8 adapters: 60.9 ms dense, 52.8 grouped,
+49.8 on one adapter (benchmarks/README.md, "Many adapters in one step").
+Modules no adapter in use touches, and steps with no adapter rows, skip the LoRA path.
 
 `LoRAManager` owns the slots: a bounded set of hot slots filled on demand, least recently used
 adapter evicted when no running request holds it; a CPU-side store of loaded adapter weights
@@ -55,7 +63,12 @@ from tuneserve.models.types import AdapterSpec
 
 logger = logging.getLogger(__name__)
 
-# -- the batched op and its oracle -----------------------------------------------------------
+# Tokens are grouped by adapter when the largest group holds at most 1/GROUPED_MIN_SPREAD of
+# a module's tokens: the padded groups then cost less than the dense columns (see the docstring)
+GROUPED_MIN_SPREAD = 8
+
+
+# -- the batched ops and their oracle -----------------------------------------------------------
 def lora_reference(
     x: torch.Tensor,
     token_slots: Sequence[int],
@@ -91,31 +104,101 @@ def add_lora(
     return y.addmm_((x @ a_t).mul_(mask), b)
 
 
+def add_lora_grouped(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: SlotGroups
+) -> torch.Tensor:
+    """y += the per-token LoRA delta, tokens grouped by slot (in place; returns y).
+
+    The same semantics as `add_lora`, with a [G, in, r] and b [G, r, out] the weights of the
+    groups' slots (`groups.slots`, zero-padded to one rank) and `groups.index` [G * P] the token
+    of each padded position: a padding position points at token 0, its h is zeroed, so it adds
+    exact zeros there.
+    """
+    # y: [N, out], x: [N, in]
+    count, width = groups.shape
+    h = torch.bmm(x.index_select(0, groups.index).view(count, width, -1), a)  # [G, P, r]
+    if groups.padding is not None:
+        h.mul_(groups.padding)
+    return y.index_add_(0, groups.index, torch.bmm(h, b).view(count * width, -1))
+
+
+@dataclass(frozen=True, slots=True)
+class SlotGroups:
+    """The tokens of one step grouped by slot, each group padded to the largest (see
+    `add_lora_grouped`)."""
+
+    slots: tuple[int, ...]  # the slots of these tokens, ascending
+    index: torch.Tensor  # [G * P] long: the token at each padded position (padding: 0)
+    padding: torch.Tensor | None  # [G, P, 1] 0/1: 0 at padding (None: every group is full)
+    shape: tuple[int, int]  # (G, P)
+
+    @classmethod
+    def of(cls, token_slots: Sequence[int], device: torch.device, dtype: torch.dtype) -> SlotGroups:
+        members: dict[int, list[int]] = {}
+        for token, slot in enumerate(token_slots):
+            if slot >= 0:
+                members.setdefault(slot, []).append(token)
+        slots = sorted(members)
+        width = max(len(tokens) for tokens in members.values())
+        index = [t for s in slots for t in (*members[s], *[0] * (width - len(members[s])))]
+        padding = None
+        if any(len(members[s]) < width for s in slots):
+            padding = torch.tensor(
+                [[1.0] * len(members[s]) + [0.0] * (width - len(members[s])) for s in slots],
+                dtype=dtype,
+                device=device,
+            )[:, :, None]
+        return cls(
+            tuple(slots),
+            torch.tensor(index, dtype=torch.long, device=device),
+            padding,
+            (len(slots), width),
+        )
+
+
 # -- the per-step assignment shared by every wrapped module ---------------------------------
 class LoRABatch:
-    """Which slot each packed token uses this step (-1 = none); masks cached per rank layout."""
+    """Which slot each packed token uses this step (-1 = none); masks and groups cached."""
 
     def __init__(self) -> None:
         self.token_slots: torch.Tensor | None = None  # [N] long
         self.keep_slots: torch.Tensor | None = None  # [K] long: rows whose logits are kept
         self.active: frozenset[int] = frozenset()
         self._active_t: torch.Tensor | None = None  # [A] long: the slots some token uses
+        self._lists: tuple[Sequence[int], Sequence[int]] = ((), ())
+        self._device = torch.device("cpu")
         self._masks: dict[Any, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._groups: dict[Any, SlotGroups | None] = {}
 
     def set(
         self, token_slots: Sequence[int], keep_slots: Sequence[int], device: torch.device
     ) -> None:
         self._masks.clear()
+        self._groups.clear()
         self.active = frozenset(s for s in token_slots if s >= 0)
         if not self.active:
             self.token_slots = self.keep_slots = None
             return
+        self._lists, self._device = (token_slots, keep_slots), device
         self.token_slots = torch.tensor(token_slots, dtype=torch.long, device=device)
         self._active_t = torch.tensor(sorted(self.active), dtype=torch.long, device=device)
         self.keep_slots = torch.tensor(keep_slots, dtype=torch.long, device=device)
 
     def clear(self) -> None:
         self.set((), (), torch.device("cpu"))
+
+    def groups(self, num_tokens: int, dtype: torch.dtype) -> SlotGroups | None:
+        """The tokens of a module seeing `num_tokens` tokens grouped by slot, when the grouped
+        form pays for them (see the module docstring); None: the dense form."""
+        key = (num_tokens, dtype)
+        if key not in self._groups:
+            tokens, kept = self._lists
+            slots = tokens if num_tokens == len(tokens) else kept  # after logits_to_keep
+            assert num_tokens == len(slots)
+            counts = collections.Counter(s for s in slots if s >= 0)
+            spread = bool(counts) and max(counts.values()) * GROUPED_MIN_SPREAD <= num_tokens
+            self._groups[key] = SlotGroups.of(slots, self._device, dtype) if spread else None
+        return self._groups[key]
 
     def columns(
         self, layout: _Layout, num_tokens: int, dtype: torch.dtype
@@ -165,11 +248,15 @@ class BatchedLoRALinear(nn.Module):
         self.out_features = base.out_features
         self.batch = batch
         self._slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_slots
-        self.a_t: torch.Tensor | None = None  # [in, R]
-        self.b: torch.Tensor | None = None  # [R, out]
+        # the loaded slots' weights, stacked (zero-padded to one rank r): a [L, in, r],
+        # b [L, r, out]; slot s is at row self._row[s]
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+        self._row: dict[int, int] = {}
         self.layout = _Layout((0,) * num_slots, torch.empty(0, dtype=torch.long))
-        # (slots in use, their A columns, their B rows): kept while the same slots are in use
-        self._picked: tuple[frozenset[int], torch.Tensor, torch.Tensor] | None = None
+        # (the slots, the form, their weights in that form): kept while the same slots are in
+        # use (one user chatting, a steady set of adapters)
+        self._picked: tuple[tuple[int, ...], bool, torch.Tensor, torch.Tensor] | None = None
 
     # attributes some modeling code reads off its projections
     @property
@@ -208,35 +295,63 @@ class BatchedLoRALinear(nn.Module):
 
     def _restack(self) -> None:
         self._picked = None
-        loaded = [(s, w) for s, w in enumerate(self._slots) if w is not None]
         ranks = tuple(0 if w is None else w[0].shape[0] for w in self._slots)
         device = self.base_layer.weight.device
-        if not loaded:
-            self.a_t = self.b = None
-            self.layout = _Layout(ranks, torch.empty(0, dtype=torch.long, device=device))
-            return
-        self.a_t = torch.cat([a.T for _, (a, _) in loaded], dim=1).contiguous()
-        self.b = torch.cat([b.T for _, (_, b) in loaded], dim=0).contiguous()
-        col_slot = [s for s, (a, _) in loaded for _ in range(a.shape[0])]
+        col_slot = [s for s, rank in enumerate(ranks) for _ in range(rank)]
         self.layout = _Layout(ranks, torch.tensor(col_slot, dtype=torch.long, device=device))
+        loaded = [(s, w) for s, w in enumerate(self._slots) if w is not None]
+        self._row = {s: row for row, (s, _) in enumerate(loaded)}
+        if not loaded:
+            self.a = self.b = None
+            return
+        dtype, width = self.base_layer.weight.dtype, max(ranks)
+        self.a = torch.zeros(len(loaded), self.in_features, width, dtype=dtype, device=device)
+        self.b = torch.zeros(len(loaded), width, self.out_features, dtype=dtype, device=device)
+        for row, (_, (a, b)) in enumerate(loaded):
+            self.a[row, :, : a.shape[0]] = a.T
+            self.b[row, : a.shape[0]] = b.T
+
+    def _weights(self, slots: tuple[int, ...], grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of `slots` (ascending): grouped, a [G, in, r] and b [G, r, out]; dense,
+        their true-rank columns a_t [in, R] and b_t [R, out] (`LoRABatch.columns`' order)."""
+        if self._picked is None or self._picked[:2] != (slots, grouped):
+            assert self.a is not None and self.b is not None
+            if grouped and slots == tuple(self._row):  # every loaded slot: no copy
+                a, b = self.a, self.b
+            elif grouped:  # a slot with no weights here: zeros (its tokens add nothing)
+                pairs = [self._slot(s) for s in slots]
+                a = torch.stack([a for a, _ in pairs])
+                b = torch.stack([b for _, b in pairs])
+            else:
+                rows = [(self._row[s], self.layout.ranks[s]) for s in slots if s in self._row]
+                a = torch.cat([self.a[row, :, :rank] for row, rank in rows], 1)
+                b = torch.cat([self.b[row, :rank] for row, rank in rows], 0)
+            self._picked = (slots, grouped, a.contiguous(), b.contiguous())
+        return self._picked[2], self._picked[3]
+
+    def _slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot `slot`'s stacked (a, b), zeros where it has no weights at this module."""
+        assert self.a is not None and self.b is not None
+        row = self._row.get(slot)
+        if row is None:
+            return self.a.new_zeros(self.a.shape[1:]), self.b.new_zeros(self.b.shape[1:])
+        return self.a[row], self.b[row]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base_layer(x)
-        if self.a_t is None or self.b is None:
+        if self.a is None:
             return y
-        x2 = x.reshape(-1, self.in_features)
+        x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # y: fresh, ours
+        if not any(self.layout.ranks[s] for s in self.batch.active):
+            return y  # no adapter in use has weights here
+        groups = self.batch.groups(x2.shape[0], x2.dtype)
+        if groups is not None:
+            add_lora_grouped(y2, x2, *self._weights(groups.slots, grouped=True), groups)
+            return y
         selected = self.batch.columns(self.layout, x2.shape[0], x2.dtype)
-        if selected is None:
-            return y
-        cols, mask = selected
-        a_t, b = self.a_t, self.b
-        if cols is not None:
-            # the same adapters step after step (one user chatting): select their columns once
-            if self._picked is None or self._picked[0] != self.batch.active:
-                picked = (a_t.index_select(1, cols), b.index_select(0, cols))
-                self._picked = (self.batch.active, *picked)
-            a_t, b = self._picked[1], self._picked[2]
-        add_lora(y.view(-1, self.out_features), x2, a_t, b, mask)  # y: fresh, ours
+        if selected is not None:
+            slots = tuple(sorted(self.batch.active))
+            add_lora(y2, x2, *self._weights(slots, grouped=False), selected[1])
         return y
 
     def extra_repr(self) -> str:
