@@ -83,15 +83,15 @@ def test_only_the_columns_of_slots_in_use_take_part() -> None:
 
 def test_the_form_follows_the_number_of_adapters_in_use() -> None:
     batch = LoRABatch()
-    assert lora.GROUPED_MIN_SPREAD == 8
+    assert lora.GROUPED_MIN_SPREAD == 4
     batch.set([0, 1, 2, 3, 4, 5, 6, 7] * 4, [], torch.device("cpu"))  # 32 decodes, 8 adapters
     assert batch.groups(32, torch.float32) is not None
-    batch.set([0] * 4 + [1, 2, 3, 4, 5, 6, 7] * 4, [], torch.device("cpu"))  # slot 0: 4 of 32
+    batch.set([0] * 8 + [1, 2, 3, 4, 5, 6] * 4, [], torch.device("cpu"))  # slot 0: 8 of 32
     assert batch.groups(32, torch.float32) is not None
     batch.set([0] * 128 + [1, 2, 3, 4, 5, 6, 7] * 4, [], torch.device("cpu"))  # a prompt on 0
     assert batch.groups(156, torch.float32) is None  # uneven: 7 groups padded to 128 rows
-    batch.set([0, 1, 2, 3] * 2, [], torch.device("cpu"))  # 2 tokens a slot of 8: 1/4
-    assert batch.groups(8, torch.float32) is None
+    batch.set([0, 1, 2] * 3, [], torch.device("cpu"))  # 3 tokens a slot of 9: more than 1/4
+    assert batch.groups(9, torch.float32) is None
     batch.set([0, 1, 2, 3, 0] + [-1] * 35, [], torch.device("cpu"))
     groups = batch.groups(40, torch.float32)
     assert groups is not None and groups.shape == (4, 2)

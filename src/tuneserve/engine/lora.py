@@ -9,18 +9,19 @@ computes the whole mixed batch (`LoRABatch.groups` picks, per step, by how the t
 
 - dense over the true-rank columns of the slots in use, `y = base(x) + ((x @ a_t) * mask) @ b_t`,
   a 0/1 mask `[N, R]` selecting each token's columns: three ops per module, nothing gathered;
-- grouped, when many adapters share the step about evenly (the largest group at most
-  1/GROUPED_MIN_SPREAD of the tokens: 32 decodes on 8 adapters): tokens grouped by slot, each
+- grouped, when many adapters share the step (the largest group at most 1/GROUPED_MIN_SPREAD
+  of the tokens: 32 decodes on 8 adapters, even drawn at random): tokens grouped by slot, each
   group padded to the largest, one batched product per factor, `h = bmm(x[groups], a[slots])`,
   then `y.index_add_(tokens, bmm(h, b[slots]))`. A token meets only its own adapter's columns,
   where the dense form multiplies it by every adapter's in use (R = 8 x 16 = 128 columns with 8
   adapters of rank 16); but padding costs as much as tokens, so uneven groups (a long prompt on
   one adapter beside decodes on others) stay dense.
 
-Measured on SmolLM2-135M (q/k/v/o at rank 16, 2-core AVX2, microseconds per layer, even
-groups): dense 14 / 45 / 69 / 289 at 1 token / 32 tokens on 1, 2 and 8 adapters; grouped
-37 / 97 / 96 / 145. The whole forward of 32 decodes on 8 adapters: 60.9 ms dense, 52.8 grouped,
-49.8 on one adapter (benchmarks/README.md, "Many adapters in one step").
+Measured on SmolLM2-135M (q/k/v/o at rank 16, 2-core AVX2): per layer, even groups, dense
+14 / 45 / 69 / 289 us at 1 token / 32 tokens on 1, 2 and 8 adapters, grouped 37 / 97 / 96 /
+145; the whole forward of 32 decodes on 8 adapters drawn at random (7 on the commonest) 59.6 ms
+dense, 54.0 grouped; four 128-token prompts on 4 adapters beside 28 decodes on 8, 522 vs 469
+(benchmarks/README.md, "Many adapters in one step").
 Modules no adapter in use touches, and steps with no adapter rows, skip the LoRA path.
 
 `LoRAManager` owns the slots: a bounded set of hot slots filled on demand, least recently used
@@ -65,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 # Tokens are grouped by adapter when the largest group holds at most 1/GROUPED_MIN_SPREAD of
 # a module's tokens: the padded groups then cost less than the dense columns (see the docstring)
-GROUPED_MIN_SPREAD = 8
+GROUPED_MIN_SPREAD = 4
 
 
 # -- the batched ops and their oracle -----------------------------------------------------------
