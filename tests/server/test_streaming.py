@@ -355,3 +355,46 @@ def test_collect_choices_raises_the_first_error() -> None:
     with pytest.raises(ValueError, match="bad choice"):
         run(body)
     assert "b closed" in log
+
+
+def test_a_source_cancelled_on_its_own_fails_the_merge_instead_of_hanging_it() -> None:
+    """A source that raises CancelledError itself (not because the merge closed it: its
+    engine went away under it, say) is an error of that choice; the others are closed."""
+    log: list[str] = []
+    hold = asyncio.Event()
+    gone = Source("a", ["a1", asyncio.CancelledError()], log)
+    other = Source("b", ["b1", hold, "b2"], log)
+
+    async def body() -> list[tuple[int, str]]:
+        seen: list[tuple[int, str]] = []
+        with pytest.raises(EngineError, match="choice 0: its generation was cancelled"):
+            async with aclosing(merge_streams([gone.stream(), other.stream()])) as merged:
+                async for index, delta in merged:
+                    seen.append((index, delta.text))
+        return seen
+
+    seen = run(body)
+    assert (0, "a1") in seen and (1, "b1") in seen and (1, "b2") not in seen
+    assert "b closed" in log  # the other choice was cancelled and cleaned up
+
+
+def test_a_plain_async_iterator_is_read_without_being_closed() -> None:
+    """`merge_streams` takes any async iterator; only generators have `aclose`."""
+
+    class Plain:
+        def __init__(self) -> None:
+            self.items = [StreamDelta(text="x"), StreamDelta(text="y", finish_reason="stop")]
+
+        def __aiter__(self) -> Plain:
+            return self
+
+        async def __anext__(self) -> StreamDelta:
+            if not self.items:
+                raise StopAsyncIteration
+            return self.items.pop(0)
+
+    async def body() -> list[tuple[int, str]]:
+        async with aclosing(merge_streams([Plain()])) as merged:
+            return [(index, delta.text) async for index, delta in merged]
+
+    assert run(body) == [(0, "x"), (0, "y")]

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tuneserve.engine.types import StreamDelta, TokenLogprob
+from tuneserve.errors import EngineError
 from tuneserve.server.error_handlers import as_api_error
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,20 @@ async def merge_streams(
 
     async def pump(index: int, stream: AsyncIterator[StreamDelta]) -> None:
         try:
-            async with aclosing(stream):  # type: ignore[type-var]
+            try:
                 async for delta in stream:
                     queue.put_nowait((index, delta))
+            finally:
+                close = getattr(stream, "aclose", None)  # a generator; a plain iterator has none
+                if close is not None:
+                    await close()
         except Exception as exc:  # handed to the consumer, which raises it
             queue.put_nowait((index, exc))
+        except asyncio.CancelledError:
+            # ours (the merge is closing: nobody reads the queue any more), or the source's own
+            # (say, its engine stopped under it): the consumer must not wait for this choice
+            queue.put_nowait((index, EngineError(f"choice {index}: its generation was cancelled")))
+            raise
         else:
             queue.put_nowait((index, _DONE))
 
