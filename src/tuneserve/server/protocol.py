@@ -18,9 +18,11 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
     SerializerFunctionWrapHandler,
+    Tag,
     field_validator,
     model_serializer,
     model_validator,
@@ -462,7 +464,17 @@ class NamedToolChoice(RequestModel):
     function: NamedFunction
 
 
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+def _tool_choice_kind(value: Any) -> str:
+    return "NamedToolChoice" if isinstance(value, dict | NamedToolChoice) else "ToolChoiceMode"
+
+
+# an object is a named function, anything else a mode: a malformed object is reported as that
+# alone, not also as "not one of the modes" (the tags are type names: error paths skip them)
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("ToolChoiceMode")]
+    | Annotated[NamedToolChoice, Tag("NamedToolChoice")],
+    Discriminator(_tool_choice_kind),
+]
 
 
 class ChatCompletionRequest(SamplingFields):
