@@ -71,17 +71,19 @@ def test_batched_op_equals_the_plain_loop(
 def test_only_the_columns_of_slots_in_use_take_part() -> None:
     layer, batch = random_layer([4, 8, 2, 6])
     batch.set([3, -1, 1, 3], [], torch.device("cpu"))
-    selected = batch.columns(layer.layout, 4, torch.float32)
-    assert selected is not None
-    cols, mask = selected
-    assert cols is not None and cols.tolist() == [*range(4, 12), *range(14, 20)]  # slots 1 and 3
-    assert mask.shape == (4, 8 + 6)
+    mask = batch.mask(layer.ranks, 4, torch.float32)
+    assert mask is not None and mask.shape == (4, 8 + 6)  # slots 1 and 3: their columns only
+    assert mask.sum(1).tolist() == [6, 0, 8, 6]
     batch.set([0, 1, 2, 3], [], torch.device("cpu"))
-    selected = batch.columns(layer.layout, 4, torch.float32)
-    assert selected is not None and selected[0] is None  # every slot in use: no copy
+    mask = batch.mask(layer.ranks, 4, torch.float32)
+    assert mask is not None and mask.shape == (4, 20)
+    batch.set([2, 2, 2], [], torch.device("cpu"))
+    assert batch.mask(layer.ranks, 3, torch.float32) is None  # one slot for all: all ones
+    batch.set([2, -1, 2], [], torch.device("cpu"))
+    assert batch.mask(layer.ranks, 3, torch.float32) is not None
 
 
-def test_the_form_follows_the_number_of_adapters_in_use() -> None:
+def test_the_form_follows_how_the_tokens_spread_over_adapters() -> None:
     batch = LoRABatch()
     assert lora.GROUPED_MIN_SPREAD == 4
     batch.set([0, 1, 2, 3, 4, 5, 6, 7] * 4, [], torch.device("cpu"))  # 32 decodes, 8 adapters
@@ -147,7 +149,7 @@ def test_a_module_after_logits_to_keep_uses_the_kept_rows_slots(
 def test_reset_lora_empties_a_slot(lora_form: str) -> None:
     layer, batch = random_layer([4, 8])
     layer.reset_lora(0)
-    assert layer.layout.ranks == (0, 8)
+    assert layer.ranks == (0, 8)
     x = torch.randn(1, 2, 24)
     batch.set([0, 1], [], torch.device("cpu"))
     expected = layer.base_layer(x)[0] + lora_reference(x[0], [0, 1], layer.slot_weights())
@@ -291,7 +293,7 @@ def test_manager_wraps_the_union_of_targets_and_evicts_least_recently_used(
     assert manager.stats.evictions == 1
     # gamma targets only o_proj/down_proj: slot g holds nothing at q_proj
     q = manager.layers["model.layers.0.self_attn.q_proj"]
-    assert q.layout.ranks[g] == 0 and q.layout.ranks[b] == 8
+    assert q.ranks[g] == 0 and q.ranks[b] == 8
     # the CPU store keeps at most two adapters' weights: alpha was dropped, read again
     manager.release(g)
     manager.acquire("alpha")
@@ -336,17 +338,17 @@ def test_manager_retires_a_replaced_or_removed_version_only_when_unpinned(
     # a new version under the same name while a request runs on the old one
     install(alpha)
     q = manager.layers["model.layers.0.self_attn.q_proj"]
-    assert manager.hot == {} and q.layout.ranks[pinned] == 4  # retiring, weights kept
+    assert manager.hot == {} and q.ranks[pinned] == 4  # retiring, weights kept
     fresh = manager.acquire("alpha")
     assert fresh is not None and fresh != pinned
     manager.release(pinned)
-    assert q.layout.ranks[pinned] == 0 and manager.hot == {fresh: "alpha"}
+    assert q.ranks[pinned] == 0 and manager.hot == {fresh: "alpha"}
     # new targets are wrapped on arrival; remove frees an idle slot at once
     install(gamma)
     assert "model.layers.0.mlp.down_proj" in manager.layers
     manager.release(fresh)
     manager.remove("alpha")
-    assert manager.hot == {} and not any(q.layout.ranks)
+    assert manager.hot == {} and not any(q.ranks)
     with pytest.raises(UnknownAdapterError, match="'alpha'"):
         manager.acquire("alpha")
     with pytest.raises(UnknownAdapterError):

@@ -299,7 +299,7 @@ def test_replace_keeps_running_requests_on_the_old_version(
     # the old version is gone once its last request ended
     if isinstance(engine, ContinuousBatchingEngine):
         q_proj = engine.loras.layers["model.layers.0.self_attn.q_proj"]
-        assert sorted(r for r in q_proj.layout.ranks if r) == [8]  # only v2 (rank 8) is left
+        assert sorted(r for r in q_proj.ranks if r) == [8]  # only v2 (rank 8) is left
     else:
         assert isinstance(engine, PeftBatchEngine)
         assert len(engine.model.peft_config) == 1
@@ -331,7 +331,7 @@ def test_replace_and_remove_idle_adapters_next_to_others(
     if isinstance(engine, ContinuousBatchingEngine):
         assert sorted(engine.loras.hot.values()) == ["alpha"]
         down = engine.loras.layers["model.layers.0.mlp.down_proj"]  # only gamma targets it
-        assert not any(down.layout.ranks)
+        assert not any(down.ranks)
     else:
         assert isinstance(engine, PeftBatchEngine)
         assert len(engine.model.peft_config) == 1
@@ -379,7 +379,7 @@ def test_remove_running_finish_waiting_fail_later_refused(
     if isinstance(engine, ContinuousBatchingEngine):
         assert engine.loras.hot == {}
         q_proj = engine.loras.layers["model.layers.0.self_attn.q_proj"]
-        assert not any(q_proj.layout.ranks)  # its slot was freed when the long request ended
+        assert not any(q_proj.ranks)  # its slot was freed when the long request ended
     else:
         from peft import PeftModel
 

@@ -89,7 +89,11 @@ def lora_reference(
 
 
 def add_lora(
-    y: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor, mask: torch.Tensor
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_t: torch.Tensor,
+    b: torch.Tensor,
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """y += the per-token LoRA delta of slot-stacked weights (in place; returns y).
 
@@ -99,10 +103,12 @@ def add_lora(
             if s >= 0 and slot s has weights here:
                 y[i] += B_s @ (A_s @ x[i])
     where a_t = cat([A_s.T for s in slots], 1) [in, R], b = cat([B_s.T ...], 0) [R, out] and
-    mask[i, c] = 1 iff column c belongs to slot token_slot[i].
+    mask[i, c] = 1 iff column c belongs to slot token_slot[i]; None when every token uses the
+    one slot of a_t (one user chatting, or every row on one adapter): all ones, skipped.
     """
     # y: [N, out], x: [N, in], a_t: [in, R], b: [R, out], mask: [N, R]
-    return y.addmm_((x @ a_t).mul_(mask), b)
+    h = x @ a_t
+    return y.addmm_(h if mask is None else h.mul_(mask), b)
 
 
 def add_lora_grouped(
@@ -162,77 +168,64 @@ class LoRABatch:
     """Which slot each packed token uses this step (-1 = none); masks and groups cached."""
 
     def __init__(self) -> None:
-        self.token_slots: torch.Tensor | None = None  # [N] long
-        self.keep_slots: torch.Tensor | None = None  # [K] long: rows whose logits are kept
-        self.active: frozenset[int] = frozenset()
-        self._active_t: torch.Tensor | None = None  # [A] long: the slots some token uses
-        self._lists: tuple[Sequence[int], Sequence[int]] = ((), ())
+        self.active: frozenset[int] = frozenset()  # the slots some token uses
+        self._lists: tuple[Sequence[int], Sequence[int]] = ((), ())  # token slots, kept rows'
         self._device = torch.device("cpu")
-        self._masks: dict[Any, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._masks: dict[Any, torch.Tensor | None] = {}
         self._groups: dict[Any, SlotGroups | None] = {}
 
     def set(
         self, token_slots: Sequence[int], keep_slots: Sequence[int], device: torch.device
     ) -> None:
+        """This step's slot per packed token, and per row whose logits are kept (-1 = none)."""
         self._masks.clear()
         self._groups.clear()
         self.active = frozenset(s for s in token_slots if s >= 0)
-        if not self.active:
-            self.token_slots = self.keep_slots = None
-            return
         self._lists, self._device = (token_slots, keep_slots), device
-        self.token_slots = torch.tensor(token_slots, dtype=torch.long, device=device)
-        self._active_t = torch.tensor(sorted(self.active), dtype=torch.long, device=device)
-        self.keep_slots = torch.tensor(keep_slots, dtype=torch.long, device=device)
 
     def clear(self) -> None:
         self.set((), (), torch.device("cpu"))
+
+    def _slots_of(self, num_tokens: int) -> Sequence[int]:
+        """The slot of each token a module sees: every packed token, or after logits_to_keep
+        (lm_head) one per kept row."""
+        tokens, kept = self._lists
+        slots = tokens if num_tokens == len(tokens) else kept
+        assert num_tokens == len(slots)
+        return slots
 
     def groups(self, num_tokens: int, dtype: torch.dtype) -> SlotGroups | None:
         """The tokens of a module seeing `num_tokens` tokens grouped by slot, when the grouped
         form pays for them (see the module docstring); None: the dense form."""
         key = (num_tokens, dtype)
         if key not in self._groups:
-            tokens, kept = self._lists
-            slots = tokens if num_tokens == len(tokens) else kept  # after logits_to_keep
-            assert num_tokens == len(slots)
+            slots = self._slots_of(num_tokens)
             counts = collections.Counter(s for s in slots if s >= 0)
             spread = bool(counts) and max(counts.values()) * GROUPED_MIN_SPREAD <= num_tokens
             self._groups[key] = SlotGroups.of(slots, self._device, dtype) if spread else None
         return self._groups[key]
 
-    def columns(
-        self, layout: _Layout, num_tokens: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-        """(cols, mask) for this module layout, or None when no token here uses it.
-
-        cols [R'] are the stacked columns of the slots some token uses this step (None: all of
-        them); mask [N, R'] is 0/1 per token. With many adapters hot and few in use, the unused
-        slots' columns would only be multiplied by zero: skipping them keeps the LoRA cost
-        proportional to the adapters in use, not to the adapters loaded.
-        """
-        if self.token_slots is None or not any(layout.ranks[s] for s in self.active):
-            return None
-        slots = self.token_slots
-        if num_tokens != slots.shape[0]:
-            # a module after logits_to_keep (lm_head): one token per kept row
-            assert self.keep_slots is not None and num_tokens == self.keep_slots.shape[0]
-            slots = self.keep_slots
-        key = (layout.ranks, num_tokens, dtype)
+    def mask(
+        self, ranks: tuple[int, ...], num_tokens: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The dense form's 0/1 mask [N, R] for a module whose slots have `ranks`: R columns,
+        the true ranks of the slots in use there, in slot order (the slots loaded but unused
+        this step take no part: the cost follows the adapters in use, not the adapters hot);
+        mask[i, c] = 1 iff column c is token i's slot's. None when it would be all ones: every
+        token on the one slot in use."""
+        key = (ranks, num_tokens, dtype)
         if key not in self._masks:
-            col_slot = layout.col_slot
-            used = torch.isin(col_slot, self._active_t)  # type: ignore[arg-type]
-            cols = None if bool(used.all()) else used.nonzero().squeeze(1)
-            if cols is not None:
-                col_slot = col_slot[cols]
-            self._masks[key] = (cols, (slots[:, None] == col_slot[None, :]).to(dtype))
+            slots = self._slots_of(num_tokens)
+            used = [s for s in sorted(self.active) if ranks[s]]
+            if len(used) == 1 and all(s == used[0] for s in slots):
+                self._masks[key] = None
+            else:
+                col_slot = torch.tensor(
+                    [s for s in used for _ in range(ranks[s])], device=self._device
+                )
+                token_slot = torch.tensor(slots, device=self._device)
+                self._masks[key] = (token_slot[:, None] == col_slot[None, :]).to(dtype)
         return self._masks[key]
-
-
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    ranks: tuple[int, ...]  # rank of each slot at this module (0 = nothing loaded here)
-    col_slot: torch.Tensor  # [R] long: the slot of each stacked column
 
 
 class BatchedLoRALinear(nn.Module):
@@ -254,7 +247,7 @@ class BatchedLoRALinear(nn.Module):
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         self._row: dict[int, int] = {}
-        self.layout = _Layout((0,) * num_slots, torch.empty(0, dtype=torch.long))
+        self.ranks: tuple[int, ...] = (0,) * num_slots  # per slot here (0 = nothing loaded)
         # (the slots, the form, their weights in that form): kept while the same slots are in
         # use (one user chatting, a steady set of adapters)
         self._picked: tuple[tuple[int, ...], bool, torch.Tensor, torch.Tensor] | None = None
@@ -298,8 +291,7 @@ class BatchedLoRALinear(nn.Module):
         self._picked = None
         ranks = tuple(0 if w is None else w[0].shape[0] for w in self._slots)
         device = self.base_layer.weight.device
-        col_slot = [s for s, rank in enumerate(ranks) for _ in range(rank)]
-        self.layout = _Layout(ranks, torch.tensor(col_slot, dtype=torch.long, device=device))
+        self.ranks = ranks
         loaded = [(s, w) for s, w in enumerate(self._slots) if w is not None]
         self._row = {s: row for row, (s, _) in enumerate(loaded)}
         if not loaded:
@@ -314,7 +306,7 @@ class BatchedLoRALinear(nn.Module):
 
     def _weights(self, slots: tuple[int, ...], grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The weights of `slots` (ascending): grouped, a [G, in, r] and b [G, r, out]; dense,
-        their true-rank columns a_t [in, R] and b_t [R, out] (`LoRABatch.columns`' order)."""
+        their true-rank columns a_t [in, R] and b_t [R, out] (`LoRABatch.mask`'s order)."""
         if self._picked is None or self._picked[:2] != (slots, grouped):
             assert self.a is not None and self.b is not None
             if grouped and slots == tuple(self._row):  # every loaded slot: no copy
@@ -324,7 +316,7 @@ class BatchedLoRALinear(nn.Module):
                 a = torch.stack([a for a, _ in pairs])
                 b = torch.stack([b for _, b in pairs])
             else:
-                rows = [(self._row[s], self.layout.ranks[s]) for s in slots if s in self._row]
+                rows = [(self._row[s], self.ranks[s]) for s in slots]
                 a = torch.cat([self.a[row, :, :rank] for row, rank in rows], 1)
                 b = torch.cat([self.b[row, :rank] for row, rank in rows], 0)
             self._picked = (slots, grouped, a.contiguous(), b.contiguous())
@@ -343,20 +335,19 @@ class BatchedLoRALinear(nn.Module):
         if self.a is None:
             return y
         x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # y: fresh, ours
-        if not any(self.layout.ranks[s] for s in self.batch.active):
+        if not any(self.ranks[s] for s in self.batch.active):
             return y  # no adapter in use has weights here
         groups = self.batch.groups(x2.shape[0], x2.dtype)
         if groups is not None:
             add_lora_grouped(y2, x2, *self._weights(groups.slots, grouped=True), groups)
             return y
-        selected = self.batch.columns(self.layout, x2.shape[0], x2.dtype)
-        if selected is not None:
-            slots = tuple(sorted(self.batch.active))
-            add_lora(y2, x2, *self._weights(slots, grouped=False), selected[1])
+        used = tuple(s for s in sorted(self.batch.active) if self.ranks[s])
+        mask = self.batch.mask(self.ranks, x2.shape[0], x2.dtype)
+        add_lora(y2, x2, *self._weights(used, grouped=False), mask)
         return y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, ranks={self.layout.ranks}"
+        return f"in={self.in_features}, out={self.out_features}, ranks={self.ranks}"
 
 
 # -- adapter files -----------------------------------------------------------------------------
