@@ -5,7 +5,8 @@ can check that the official client's requests are the right ones and that the pr
 answers right.
 
 What it checks of each request:
-- a bearer token (the kubeconfig's), else 401;
+- a bearer token (the kubeconfig's), else 401; writes of the kinds in `forbidden` get the 403
+  an API server's RBAC gives (its message's words);
 - server-side apply: PATCH with Content-Type application/apply-patch+yaml, fieldManager=tuneserve,
   force=true, a body whose apiVersion, kind, name and namespace match the URL;
 - merge patches: Content-Type application/merge-patch+json, applied as RFC 7386; JSON patches
@@ -136,6 +137,8 @@ class KubeStandIn:
     )
     negotiated: list[str] = field(default_factory=list)  # each exec's chosen subprotocol
     ready_counts: dict[str, list[int]] = field(default_factory=dict)  # by Deployment name
+    # kinds the kubeconfig's user may not write (RBAC): their PATCH gets the API server's 403
+    forbidden: set[str] = field(default_factory=set)
 
     def claim_dir(self, claim: str) -> Path:
         if claim not in self.claims:
@@ -312,6 +315,14 @@ class KubeStandIn:
             if method == "DELETE" and found["name"]:
                 gone = self.objects.pop(url.path, None)
                 return (200, gone) if gone else (404, _status(404, f"{kind} not found"))
+            if method == "PATCH" and kind in self.forbidden:
+                ns = found["ns"]
+                scope = f'in the namespace "{ns}"' if ns else "at the cluster scope"
+                return 403, _status(
+                    403,
+                    f'{found["plural"]} "{found["name"]}" is forbidden: User "stand-in" cannot '
+                    f'patch resource "{found["plural"]}" in API group "{group}" {scope}',
+                )
             if method == "PATCH":
                 answer = self._patch(kind, found, url.path, query, headers, json.loads(body))
                 self.reconcile()

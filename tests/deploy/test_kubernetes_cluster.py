@@ -86,6 +86,32 @@ def test_provision_applies_server_side_and_again_changes_nothing(
     assert json.dumps(cluster.objects, sort_keys=True) == before  # nothing changed
 
 
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        (
+            "PersistentVolume",
+            "PersistentVolume is cluster-scoped: rights in a namespace do not cover it; the "
+            "kubeconfig's user needs a ClusterRole allowing create and patch on persistentvolumes "
+            "(or provision with --storage-class NAME: a claim on a class needs no volume)",
+        ),
+        (
+            "Secret",
+            "the kubeconfig's user needs the right to create and patch secrets in this namespace",
+        ),
+    ],
+)
+def test_a_write_rbac_refuses_says_which_rights_are_missing(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn, kind: str, words: str
+) -> None:
+    """A namespace admin cannot write a PersistentVolume (cluster-scoped): the 403 is the API
+    server's, and provision adds what it means and the way around it."""
+    cluster.forbidden = {kind}
+    result = provision(cli, workspace, ok=False)
+    assert "is forbidden" in result.output and "cannot patch resource" in result.output
+    assert words in " ".join(result.output.split())  # the message may be wrapped
+
+
 def test_without_keda_the_autoscaler_is_a_plain_hpa_on_the_same_gauge(
     cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
 ) -> None:

@@ -151,9 +151,14 @@ class KubeApi:
         meta = obj["metadata"]
         path = self.path(obj["kind"], meta["name"], meta.get("namespace"))
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
-        result: dict[str, Any] = self.request(
-            "PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml"
-        )
+        try:
+            result: dict[str, Any] = self.request(
+                "PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml"
+            )
+        except KubeApiError as exc:
+            if exc.status != 403:
+                raise
+            raise KubeApiError(f"{exc} ({_rights_needed(obj['kind'])})", 403) from None
         return result
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
@@ -295,6 +300,24 @@ def exit_status(raw: bytes | str) -> tuple[int, str]:
                 if cause.get("reason") == "ExitCode" and str(cause.get("message", "")).isdigit():
                     return int(cause["message"]), ""
     return -1, _reason(text.strip().encode())
+
+
+def _rights_needed(kind: str) -> str:
+    """What a 403 on applying `kind` means for whoever runs provision."""
+    if KINDS[kind].namespaced:
+        return (
+            f"the kubeconfig's user needs the right to create and patch {KINDS[kind].plural} "
+            "in this namespace: a Role (or the namespace's admin ClusterRole) bound to it"
+        )
+    hint = (
+        f"{kind} is cluster-scoped: rights in a namespace do not cover it; the kubeconfig's user "
+        f"needs a ClusterRole allowing create and patch on {KINDS[kind].plural}"
+    )
+    if kind == "PersistentVolume":
+        hint += " (or provision with --storage-class NAME: a claim on a class needs no volume)"
+    elif kind == "Namespace":
+        hint += " (or have the namespace made for you and provision into it)"
+    return hint
 
 
 def _reason(data: bytes) -> str:
