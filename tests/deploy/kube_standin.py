@@ -153,6 +153,14 @@ class KubeStandIn:
     def find(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.objects.values() if o["kind"] == kind]
 
+    def add_secret(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """A Secret the user made with kubectl (the storage account key's, say)."""
+        encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+        meta = {"name": name, "namespace": namespace}
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": encoded}
+        with self.lock:
+            self._put(f"/api/v1/namespaces/{namespace}/secrets/{name}", secret)
+
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
         return next((o for o in self.find(kind) if o["metadata"]["name"] == name), None)
 

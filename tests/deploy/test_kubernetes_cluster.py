@@ -20,6 +20,7 @@ import yaml
 from tests.deploy import kube_standin
 from tests.deploy.kube_standin import REVISION, KubeStandIn
 from tuneserve.deploy.infra import load_config
+from tuneserve.deploy.k8s.manifests import AZURE_SECRET_FIELDS
 from tuneserve.deploy.k8s.provider import KEDA_PAUSED, KubernetesProvider
 from tuneserve.deploy.scaffold import init_workspace
 from tuneserve.deploy.shares import LocalDirTarget
@@ -50,6 +51,12 @@ def workspace(tmp_path: Path) -> Path:
 
 def provision(cli: Callable[..., Any], ws: Path, *extra: str, ok: bool = True) -> Any:
     return cli("provision", "-w", ws, "--provider", "kubernetes", "--namespace", NS, *extra, ok=ok)
+
+
+def storage_key(cluster: KubeStandIn, ws: Path) -> None:
+    """The user's one step after provisioning on Azure Files: the account key's Secret."""
+    name, key = AZURE_SECRET_FIELDS
+    cluster.add_secret(NS, f"{app_of(ws)}-storage", {name: "acct", key: "secret-key"})
 
 
 def app_of(ws: Path) -> str:
@@ -152,6 +159,7 @@ def test_deploy_rolls_a_new_revision_and_a_failed_one_is_undone(
     cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
 ) -> None:
     provision(cli, workspace)
+    storage_key(cluster, workspace)
     app = app_of(workspace)
     first = cli("deploy", "-w", workspace)
     assert f"Deployed revision {app}--r1" in first.output
@@ -181,6 +189,32 @@ def test_deploy_rolls_a_new_revision_and_a_failed_one_is_undone(
     assert [p["metadata"]["annotations"][REVISION] for p in cluster.pods()] == [f"{app}--r2"]
 
 
+def test_a_deploy_without_the_storage_key_secret_is_refused_at_once(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    """The Azure Files volume mounts with the account key's Secret, which the user creates (the
+    key is Azure's): without it the pods would wait to mount until the deploy timed out, so the
+    deploy stops before changing anything and says how to make it; provision says whether it
+    is there."""
+    result = provision(cli, workspace)
+    app = app_of(workspace)
+    assert f"create secret generic {app}-storage" in result.output
+    before = json.dumps(cluster.objects, sort_keys=True)
+    refused = cli("deploy", "-w", workspace, ok=False)
+    words = " ".join(refused.output.split())
+    assert f"mounts with Secret '{app}-storage', which is not in namespace '{NS}'" in words
+    assert f"-n {NS} create secret generic {app}-storage" in words
+    assert "Syncing" not in words  # refused before the sync
+    assert "--from-literal=azurestorageaccountkey=" in words
+    assert json.dumps(cluster.objects, sort_keys=True) == before  # nothing was changed
+
+    storage_key(cluster, workspace)
+    again = provision(cli, workspace)
+    assert f"mounts with Secret {app}-storage (present)" in again.output
+    assert "create secret generic" not in again.output
+    cli("deploy", "-w", workspace)
+
+
 def test_the_stand_in_removes_old_pods_early_unless_the_strategy_keeps_them(
     cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
 ) -> None:
@@ -189,6 +223,7 @@ def test_the_stand_in_removes_old_pods_early_unless_the_strategy_keeps_them(
     from tuneserve.deploy.k8s.provider import kube_api
 
     provision(cli, workspace)
+    storage_key(cluster, workspace)
     app = app_of(workspace)
     cli("deploy", "-w", workspace)
     api = kube_api("stand-in", NS)
@@ -204,6 +239,7 @@ def test_status_logs_and_stop(
     cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
 ) -> None:
     provision(cli, workspace)
+    storage_key(cluster, workspace)
     app = app_of(workspace)
     cli("deploy", "-w", workspace)
 
@@ -235,6 +271,7 @@ def test_a_failed_first_deploy_leaves_the_provisioned_pods_serving(
     cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
 ) -> None:
     provision(cli, workspace)
+    storage_key(cluster, workspace)
     app = app_of(workspace)
     provisioned = cluster.pods()
     assert len(provisioned) == 1 and REVISION not in provisioned[0]["metadata"]["annotations"]

@@ -59,6 +59,20 @@ class AzureFilesShare:
     resource_group: str | None  # the account's, where it is not the cluster nodes' group
     secret: str  # a Secret holding AZURE_SECRET_FIELDS, which the user creates
 
+    @classmethod
+    def of_volume(cls, volume: Obj) -> AzureFilesShare | None:
+        """The share a rendered PersistentVolume mounts (None: not an Azure Files volume)."""
+        csi = volume.get("spec", {}).get("csi", {})
+        if csi.get("driver") != "file.csi.azure.com":
+            return None
+        attributes = csi.get("volumeAttributes", {})
+        return cls(
+            attributes["storageAccount"],
+            attributes["shareName"],
+            attributes.get("resourceGroup"),
+            csi["nodeStageSecretRef"]["name"],
+        )
+
 
 @dataclass(frozen=True)
 class ClassShare:

@@ -107,6 +107,18 @@ def kubeconfig_context() -> str | None:
     return None
 
 
+def storage_secret_command(share: m.AzureFilesShare, context: str, namespace: str) -> str:
+    """The kubectl command creating the Secret an Azure Files volume mounts with: the account's
+    key, which only Azure can tell (the fine-tuning step's account, so it exists already)."""
+    rg = share.resource_group or "<resource group>"
+    key = f"$(az storage account keys list -g {rg} -n {share.account} --query [0].value -o tsv)"
+    name_field, key_field = m.AZURE_SECRET_FIELDS
+    return (
+        f"{kubectl(context, namespace)} create secret generic {share.secret} "
+        f"--from-literal={name_field}={share.account} --from-literal={key_field}={key}"
+    )
+
+
 def kubectl(context: str, namespace: str | None = None) -> str:
     """The kubectl command line reaching the same cluster and namespace."""
     words = ["kubectl"]
@@ -206,7 +218,17 @@ class KubernetesProvider(Provider):
         for path in files:
             self.console.print(f"  rendered {self.paths.rel(path)}")
         if isinstance(spec.storage, m.AzureFilesShare):
-            self._explain_storage_secret(spec, spec.storage, context)
+            share = spec.storage
+            if api is not None and api.get("Secret", share.secret) is not None:
+                self.console.print(f"  the volume mounts with Secret {share.secret} (present)")
+            else:
+                self.console.print(
+                    escape(
+                        f"The volume on Azure Files share {share.share!r} of {share.account!r} "
+                        "mounts with the account's key; create its Secret once:\n  "
+                        + storage_secret_command(share, context, spec.namespace)
+                    )
+                )
         apply = (
             f"{kubectl(context)} apply --server-side --field-manager tuneserve "
             f"-f {self.paths.rel(self.manifests_dir)}/"
@@ -263,23 +285,6 @@ class KubernetesProvider(Provider):
                 "cluster does not serve: it will not scale until that API is there."
             )
         return spec
-
-    def _explain_storage_secret(
-        self, spec: m.KubeSpec, share: m.AzureFilesShare, context: str
-    ) -> None:
-        """The volume mounts with the account's key, which only Azure can tell: the user
-        creates that Secret once (the fine-tuning step's account, so it exists already)."""
-        rg = share.resource_group or "<resource group>"
-        key = f"$(az storage account keys list -g {rg} -n {share.account} --query [0].value -o tsv)"
-        name_field, key_field = m.AZURE_SECRET_FIELDS
-        self.console.print(
-            escape(
-                f"The volume on Azure Files share {share.share!r} of {share.account!r} mounts with "
-                f"the account's key; create its Secret once:\n  {kubectl(context, spec.namespace)} "
-                f"create secret generic {share.secret} "
-                f"--from-literal={name_field}={share.account} --from-literal={key_field}={key}"
-            )
-        )
 
     def _apply(self, api: KubeApi, objects: list[dict[str, Any]]) -> None:
         """Server-side apply of each object, in file order: creates what is missing, updates
@@ -352,6 +357,10 @@ class KubernetesProvider(Provider):
             )
         return render.read(self.manifests_dir)
 
+    def deploying(self, replicas: int | None) -> contextlib.AbstractContextManager[None]:
+        self._check_storage_secret(self._api())  # before the sync: nothing is changed
+        return super().deploying(replicas)
+
     def roll_out(self, sync_summary: str, *, timeout: float, replicas: int | None) -> DeployResult:
         # 1. (the sync) done: the share holds the workspace
         api = self._api()
@@ -411,6 +420,22 @@ class KubernetesProvider(Provider):
         ready = (api.get("Deployment", self.app) or {}).get("status", {})
         return DeployResult(
             revision, self.endpoint, sync_summary, replicas=ready.get("availableReplicas", 0)
+        )
+
+    def _check_storage_secret(self, api: KubeApi) -> None:
+        """An Azure Files volume mounts with the account key's Secret: without it the new pods
+        would wait in ContainerCreating until the deploy timed out. Refuse before changing
+        anything."""
+        volumes = [o for o in self._manifests() if o["kind"] == "PersistentVolume"]
+        share = m.AzureFilesShare.of_volume(volumes[0]) if volumes else None
+        if share is None or api.get("Secret", share.secret) is not None:
+            return
+        context = str(self._config().SUBSCRIPTION_ID)
+        raise ProviderError(
+            f"nothing was changed: the volume on Azure Files share {share.share!r} of "
+            f"{share.account!r} mounts with Secret {share.secret!r}, which is not in namespace "
+            f"{api.namespace!r} (pods would wait to mount it until the deploy timed out). "
+            f"Create it once:\n  {storage_secret_command(share, context, api.namespace)}"
         )
 
     def _pod_logs(
