@@ -103,6 +103,25 @@ def test_the_form_follows_how_the_tokens_spread_over_adapters() -> None:
     assert groups.padding[:, :, 0].tolist() == [[1, 1], [1, 0], [1, 0], [1, 0]]
 
 
+def test_a_repeated_step_reuses_its_plan_and_still_sees_new_weights(lora_form: str) -> None:
+    """Steps that repeat the last one's slots (one user decoding) keep the layers' plans
+    (`LoRABatch.epoch`); between steps no adapter applies; a slot loaded anew is seen."""
+    layer, batch = random_layer([4, 8])
+    x = torch.randn(1, 3, 24)
+    batch.set([0, 1, 0], [], torch.device("cpu"))
+    first, epoch = layer(x), batch.epoch
+    batch.clear()
+    assert torch.equal(layer(x), layer.base_layer(x))
+    batch.set([0, 1, 0], [], torch.device("cpu"))
+    assert batch.epoch == epoch and torch.equal(layer(x), first)
+    layer.set_lora(1, torch.randn(8, 24), torch.randn(40, 8))  # another adapter in slot 1
+    batch.set([0, 1, 0], [], torch.device("cpu"))
+    expected = layer.base_layer(x)[0] + lora_reference(x[0], [0, 1, 0], layer.slot_weights())
+    torch.testing.assert_close(layer(x)[0], expected, rtol=1e-5, atol=1e-5)
+    batch.set([1, 1, 0], [], torch.device("cpu"))
+    assert batch.epoch == epoch + 1
+
+
 def test_add_lora_semantics_by_hand() -> None:
     """The docstring's loop, written out for two slots."""
     torch.manual_seed(1)

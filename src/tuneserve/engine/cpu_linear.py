@@ -27,7 +27,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -79,19 +78,22 @@ class PackedLinear(_LinearShape):
         super().__init__(weight, bias)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self.weight_f16 = weight.detach().to(torch.float16) if half else None
+        # its [in, out] view: torch.mm on it is the product F.linear would dispatch to, without
+        # F.linear's own layers of dispatch (at one row they cost as much as a small product)
+        self._f16_t = None if self.weight_f16 is None else self.weight_f16.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y: torch.Tensor
-        if self.weight_f16 is not None and flat.shape[0] <= HALF_MAX_ROWS:
-            y = F.linear(flat.to(torch.float16), self.weight_f16).float()
+        if self._f16_t is not None and flat.shape[0] <= HALF_MAX_ROWS:
+            y = torch.mm(flat.to(torch.float16), self._f16_t).float()
             if self.bias_data is not None:
                 y += self.bias_data
         else:
             y = torch.ops.mkldnn._linear_pointwise(
                 flat, self.packed, self.bias_data, "none", [], ""
             )
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
 @dataclass(eq=False)

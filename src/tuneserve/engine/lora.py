@@ -42,7 +42,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,12 +163,23 @@ class SlotGroups:
         )
 
 
+# y [N, out] += the LoRA delta of x [N, in], for one step's tokens at one module
+_Plan = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 # -- the per-step assignment shared by every wrapped module ---------------------------------
 class LoRABatch:
-    """Which slot each packed token uses this step (-1 = none); masks and groups cached."""
+    """Which slot each packed token uses this step (-1 = none); masks and groups cached.
+
+    A step that repeats the last one's slots (one user decoding, a steady batch) keeps its
+    masks and groups, and `epoch` stays the same: the wrapped layers keep their plans too.
+    """
 
     def __init__(self) -> None:
-        self.active: frozenset[int] = frozenset()  # the slots some token uses
+        self.active: frozenset[int] = frozenset()  # the slots some token uses (none between steps)
+        self.epoch = 0  # changes whenever a step's slots differ from the last step's
+        self._key: Any = None
+        self._used: frozenset[int] = frozenset()
         self._lists: tuple[Sequence[int], Sequence[int]] = ((), ())  # token slots, kept rows'
         self._device = torch.device("cpu")
         self._masks: dict[Any, torch.Tensor | None] = {}
@@ -178,13 +189,18 @@ class LoRABatch:
         self, token_slots: Sequence[int], keep_slots: Sequence[int], device: torch.device
     ) -> None:
         """This step's slot per packed token, and per row whose logits are kept (-1 = none)."""
-        self._masks.clear()
-        self._groups.clear()
-        self.active = frozenset(s for s in token_slots if s >= 0)
-        self._lists, self._device = (token_slots, keep_slots), device
+        key = (tuple(token_slots), tuple(keep_slots), device)
+        if key != self._key:
+            self._key, self.epoch = key, self.epoch + 1
+            self._masks.clear()
+            self._groups.clear()
+            self._lists, self._device = (key[0], key[1]), device
+            self._used = frozenset(s for s in key[0] if s >= 0)
+        self.active = self._used
 
     def clear(self) -> None:
-        self.set((), (), torch.device("cpu"))
+        """Between steps: no adapter applies (what a repeated step reuses stays)."""
+        self.active = frozenset()
 
     def _slots_of(self, num_tokens: int) -> Sequence[int]:
         """The slot of each token a module sees: every packed token, or after logits_to_keep
@@ -251,6 +267,8 @@ class BatchedLoRALinear(nn.Module):
         # (the slots, the form, their weights in that form): kept while the same slots are in
         # use (one user chatting, a steady set of adapters)
         self._picked: tuple[tuple[int, ...], bool, torch.Tensor, torch.Tensor] | None = None
+        self._plan_key: Any = None
+        self._plan: _Plan | None = None
 
     # attributes some modeling code reads off its projections
     @property
@@ -288,7 +306,7 @@ class BatchedLoRALinear(nn.Module):
         return list(self._slots)
 
     def _restack(self) -> None:
-        self._picked = None
+        self._picked = self._plan_key = None
         ranks = tuple(0 if w is None else w[0].shape[0] for w in self._slots)
         device = self.base_layer.weight.device
         self.ranks = ranks
@@ -332,19 +350,30 @@ class BatchedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base_layer(x)
-        if self.a is None:
+        if self.a is None or not self.batch.active:
             return y
-        x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # y: fresh, ours
-        if not any(self.ranks[s] for s in self.batch.active):
-            return y  # no adapter in use has weights here
-        groups = self.batch.groups(x2.shape[0], x2.dtype)
-        if groups is not None:
-            add_lora_grouped(y2, x2, *self._weights(groups.slots, grouped=True), groups)
-            return y
-        used = tuple(s for s in sorted(self.batch.active) if self.ranks[s])
-        mask = self.batch.mask(self.ranks, x2.shape[0], x2.dtype)
-        add_lora(y2, x2, *self._weights(used, grouped=False), mask)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y2 = y if y.dim() == 2 else y.view(-1, self.out_features)  # y: fresh, ours
+        key = (self.batch.epoch, x2.shape[0], x2.dtype)
+        if self._plan_key != key:
+            self._plan_key, self._plan = key, self._make_plan(x2.shape[0], x2.dtype)
+        if self._plan is not None:
+            self._plan(y2, x2)
         return y
+
+    def _make_plan(self, num_tokens: int, dtype: torch.dtype) -> _Plan | None:
+        """How this step's tokens get their deltas here (None: no adapter in use has weights
+        here); kept while the steps repeat (`LoRABatch.epoch`)."""
+        if not any(self.ranks[s] for s in self.batch.active):
+            return None
+        groups = self.batch.groups(num_tokens, dtype)
+        if groups is not None:
+            a, b = self._weights(groups.slots, grouped=True)
+            return lambda y, x: add_lora_grouped(y, x, a, b, groups)
+        used = tuple(s for s in sorted(self.batch.active) if self.ranks[s])
+        a_t, b_t = self._weights(used, grouped=False)
+        mask = self.batch.mask(self.ranks, num_tokens, dtype)
+        return lambda y, x: add_lora(y, x, a_t, b_t, mask)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, ranks={self.ranks}"
