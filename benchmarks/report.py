@@ -81,7 +81,8 @@ def markdown(res: Results) -> str:
         "",
         f"Model `{cfg.size}`; {cfg.prompt_len}-token prompts, {cfg.max_tokens} new tokens, "
         f"greedy, EOS ignored; {cfg.requests} requests per point; "
-        f"machine: {res.machine.get('cpu')} ({res.machine.get('cpus_logical')} CPUs), "
+        f"machine: {res.machine.get('cpu')} ({res.machine.get('cpus_logical')} CPUs, "
+        f"{res.machine.get('cpu_vector_isa', 'vector ISA not recorded')}), "
         f"load {res.machine.get('load_avg_at_start')} at start.",
         f"Command: `{res.command}`",
         "",

@@ -144,6 +144,9 @@ def machine_info() -> dict[str, object]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": _cpu_model(),
+        # the same VM name has come with and without AVX-512 between sessions: every CPU
+        # figure depends on it, so each run records which
+        "cpu_vector_isa": _vector_isa(),
         "cpus_logical": os.cpu_count(),
         "cpus_physical": psutil.cpu_count(logical=False),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -170,6 +173,19 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _vector_isa() -> str:
+    """The widest vector instruction sets the CPU has: avx512f (with avx512_bf16 when it has
+    bfloat16 dot products), avx2, or neither."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines()
+                  if line.startswith("flags")), set())
+    found = [f for f in ("avx512f", "avx512_bf16", "avx2") if f in flags]
+    return "+".join(found[:2] if "avx512f" in found else found) or "no AVX"
 
 
 def _git() -> dict[str, object] | None:

@@ -370,3 +370,19 @@ def test_smollm2_size_resolves_and_its_adapters_load(demo_cache: Path, smollm2_b
         assert " the " in text  # English, not the bench model's "w17 w3"
     # the ceiling peer gets the same kind of prompts as ids
     assert prompt_source(bench.base, "smollm2", 49152)(0, 64) == bench.prompt_ids(0, 64)
+
+
+def test_lora_forms_times_every_step_in_every_form(tmp_path: Path) -> None:
+    """`benchmarks.lora_forms` on the tiny model, one round: each step in each setting."""
+    out = tmp_path / "forms.json"
+    argv = [sys.executable, "-m", "benchmarks.lora_forms", "--size", "tiny", "--cache",
+            str(tmp_path / "models"), "--rounds", "1", "--repeats", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["step"] for r in results] == [
+        "decode-turns", "decode-random", "decode-one", "prefill-mix"
+    ]
+    for row in results:
+        assert all(row[setting] > 0 for setting in ("dense", "grouped", "auto")), row
