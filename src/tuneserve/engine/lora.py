@@ -17,11 +17,11 @@ computes the whole mixed batch (`LoRABatch.groups` picks, per step, by how the t
   adapters of rank 16); but padding costs as much as tokens, so uneven groups (a long prompt on
   one adapter beside decodes on others) stay dense.
 
-Measured on SmolLM2-135M (q/k/v/o at rank 16, 2-core AVX2): per layer, even groups, dense
-14 / 45 / 69 / 289 us at 1 token / 32 tokens on 1, 2 and 8 adapters, grouped 37 / 97 / 96 /
-145; the whole forward of 32 decodes on 8 adapters drawn at random (7 on the commonest) 59.6 ms
-dense, 54.0 grouped; four 128-token prompts on 4 adapters beside 28 decodes on 8, 522 vs 469
-(benchmarks/README.md, "Many adapters in one step").
+Measured on SmolLM2-135M (q/k/v/o at rank 16, a 2-core AVX-512 host): per layer, even groups,
+dense 14 / 45 / 69 / 289 us at 1 token / 32 tokens on 1, 2 and 8 adapters, grouped 37 / 97 / 96
+/ 145; the whole forward (`python -m benchmarks.lora_forms`) of 32 decodes on 8 adapters drawn
+at random 56.2 ms dense, 54.1 grouped, 47.4 on one adapter; four 128-token prompts on 4 adapters
+beside 28 decodes on 8, 473 vs 397 (benchmarks/README.md, "Many adapters in one step").
 Modules no adapter in use touches, and steps with no adapter rows, skip the LoRA path.
 
 `LoRAManager` owns the slots: a bounded set of hot slots filled on demand, least recently used
