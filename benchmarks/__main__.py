@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                      "34M random]")
     run.add_argument("--tuneserve-engine", help="--engine for the tuneserve system "
                      "[continuous]; 'default' passes no --engine")
-    run.add_argument("--warmup", type=int, help="untimed requests per server start [2]")
+    run.add_argument("--warmup", type=int,
+                     help="untimed requests per server start, at least one per adapter [2]")
     run.add_argument("--seed", type=int, help="seed of prompts and adapter picks [0]")
     run.add_argument("--startup-timeout", type=float, help="seconds a server may take to start")
     run.add_argument("--out", type=Path, help="results folder [benchmarks/out/full or quick]")

@@ -31,7 +31,8 @@ class BenchConfig(BaseModel):
     # the full run measures the real model (BENCHMARK.md); --quick keeps the small bench model
     size: str = Field("smollm2", description="model: smollm2 (real) | bench | tiny | large")
     seed: int = 0
-    warmup_requests: int = Field(2, ge=0, description="untimed requests after each server start")
+    warmup_requests: int = Field(
+        2, ge=0, description="untimed requests after each server start (and one per adapter)")
     tuneserve_engine: str | None = Field(
         "continuous", description="--engine for the 'tuneserve' system (None: its default)")
     llama_cpp_dir: Path | None = Field(

@@ -122,8 +122,11 @@ def run_http_system(system: HttpSystem, bench: BenchModel, cfg: BenchConfig, out
                 server.start(cfg.startup_timeout_s)
                 names = bench.adapter_names(k)
                 url = base_url + "/v1/completions"
+                # every adapter once at least: llama-server loads them all at its start,
+                # tuneserve on first use; a point measures serving, not first loads
+                warm_count = max(cfg.warmup_requests, len(names)) if cfg.warmup_requests else 0
                 warm_prompts = [bench.prompt_text(10**12 + j, cfg.prompt_len, cfg.seed)
-                                for j in range(cfg.warmup_requests)]
+                                for j in range(warm_count)]
 
                 def warm_body(j: int, names: list[str] = names,
                               texts: list[str] = warm_prompts) -> dict[str, Any]:
@@ -131,7 +134,7 @@ def run_http_system(system: HttpSystem, bench: BenchModel, cfg: BenchConfig, out
 
                 warm = run_closed_loop(
                     url, warm_body,
-                    cfg.warmup_requests, 1, cfg.request_timeout_s) if cfg.warmup_requests else None
+                    warm_count, 1, cfg.request_timeout_s) if warm_count else None
                 if warm and not any(r.ok for r in warm.results):
                     raise StartError(f"warm-up failed: {warm.results[0].error}; log {log_path}:\n"
                                      f"{tail(log_path)}")
