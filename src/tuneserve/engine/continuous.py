@@ -123,7 +123,6 @@ class ContinuousBatchingEngine(ThreadedEngine):
         self._eos = eos_token_ids(served)
         self._eos_set = frozenset(self._eos)
         self.grammars = GrammarCompiler(served.tokenizer, self._eos, self._vocab_size)
-        self.grammars.prepare()
 
         # 1. the model: batched LoRA layers in place of targeted Linears (adapters are checked
         #    before the model is touched), then our attention. With no adapters the manager
@@ -175,6 +174,9 @@ class ContinuousBatchingEngine(ThreadedEngine):
         self._cancels: set[str] = set()
         self._rows: dict[str, _Row] = {}
         self.steps = 0  # forwards run (for tests and metrics)
+        # last: an engine that failed to start (a bad flag, an adapter, the KV budget) leaves
+        # no conversion running behind its error
+        self.grammars.prepare()
 
     # -- Engine interface (start, shutdown, submit: ThreadedEngine) ------------------------
     def _enqueue(self, request: GenerationRequest, stream: QueueRequestStream) -> None:

@@ -45,8 +45,10 @@ class GrammarCompiler:
 
     def prepare(self) -> None:
         """Convert the tokenizer on a thread of its own now: done on the engine thread at the
-        first constrained request, it would stall every running row (~0.5 s for 49k tokens)."""
-        threading.Thread(target=self._ll, name="tuneserve-grammar", daemon=True).start()
+        first constrained request, it would stall every running row (~0.5 s for 49k tokens).
+        Not a daemon: an exit waits for it (native code still running while the interpreter
+        shuts down crashed a process that exited with an error right after starting it)."""
+        threading.Thread(target=self._ll, name="tuneserve-grammar").start()
 
     def _ll(self) -> LLTokenizer:
         with self._ll_lock:
