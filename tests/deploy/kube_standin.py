@@ -5,8 +5,8 @@ can check that the official client's requests are the right ones and that the pr
 answers right.
 
 What it checks of each request:
-- a bearer token (the kubeconfig's), else 401; writes of the kinds in `forbidden` get the 403
-  an API server's RBAC gives (its message's words);
+- a bearer token (the kubeconfig's), else 401; writes of the kinds in `forbidden`, and reads of
+  those in `unreadable`, get the 403 an API server's RBAC gives (its message's words);
 - server-side apply: PATCH with Content-Type application/apply-patch+yaml, fieldManager=tuneserve,
   force=true, a body whose apiVersion, kind, name and namespace match the URL;
 - merge patches: Content-Type application/merge-patch+json, applied as RFC 7386; JSON patches
@@ -139,6 +139,7 @@ class KubeStandIn:
     ready_counts: dict[str, list[int]] = field(default_factory=dict)  # by Deployment name
     # kinds the kubeconfig's user may not write (RBAC): their PATCH gets the API server's 403
     forbidden: set[str] = field(default_factory=set)
+    unreadable: set[str] = field(default_factory=set)  # ... may not read: GET gets the 403
 
     def claim_dir(self, claim: str) -> Path:
         if claim not in self.claims:
@@ -313,6 +314,17 @@ class KubeStandIn:
             return 404, _status(404, f"no resource {found['plural']}")
         with self.lock:
             self.reconcile()
+            if (method == "PATCH" and kind in self.forbidden) or (
+                method == "GET" and kind in self.unreadable
+            ):
+                verb = "patch" if method == "PATCH" else "get"
+                ns = found["ns"]
+                scope = f'in the namespace "{ns}"' if ns else "at the cluster scope"
+                return 403, _status(
+                    403,
+                    f'{found["plural"]} "{found["name"]}" is forbidden: User "stand-in" cannot '
+                    f'{verb} resource "{found["plural"]}" in API group "{group}" {scope}',
+                )
             if method == "GET" and found["log"]:
                 return self._log(url.path.removesuffix("/log"), query)
             if method == "GET" and found["name"]:
@@ -323,14 +335,6 @@ class KubeStandIn:
             if method == "DELETE" and found["name"]:
                 gone = self.objects.pop(url.path, None)
                 return (200, gone) if gone else (404, _status(404, f"{kind} not found"))
-            if method == "PATCH" and kind in self.forbidden:
-                ns = found["ns"]
-                scope = f'in the namespace "{ns}"' if ns else "at the cluster scope"
-                return 403, _status(
-                    403,
-                    f'{found["plural"]} "{found["name"]}" is forbidden: User "stand-in" cannot '
-                    f'patch resource "{found["plural"]}" in API group "{group}" {scope}',
-                )
             if method == "PATCH":
                 answer = self._patch(kind, found, url.path, query, headers, json.loads(body))
                 self.reconcile()

@@ -215,6 +215,18 @@ def test_a_deploy_without_the_storage_key_secret_is_refused_at_once(
     cli("deploy", "-w", workspace)
 
 
+def test_a_user_who_may_not_read_secrets_still_provisions_and_deploys(
+    cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
+) -> None:
+    """Reading Secrets is often refused to deployers (the kubelet mounts them, not the user):
+    whether the key's Secret is there cannot be told then, so neither step stops for it."""
+    cluster.unreadable = {"Secret"}
+    result = provision(cli, workspace)
+    assert "create secret generic" in result.output  # the one-time step, said as always
+    storage_key(cluster, workspace)
+    cli("deploy", "-w", workspace)
+
+
 def test_the_stand_in_removes_old_pods_early_unless_the_strategy_keeps_them(
     cli: Callable[..., Any], workspace: Path, cluster: KubeStandIn
 ) -> None:

@@ -107,6 +107,17 @@ def kubeconfig_context() -> str | None:
     return None
 
 
+def _secret_present(api: KubeApi, name: str) -> bool | None:
+    """Whether the Secret `name` is in the namespace; None when the kubeconfig's user may not
+    read Secrets (a deploy does not need to: the kubelet mounts it)."""
+    try:
+        return api.get("Secret", name) is not None
+    except KubeApiError as exc:
+        if exc.status == 403:
+            return None
+        raise
+
+
 def storage_secret_command(share: m.AzureFilesShare, context: str, namespace: str) -> str:
     """The kubectl command creating the Secret an Azure Files volume mounts with: the account's
     key, which only Azure can tell (the fine-tuning step's account, so it exists already)."""
@@ -219,7 +230,7 @@ class KubernetesProvider(Provider):
             self.console.print(f"  rendered {self.paths.rel(path)}")
         if isinstance(spec.storage, m.AzureFilesShare):
             share = spec.storage
-            if api is not None and api.get("Secret", share.secret) is not None:
+            if api is not None and _secret_present(api, share.secret):
                 self.console.print(f"  the volume mounts with Secret {share.secret} (present)")
             else:
                 self.console.print(
@@ -428,8 +439,8 @@ class KubernetesProvider(Provider):
         anything."""
         volumes = [o for o in self._manifests() if o["kind"] == "PersistentVolume"]
         share = m.AzureFilesShare.of_volume(volumes[0]) if volumes else None
-        if share is None or api.get("Secret", share.secret) is not None:
-            return
+        if share is None or _secret_present(api, share.secret) is not False:
+            return  # present, or not ours to read: the pods will tell
         context = str(self._config().SUBSCRIPTION_ID)
         raise ProviderError(
             f"nothing was changed: the volume on Azure Files share {share.share!r} of "
