@@ -141,13 +141,14 @@ def machine_info() -> dict[str, object]:
     import torch
     import transformers
 
+    cpuinfo = _cpuinfo()
     info: dict[str, object] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": _cpu_model(cpuinfo),
         # the same VM name has come with and without AVX-512 between sessions: every CPU
         # figure depends on it, so each run records which
-        "cpu_vector_isa": _vector_isa(),
+        "cpu_vector_isa": _vector_isa(cpuinfo),
         "cpus_logical": os.cpu_count(),
         "cpus_physical": psutil.cpu_count(logical=False),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -166,27 +167,30 @@ def machine_info() -> dict[str, object]:
     return info
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _vector_isa() -> str:
-    """The widest vector instruction sets the CPU has: avx512f (with avx512_bf16 when it has
-    bfloat16 dot products), avx2, or neither."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "unknown"
-    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines()
-                  if line.startswith("flags")), set())
-    found = [f for f in ("avx512f", "avx512_bf16", "avx2") if f in flags]
-    return "+".join(found[:2] if "avx512f" in found else found) or "no AVX"
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    return fields
+
+
+def _cpu_model(info: dict[str, str]) -> str:
+    return info.get("model name") or platform.processor() or "unknown"
+
+
+def _vector_isa(info: dict[str, str]) -> str:
+    """The wide vector instruction sets the CPU has, of avx512f, avx512_bf16 (bfloat16 dot
+    products) and avx2; "no AVX" for none."""
+    flags = set(info.get("flags", "").split())
+    return "+".join(f for f in ("avx512f", "avx512_bf16", "avx2") if f in flags) or "no AVX"
 
 
 def _git() -> dict[str, object] | None:

@@ -178,10 +178,13 @@ class LoRABatch:
     def __init__(self) -> None:
         self.active: frozenset[int] = frozenset()  # the slots some token uses (none between steps)
         self.epoch = 0  # changes whenever a step's slots differ from the last step's
-        self._key: Any = None
+        # (token slots, kept rows' slots, device) of the last step
+        self._key: tuple[tuple[int, ...], tuple[int, ...], torch.device] = (
+            (),
+            (),
+            torch.device("cpu"),
+        )
         self._used: frozenset[int] = frozenset()
-        self._lists: tuple[Sequence[int], Sequence[int]] = ((), ())  # token slots, kept rows'
-        self._device = torch.device("cpu")
         self._masks: dict[Any, torch.Tensor | None] = {}
         self._groups: dict[Any, SlotGroups | None] = {}
 
@@ -194,7 +197,6 @@ class LoRABatch:
             self._key, self.epoch = key, self.epoch + 1
             self._masks.clear()
             self._groups.clear()
-            self._lists, self._device = (key[0], key[1]), device
             self._used = frozenset(s for s in key[0] if s >= 0)
         self.active = self._used
 
@@ -205,7 +207,7 @@ class LoRABatch:
     def _slots_of(self, num_tokens: int) -> Sequence[int]:
         """The slot of each token a module sees: every packed token, or after logits_to_keep
         (lm_head) one per kept row."""
-        tokens, kept = self._lists
+        tokens, kept, _ = self._key
         slots = tokens if num_tokens == len(tokens) else kept
         assert num_tokens == len(slots)
         return slots
@@ -218,28 +220,31 @@ class LoRABatch:
             slots = self._slots_of(num_tokens)
             counts = collections.Counter(s for s in slots if s >= 0)
             spread = bool(counts) and max(counts.values()) * GROUPED_MIN_SPREAD <= num_tokens
-            self._groups[key] = SlotGroups.of(slots, self._device, dtype) if spread else None
+            self._groups[key] = SlotGroups.of(slots, self._key[2], dtype) if spread else None
         return self._groups[key]
+
+    def in_use(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
+        """The slots some token uses this step that have weights at a module of `ranks`."""
+        return tuple(s for s in sorted(self.active) if ranks[s])
 
     def mask(
         self, ranks: tuple[int, ...], num_tokens: int, dtype: torch.dtype
     ) -> torch.Tensor | None:
         """The dense form's 0/1 mask [N, R] for a module whose slots have `ranks`: R columns,
-        the true ranks of the slots in use there, in slot order (the slots loaded but unused
+        the true ranks of the slots `in_use` there, in slot order (the slots loaded but unused
         this step take no part: the cost follows the adapters in use, not the adapters hot);
         mask[i, c] = 1 iff column c is token i's slot's. None when it would be all ones: every
         token on the one slot in use."""
         key = (ranks, num_tokens, dtype)
         if key not in self._masks:
             slots = self._slots_of(num_tokens)
-            used = [s for s in sorted(self.active) if ranks[s]]
+            used = self.in_use(ranks)
+            device = self._key[2]
             if len(used) == 1 and all(s == used[0] for s in slots):
                 self._masks[key] = None
             else:
-                col_slot = torch.tensor(
-                    [s for s in used for _ in range(ranks[s])], device=self._device
-                )
-                token_slot = torch.tensor(slots, device=self._device)
+                col_slot = torch.tensor([s for s in used for _ in range(ranks[s])], device=device)
+                token_slot = torch.tensor(slots, device=device)
                 self._masks[key] = (token_slot[:, None] == col_slot[None, :]).to(dtype)
         return self._masks[key]
 
@@ -364,13 +369,13 @@ class BatchedLoRALinear(nn.Module):
     def _make_plan(self, num_tokens: int, dtype: torch.dtype) -> _Plan | None:
         """How this step's tokens get their deltas here (None: no adapter in use has weights
         here); kept while the steps repeat (`LoRABatch.epoch`)."""
-        if not any(self.ranks[s] for s in self.batch.active):
+        used = self.batch.in_use(self.ranks)
+        if not used:
             return None
         groups = self.batch.groups(num_tokens, dtype)
         if groups is not None:
             a, b = self._weights(groups.slots, grouped=True)
             return lambda y, x: add_lora_grouped(y, x, a, b, groups)
-        used = tuple(s for s in sorted(self.batch.active) if self.ranks[s])
         a_t, b_t = self._weights(used, grouped=False)
         mask = self.batch.mask(self.ranks, num_tokens, dtype)
         return lambda y, x: add_lora(y, x, a_t, b_t, mask)
