@@ -206,7 +206,7 @@ def test_decode_float16_answers_like_float32_up_to_near_ties(
         deltas = run(answer)
         reference = reference_model(tiny_llama, adapter)
         assert_greedy_matches(token_ids(deltas), reference, ids, tolerance=0.03)
-    halves = [m.weight_f16 for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    halves = [m.decode_weight for m in engine.model.modules() if isinstance(m, PackedLinear)]
     assert halves and all(h is not None and h.dtype == torch.float16 for h in halves)
 
 

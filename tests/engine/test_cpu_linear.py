@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from tuneserve.engine import cpu_gemv, cpu_linear
 from tuneserve.engine.cpu_linear import (
     HALF_MAX_ROWS,
     FusedMember,
@@ -86,29 +87,90 @@ def test_projections_inside_lora_wrappers_are_fused_too() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_float16_copies_serve_steps_of_one_or_two_tokens_and_float32_the_rest() -> None:
+def test_float16_copies_serve_steps_of_few_tokens_and_float32_the_rest() -> None:
     torch.manual_seed(3)
     block = Block().eval()
     o_weight = block.o_proj.weight.detach().clone()
-    small, large = torch.randn(2, 32), torch.randn(HALF_MAX_ROWS + 1, 32)
     with torch.inference_mode():
-        want_small, want_large = block(small), block(large)
         pack_linears(block, half=True)
-        got_small, got_large = block(small), block(large)
-        o = block.o_proj
-        assert isinstance(o, PackedLinear) and o.weight_f16 is not None
-        assert o.weight_f16.dtype == torch.float16 and o.weight_f16.shape == (32, 32)
+    o = block.o_proj
+    assert isinstance(o, PackedLinear) and o.plan is not None and o.decode_weight is not None
+    assert o.decode_weight.dtype == torch.float16 and o.decode_weight.shape == (32, 32)
+    rows = o.plan.max_rows  # 4 through our GEMV, 2 through torch's float16 GEMV
+    assert rows == (cpu_gemv.MAX_ROWS if cpu_gemv.load() else HALF_MAX_ROWS)
+    small, large = torch.randn(rows, 32), torch.randn(rows + 1, 32)
+    with torch.inference_mode():
         # a small step is float16's product (accumulated in float32), not float32's
-        half_product = torch.nn.functional.linear(small.half(), o_weight.half()).float()
-        assert torch.equal(o(small), half_product)
-    assert HALF_MAX_ROWS == 2
-    torch.testing.assert_close(got_small, want_small, rtol=1e-2, atol=1e-2)
-    assert not torch.equal(got_small, want_small)
-    torch.testing.assert_close(got_large, want_large, rtol=1e-5, atol=1e-5)
+        half_product = torch.nn.functional.linear(small, o_weight.half().float())
+        got_small, want_small = o(small), torch.nn.functional.linear(small, o_weight)
+        torch.testing.assert_close(got_small, half_product, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(got_small, want_small)
+        torch.testing.assert_close(got_small, want_small, rtol=1e-2, atol=1e-2)
+        got_large = o(large)
+    torch.testing.assert_close(
+        got_large, torch.nn.functional.linear(large, o_weight), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_without_half_small_steps_read_the_float32_weights() -> None:
+    torch.manual_seed(4)
+    block = Block().eval()
+    x = torch.randn(1, 32)
+    with torch.inference_mode():
+        want = block(x)
+        pack_linears(block)
+        got = block(x)
+    o = block.o_proj
+    assert isinstance(o, PackedLinear)
+    if cpu_gemv.load() is None:
+        assert o.plan is None and o.decode_weight is None
+    else:
+        assert o.plan is not None and o.decode_weight is not None
+        assert o.decode_weight.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_float32_decode_copy_when_it_would_take_half_the_free_memory(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if cpu_gemv.load() is None:
+        pytest.skip("the GEMV kernel is not available here")
+
+    class Short:
+        available = 4 * 1024  # bytes: less than twice the Block's Linears (~20 KB)
+
+    monkeypatch.setattr(cpu_linear.psutil, "virtual_memory", lambda: Short())
+    block = Block().eval()
+    with torch.inference_mode(), caplog.at_level("INFO", logger=cpu_linear.__name__):
+        pack_linears(block)
+    assert isinstance(block.o_proj, PackedLinear) and block.o_proj.plan is None
+    assert "float32 decode weights not kept" in caplog.text
+
+
+def test_without_the_kernel_float16_steps_use_torch_up_to_two_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cpu_linear.cpu_gemv, "load", lambda: None)
+    torch.manual_seed(5)
+    block = Block().eval()
+    o_weight = block.o_proj.weight.detach().clone()
+    with torch.inference_mode():
+        pack_linears(block, half=True)
+        o = block.o_proj
+        assert isinstance(o, PackedLinear) and o.plan is not None
+        assert o.plan.gemv is None and o.plan.max_rows == HALF_MAX_ROWS == 2
+        small = torch.randn(2, 32)
+        expected = torch.nn.functional.linear(small.half(), o_weight.half()).float()
+        assert torch.equal(o(small), expected)
+    plain = Block().eval()
+    with torch.inference_mode():
+        pack_linears(plain)
+    assert isinstance(plain.o_proj, PackedLinear) and plain.o_proj.plan is None
 
 
 def test_without_half_there_are_no_float16_copies() -> None:
     block = Block().eval()
     with torch.inference_mode():
         pack_linears(block)
-    assert isinstance(block.o_proj, PackedLinear) and block.o_proj.weight_f16 is None
+    assert isinstance(block.o_proj, PackedLinear)
+    assert block.o_proj.decode_weight is None or block.o_proj.decode_weight.dtype == torch.float32

@@ -13,30 +13,70 @@ sibling projections for `FusedMember`s over one packed product (inside LoRA wrap
 wrapper keeps its adapters, its base layer becomes the member). Both are `nn.Linear` subclasses
 with the right `in_features`/`out_features`, so LoRA wrapping and adapter checks see the layers
 they expect; their `weight` is a zero-stride stand-in of the right shape, dtype and device (the
-original is freed: the packed copy is the only one, except a weight tied to the embeddings).
+original is freed unless it is kept for decoding, below, or tied to the embeddings).
 
-`pack_linears(model, half=True)` (serve's --decode-float16) also keeps each weight in float16:
-steps of at most HALF_MAX_ROWS tokens read that copy through torch's float16 GEMV (float32
-accumulation), which streams half the bytes: the 30 layers' Linears of SmolLM2 at batch 1
-took 24 ms against oneDNN's 51 in float32 (same machine, same minute), 32 vs 52 at 2 rows;
-at 4 rows they are even (53 vs 53) and from 8 on float16 is behind (99 vs 64)."""
+Steps of at most `cpu_gemv.MAX_ROWS` tokens (decoding for up to four users) read a row-major
+copy of each weight through our own GEMV (cpu_gemv.py), which streams weights faster than
+oneDNN at so few rows: SmolLM2's Linears at one row in 19 ms against 25 (float32).
+`pack_linears(model)` keeps the float32 weights it was given as that copy when they take at
+most half of the memory available (they double the Linears' memory: a model that fills RAM
+keeps oneDNN alone). `pack_linears(model, half=True)` (serve's --decode-float16) keeps a
+float16 copy instead, which streams half the bytes: 10.6 ms for the same Linears, at float16's
+precision, for 1.5 times the weights' memory. Without the kernel (cpu_gemv.load() says why),
+the float16 copy is read through torch's float16 GEMV for steps of at most HALF_MAX_ROWS
+tokens, where it still beats oneDNN, and no float32 copy is kept."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
+import psutil
 import torch
 from torch import nn
+
+from tuneserve.engine import cpu_gemv
 
 logger = logging.getLogger(__name__)
 
 # sibling projections that read the same input, computed as one product
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-# Steps of at most this many tokens read the float16 copy when there is one: there the
-# product is bound by streaming the weights, and torch's float16 GEMV (float32 accumulation)
-# streams half the bytes; from 4 rows on, oneDNN's float32 product is as fast or faster.
+# Without our GEMV, steps of at most this many tokens read the float16 copy through torch's
+# float16 GEMV (float32 accumulation): from 4 rows on, oneDNN's float32 product is as fast.
 HALF_MAX_ROWS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """Which weights steps of at most `max_rows` tokens read, and through what: our GEMV
+    (`gemv`), else torch's float16 GEMV."""
+
+    dtype: torch.dtype  # the row-major copy's: float32 (the original) or float16
+    max_rows: int
+    gemv: cpu_gemv.CpuGemv | None
+
+    @classmethod
+    def choose(cls, model: nn.Module, half: bool) -> DecodePlan | None:
+        gemv = cpu_gemv.load()
+        if half:
+            return cls(torch.float16, cpu_gemv.MAX_ROWS if gemv else HALF_MAX_ROWS, gemv)
+        if gemv is None:
+            return None
+        needed = sum(
+            m.weight.numel() * m.weight.element_size()
+            for m in model.modules()
+            if type(m) is nn.Linear
+        )
+        available = psutil.virtual_memory().available
+        if needed > available // 2:
+            logger.info(
+                "float32 decode weights not kept: %.1f GB, with %.1f GB of memory available; "
+                "steps of few tokens use oneDNN (or pass --decode-float16)",
+                needed / 1e9,
+                available / 1e9,
+            )
+            return None
+        return cls(torch.float32, cpu_gemv.MAX_ROWS, gemv)
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -71,24 +111,35 @@ class _LinearShape(nn.Linear):
 
 
 class PackedLinear(_LinearShape):
-    """y = x W^T + b with W held in oneDNN's blocked layout, and optionally also in float16
-    for steps of at most HALF_MAX_ROWS tokens (see `pack_linears`)."""
+    """y = x W^T + b with W held in oneDNN's blocked layout, and, with a DecodePlan, also
+    row-major (float32 or float16) for steps of at most `plan.max_rows` tokens."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, half: bool = False) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, plan: DecodePlan | None = None
+    ) -> None:
         super().__init__(weight, bias)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        self.weight_f16 = weight.detach().to(torch.float16) if half else None
-        # its [in, out] view: torch.mm on it is the product F.linear would dispatch to, without
-        # F.linear's own layers of dispatch (at one row they cost as much as a small product)
-        self._f16_t = None if self.weight_f16 is None else self.weight_f16.t()
+        self.plan = plan
+        # the row-major copy small steps read (float32: the original itself, no copy made)
+        self.decode_weight = (
+            None if plan is None else weight.detach().to(plan.dtype).contiguous()
+        )
+        # its [in, out] view for torch's float16 GEMV: torch.mm on it is the product F.linear
+        # would dispatch to, without F.linear's own layers of dispatch
+        self._decode_t = None if self.decode_weight is None else self.decode_weight.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y: torch.Tensor
-        if self._f16_t is not None and flat.shape[0] <= HALF_MAX_ROWS:
-            y = torch.mm(flat.to(torch.float16), self._f16_t).float()
-            if self.bias_data is not None:
-                y += self.bias_data
+        plan = self.plan
+        if plan is not None and flat.shape[0] <= plan.max_rows:
+            assert self.decode_weight is not None and self._decode_t is not None
+            if plan.gemv is not None:
+                y = plan.gemv.linear(flat, self.decode_weight, self.bias_data)
+            else:
+                y = torch.mm(flat.to(torch.float16), self._decode_t).float()
+                if self.bias_data is not None:
+                    y += self.bias_data
         else:
             y = torch.ops.mkldnn._linear_pointwise(
                 flat, self.packed, self.bias_data, "none", [], ""
@@ -146,7 +197,7 @@ def _plain_linear(module: nn.Module | None) -> tuple[nn.Module, str, nn.Linear] 
     return None
 
 
-def _fuse_group(parent: nn.Module, names: tuple[str, ...], half: bool) -> bool:
+def _fuse_group(parent: nn.Module, names: tuple[str, ...], plan: DecodePlan | None) -> bool:
     found = []
     for name in names:
         child = getattr(parent, name, None)
@@ -159,7 +210,7 @@ def _fuse_group(parent: nn.Module, names: tuple[str, ...], half: bool) -> bool:
         return False
     weight = torch.cat([m.weight.detach() for m in linears])
     bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
-    group = _FusedGroup(PackedLinear(weight, bias, half), tuple(m.out_features for m in linears))
+    group = _FusedGroup(PackedLinear(weight, bias, plan), tuple(m.out_features for m in linears))
     for index, (holder, attribute, linear) in enumerate(slots):
         setattr(holder, attribute, FusedMember(group, index, linear))
     return True
@@ -167,23 +218,26 @@ def _fuse_group(parent: nn.Module, names: tuple[str, ...], half: bool) -> bool:
 
 def pack_linears(model: nn.Module, half: bool = False) -> tuple[int, int]:
     """Pack every nn.Linear of a float32 CPU model in place (see the module docstring);
-    returns (fused groups, packed Linears). `half` also keeps a float16 copy of each weight
-    for small steps (decoding for one or two users): about twice as fast there, at float16's
-    precision, for 1.5 times the weights' memory."""
+    returns (fused groups, packed Linears). `half` keeps float16 copies for steps of few tokens
+    (decoding for one to four users): about twice as fast there, at float16's precision."""
+    plan = DecodePlan.choose(model, half)
     groups = 0
     for parent in list(model.modules()):
         for names in FUSED_GROUPS:
-            groups += _fuse_group(parent, names, half)
+            groups += _fuse_group(parent, names, plan)
     packed = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child.weight, child.bias, half))
+                setattr(parent, name, PackedLinear(child.weight, child.bias, plan))
                 packed += 1
     logger.info(
         "CPU float32: %d projection groups fused, %d Linears packed (oneDNN)%s",
         groups,
         packed,
-        ", float16 copies for steps of 1-2 tokens" if half else "",
+        ""
+        if plan is None
+        else f"; steps of up to {plan.max_rows} tokens read {str(plan.dtype)[6:]} weights "
+        f"through {'our GEMV' if plan.gemv else 'torch'}",
     )
     return groups, packed
