@@ -621,9 +621,16 @@ def _attention_oracle(
 
 
 @pytest.mark.parametrize("window", [None, 3], ids=["full", "sliding-3"])
-def test_packed_attention_equals_a_per_token_loop(window: int | None) -> None:
+@pytest.mark.parametrize("decode", ["torch", "kernel"])
+def test_packed_attention_equals_a_per_token_loop(window: int | None, decode: str) -> None:
+    """Decode rows through torch's SDPA, or through our CPU kernel (cpu_kernels.py)."""
+    from tuneserve.engine import cpu_kernels
     from tuneserve.engine.attention import PackedStep, RowChunk, packed_attention
     from tuneserve.engine.kv_cache import KVCache, KVCacheShape
+
+    kernels = cpu_kernels.load() if decode == "kernel" else None
+    if decode == "kernel" and kernels is None:
+        pytest.skip("the CPU kernels are not available here")
 
     heads, kv_heads, dim = 4, 2, 8
     shape = KVCacheShape(
@@ -656,7 +663,8 @@ def test_packed_attention_equals_a_per_token_loop(window: int | None) -> None:
             torch.randn(1, kv_heads, n, dim),
             torch.randn(1, kv_heads, n, dim),
         )
-        step = PackedStep.build(cache, rows, "cpu")
+        step = PackedStep.build(cache, rows, "cpu", kernels)
+        assert (step.kernels is not None) == (kernels is not None and rows[0].num_tokens == 1)
         out, _ = packed_attention(
             _Layer(), q, k, v, None, scaling=dim**-0.5, sliding_window=window, tuneserve_step=step
         )  # [1, N, H, D]

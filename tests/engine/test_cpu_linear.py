@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import psutil
 import pytest
 import torch
 from torch import nn
 
-from tuneserve.engine import cpu_gemv, cpu_linear
+from tuneserve.engine import cpu_kernels, cpu_linear
 from tuneserve.engine.cpu_linear import (
     HALF_MAX_ROWS,
     FusedMember,
@@ -97,7 +98,7 @@ def test_float16_copies_serve_steps_of_few_tokens_and_float32_the_rest() -> None
     assert isinstance(o, PackedLinear) and o.plan is not None and o.decode_weight is not None
     assert o.decode_weight.dtype == torch.float16 and o.decode_weight.shape == (32, 32)
     rows = o.plan.max_rows  # 4 through our GEMV, 2 through torch's float16 GEMV
-    assert rows == (cpu_gemv.MAX_ROWS if cpu_gemv.load() else HALF_MAX_ROWS)
+    assert rows == (cpu_kernels.MAX_ROWS if cpu_kernels.load() else HALF_MAX_ROWS)
     small, large = torch.randn(rows, 32), torch.randn(rows + 1, 32)
     with torch.inference_mode():
         # a small step is float16's product (accumulated in float32), not float32's
@@ -122,7 +123,7 @@ def test_without_half_small_steps_read_the_float32_weights() -> None:
         got = block(x)
     o = block.o_proj
     assert isinstance(o, PackedLinear)
-    if cpu_gemv.load() is None:
+    if cpu_kernels.load() is None:
         assert o.plan is None and o.decode_weight is None
     else:
         assert o.plan is not None and o.decode_weight is not None
@@ -133,13 +134,13 @@ def test_without_half_small_steps_read_the_float32_weights() -> None:
 def test_no_float32_decode_copy_when_it_would_take_half_the_free_memory(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if cpu_gemv.load() is None:
+    if cpu_kernels.load() is None:
         pytest.skip("the GEMV kernel is not available here")
 
     class Short:
         available = 4 * 1024  # bytes: less than twice the Block's Linears (~20 KB)
 
-    monkeypatch.setattr(cpu_linear.psutil, "virtual_memory", lambda: Short())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Short())
     block = Block().eval()
     with torch.inference_mode(), caplog.at_level("INFO", logger=cpu_linear.__name__):
         pack_linears(block)
@@ -150,7 +151,7 @@ def test_no_float32_decode_copy_when_it_would_take_half_the_free_memory(
 def test_without_the_kernel_float16_steps_use_torch_up_to_two_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cpu_linear.cpu_gemv, "load", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     torch.manual_seed(5)
     block = Block().eval()
     o_weight = block.o_proj.weight.detach().clone()

@@ -7,10 +7,11 @@ block table, kv_cache.py) and its position. The layers compute q/k/v and RoPE (H
 function registered with `transformers.AttentionInterface`, transposes HF's layout into it) then
 
 1. writes the new keys/values into the cache rows of their tokens,
-2. attends the decode rows (one token each, packed first) in one batched SDPA over their keys
-   gathered from the cache block by block `[Bd, KVH, L, D]` (L = the longest rounded up to a
-   block; shorter rows pad with the zero block, masked); a lone decode row whose blocks are
-   consecutive reads its keys in place instead (`decode_span`),
+2. attends the decode rows (one token each, packed first): through our CPU kernel
+   (cpu_kernels.py) where the step has it, reading every row's keys where they lie; else in one
+   batched SDPA over their keys gathered from the cache block by block `[Bd, KVH, L, D]` (L = the
+   longest rounded up to a block; shorter rows pad with the zero block, masked), a lone decode
+   row whose blocks are consecutive reading its keys in place instead (`decode_span`),
 3. attends each prefill chunk with its own SDPA: a first chunk over its own fresh keys, a later
    one over its prefix gathered from the cache; causal.
 
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tuneserve.engine.cpu_kernels import CpuKernels
 from tuneserve.engine.kv_cache import KVCache
 from tuneserve.errors import EngineError
 
@@ -69,11 +71,20 @@ class PackedStep:
     # one decode row whose blocks are consecutive: its keys are the cache rows
     # [start, end) in order, read in place (no gather, no mask)
     decode_span: tuple[int, int] | None = None
+    # our decode attention kernel: decode_blocks and decode_lengths then stay on the host
+    kernels: CpuKernels | None = None
     _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, cache: KVCache, rows: list[RowChunk], device: torch.device | str) -> PackedStep:
-        """Pack `rows` in order; one-token rows (decodes) must all come first."""
+    def build(
+        cls,
+        cache: KVCache,
+        rows: list[RowChunk],
+        device: torch.device | str,
+        kernels: CpuKernels | None = None,
+    ) -> PackedStep:
+        """Pack `rows` in order; one-token rows (decodes) must all come first. With `kernels`
+        (a CPU float32 cache: CpuKernels.attends) the decode rows go through its attention."""
         bs = cache.block_size
         num_decodes = 0
         for row in rows:
@@ -117,6 +128,12 @@ class PackedStep:
         )
         if num_decodes:
             lengths = [row.start + 1 for row in rows[:num_decodes]]
+            if kernels is not None:
+                step.kernels = kernels
+                step.decode_blocks = tables[:num_decodes, : cache.blocks_for(max(lengths))]
+                step.decode_blocks = step.decode_blocks.contiguous()
+                step.decode_lengths = torch.tensor(lengths, dtype=torch.long)
+                return step
             first = list(rows[0].blocks[: cache.blocks_for(lengths[0])])
             if num_decodes == 1 and first == list(range(first[0], first[0] + len(first))):
                 step.decode_span = (first[0] * bs, first[0] * bs + lengths[0])
@@ -216,7 +233,19 @@ def attend(
 
     # Phase 1: decode rows (packed first), one batched SDPA over their keys
     decoded: torch.Tensor | None = None  # [Bd, H, D]
-    if step.decode_span is not None:  # one user: its keys in place, exactly its length
+    if step.kernels is not None:
+        assert step.decode_blocks is not None and step.decode_lengths is not None
+        decoded = step.kernels.decode_attention(
+            query[: step.num_decodes],
+            cache.keys[layer],
+            cache.values[layer],
+            step.decode_blocks,
+            step.decode_lengths,
+            block_size=cache.block_size,
+            window=sliding_window,
+            scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
+        )
+    elif step.decode_span is not None:  # one user: its keys in place, exactly its length
         start, end = step.decode_span
         if sliding_window is not None:
             start = max(start, end - sliding_window)

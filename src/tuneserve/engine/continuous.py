@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneserve.engine import cpu_kernels
 from tuneserve.engine.attention import (
     STEP_KWARG,
     PackedStep,
@@ -156,6 +157,13 @@ class ContinuousBatchingEngine(ThreadedEngine):
             gpu_memory_utilization=gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
         )
         self.cache = KVCache(shape, dtype=parameter.dtype, device=self.device)
+        # decode attention through our CPU kernel where it computes for this cache
+        kernels = cpu_kernels.load() if self.device.type == "cpu" else None
+        self._kernels = (
+            kernels
+            if kernels is not None and kernels.attends(parameter.dtype, self.device, shape.head_dim)
+            else None
+        )
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %s; one max-length sequence is %d)",
             self.cache.num_blocks,
@@ -387,7 +395,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
             if chunk.completes:
                 keep.append(len(ids) - 1)
                 keep_lora.append(seq.lora_slot)
-        step = PackedStep.build(self.cache, rows, self.device)
+        step = PackedStep.build(self.cache, rows, self.device, self._kernels)
         self.loras.batch.set(token_lora, keep_lora, self.device)
         keep_index = torch.tensor(keep or [len(ids) - 1], dtype=torch.long, device=self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [N]

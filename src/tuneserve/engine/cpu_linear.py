@@ -15,14 +15,14 @@ with the right `in_features`/`out_features`, so LoRA wrapping and adapter checks
 they expect; their `weight` is a zero-stride stand-in of the right shape, dtype and device (the
 original is freed unless it is kept for decoding, below, or tied to the embeddings).
 
-Steps of at most `cpu_gemv.MAX_ROWS` tokens (decoding for up to four users) read a row-major
-copy of each weight through our own GEMV (cpu_gemv.py), which streams weights faster than
+Steps of at most `cpu_kernels.MAX_ROWS` tokens (decoding for up to four users) read a row-major
+copy of each weight through our own GEMV (cpu_kernels.py), which streams weights faster than
 oneDNN at so few rows: SmolLM2's Linears at one row in 19 ms against 25 (float32).
 `pack_linears(model)` keeps the float32 weights it was given as that copy when they take at
 most half of the memory available (they double the Linears' memory: a model that fills RAM
 keeps oneDNN alone). `pack_linears(model, half=True)` (serve's --decode-float16) keeps a
 float16 copy instead, which streams half the bytes: 10.6 ms for the same Linears, at float16's
-precision, for 1.5 times the weights' memory. Without the kernel (cpu_gemv.load() says why),
+precision, for 1.5 times the weights' memory. Without the kernel (cpu_kernels.load() says why),
 the float16 copy is read through torch's float16 GEMV for steps of at most HALF_MAX_ROWS
 tokens, where it still beats oneDNN, and no float32 copy is kept."""
 
@@ -35,7 +35,7 @@ import psutil
 import torch
 from torch import nn
 
-from tuneserve.engine import cpu_gemv
+from tuneserve.engine import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,13 @@ class DecodePlan:
 
     dtype: torch.dtype  # the row-major copy's: float32 (the original) or float16
     max_rows: int
-    gemv: cpu_gemv.CpuGemv | None
+    gemv: cpu_kernels.CpuKernels | None
 
     @classmethod
     def choose(cls, model: nn.Module, half: bool) -> DecodePlan | None:
-        gemv = cpu_gemv.load()
+        gemv = cpu_kernels.load()
         if half:
-            return cls(torch.float16, cpu_gemv.MAX_ROWS if gemv else HALF_MAX_ROWS, gemv)
+            return cls(torch.float16, cpu_kernels.MAX_ROWS if gemv else HALF_MAX_ROWS, gemv)
         if gemv is None:
             return None
         needed = sum(
@@ -76,7 +76,7 @@ class DecodePlan:
                 available / 1e9,
             )
             return None
-        return cls(torch.float32, cpu_gemv.MAX_ROWS, gemv)
+        return cls(torch.float32, cpu_kernels.MAX_ROWS, gemv)
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -121,9 +121,7 @@ class PackedLinear(_LinearShape):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self.plan = plan
         # the row-major copy small steps read (float32: the original itself, no copy made)
-        self.decode_weight = (
-            None if plan is None else weight.detach().to(plan.dtype).contiguous()
-        )
+        self.decode_weight = None if plan is None else weight.detach().to(plan.dtype).contiguous()
         # its [in, out] view for torch's float16 GEMV: torch.mm on it is the product F.linear
         # would dispatch to, without F.linear's own layers of dispatch
         self._decode_t = None if self.decode_weight is None else self.decode_weight.t()

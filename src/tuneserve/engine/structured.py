@@ -31,6 +31,7 @@ from tuneserve.engine.types import Constraint
 # compiled grammars kept per engine (a matcher is copied from them per request)
 CACHED_GRAMMARS = 64
 
+
 class GrammarCompiler:
     """One engine's matchers (used on its thread): the tokenizer converted once (`prepare`
     starts that in the background), compiled grammars cached."""

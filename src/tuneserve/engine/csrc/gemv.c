@@ -77,4 +77,4 @@ DEFINE_GEMV(f32)
 DEFINE_GEMV(f16)
 
 /* the build's self-check: the loader refuses a library whose version it does not expect */
-int tuneserve_gemv_version(void) { return 1; }
+int tuneserve_kernels_version(void) { return 1; }

@@ -1,0 +1,222 @@
+"""Kernels for decoding on the CPU (csrc/), compiled once on this machine.
+
+- `linear` (csrc/gemv.c): matrix-vector products. At one to four tokens a step a Linear is
+  bound by how fast its weight streams from memory, and torch's kernels leave bandwidth unused
+  there: on the 2-core AVX2 machine SmolLM2's 211 Linears at one row took 25 ms through
+  oneDNN's packed float32 product and 17.5 ms through torch's float16 GEMV, against 19 and 10.6
+  ms here on the same weights (benchmarks/README.md, "Our own CPU kernels"). Each weight row is
+  read once for all (up to MAX_ROWS) rows of x, float32 or float16 (F16C), accumulated in
+  float32.
+- `decode_attention` (csrc/attention.c): every decode row's attention over the paged KV cache,
+  keys and values read block by block where they lie: no gathered copy, no mask, one call a
+  layer. torch's SDPA has a fixed cost that dominated at one user: 60 us a layer for 250 keys,
+  against 20 here.
+
+Both run on torch's OpenMP threads (libgomp's soname is shared: the runtime torch loaded).
+They are C, not a torch extension: gcc builds them in about a second, with no torch headers,
+into the user cache (keyed by the sources, the flags and the compiler), and ctypes calls them
+with the tensors' data pointers (releasing the GIL). Where they cannot be had (not x86-64 with
+AVX2, no C compiler, a failed build, TUNESERVE_CPU_KERNELS=0) `load()` says why once and returns
+None, and the engine keeps torch's kernels: the same arithmetic up to rounding, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import platformdirs
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("gemv.c", "attention.c"))
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+VERSION = 1  # what tuneserve_kernels_version() of these sources returns
+MAX_ROWS = 4  # the kernel computes 1 to 4 rows of x per call
+# the CC environment variable first, as make and setuptools do
+COMPILERS = ("gcc", "cc")
+DISABLE_ENV = "TUNESERVE_CPU_KERNELS"  # "0": keep torch's kernels (for comparisons)
+
+
+class CpuKernels:
+    """The loaded library (see the module docstring)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self.library = library
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        for name in ("tuneserve_gemv_f32", "tuneserve_gemv_f16"):
+            function = getattr(library, name)
+            function.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
+            function.restype = None
+        self._kernels = {
+            torch.float32: library.tuneserve_gemv_f32,
+            torch.float16: library.tuneserve_gemv_f16,
+        }
+        attention = library.tuneserve_decode_attention_f32
+        attention.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, pointer]
+        attention.argtypes += [size] * 5 + [ctypes.c_float, ctypes.c_int]
+        attention.restype = ctypes.c_int
+        self._attention = attention
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [m, in] float32 (m <= MAX_ROWS), weight [out, in] contiguous float32 or float16,
+        bias [out] float32 or None -> x W^T + b: [m, out] float32."""
+        m, width = x.shape
+        out = weight.shape[0]
+        if m > MAX_ROWS or width != weight.shape[1]:
+            raise ValueError(f"gemv of x {tuple(x.shape)} by weight {tuple(weight.shape)}")
+        x = x.contiguous()
+        y = torch.empty((m, out), dtype=torch.float32)
+        self._kernels[weight.dtype](
+            weight.data_ptr(),
+            x.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            m,
+            out,
+            width,
+            torch.get_num_threads(),
+        )
+        return y
+
+    @staticmethod
+    def attends(cache_dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+        """Whether `decode_attention` computes for this cache."""
+        return cache_dtype == torch.float32 and device.type == "cpu" and head_dim % 8 == 0
+
+    def decode_attention(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        blocks: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        block_size: int,
+        window: int | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """query [B, H, D] float32 (one token per row); keys/values: one layer's cache pools
+        [rows, KVH, D]; blocks [B, nb] long, each row's block table; lengths [B] long, the keys
+        each row sees (its last `window` ones with a sliding window) -> [B, H, D]."""
+        rows, heads, dim = query.shape
+        kv_heads = keys.shape[1]
+        query = query.contiguous()
+        out = torch.empty_like(query)
+        failed = self._attention(
+            query.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            blocks.data_ptr(),
+            blocks.shape[1],
+            lengths.data_ptr(),
+            window or 0,
+            out.data_ptr(),
+            rows,
+            heads,
+            kv_heads,
+            dim,
+            block_size,
+            scale,
+            torch.get_num_threads(),
+        )
+        if failed:
+            raise MemoryError("decode attention: no memory for the scores")
+        return out
+
+
+def _unsupported() -> str | None:
+    """Why this machine cannot run the kernel, or None."""
+    if os.environ.get(DISABLE_ENV) == "0":
+        return f"{DISABLE_ENV}=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it is written for x86-64 and this is {platform.machine()}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"it needs AVX2 and torch finds {capability} on this CPU"
+    return None
+
+
+def _compiler() -> str | None:
+    named = os.environ.get("CC")
+    for candidate in ([named] if named else []) + list(COMPILERS):
+        found = shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
+def _build(compiler: str, folder: Path) -> Path:
+    """The library for this source, flags and compiler, compiled once into `folder`."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    digest = hashlib.sha256(" ".join(FLAGS).encode() + compiler.encode() + version.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    target = folder / f"kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    # a unique name, renamed into place when complete: servers starting together may both build
+    handle, partial = tempfile.mkstemp(dir=folder, prefix=target.name, suffix=".part")
+    os.close(handle)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", partial],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def kernel_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("tuneserve")) / "kernels"
+
+
+@cache
+def load() -> CpuKernels | None:
+    """The kernels, built on first use; None (said once, with the reason) where it cannot be had."""
+    reason = _unsupported()
+    compiler = None if reason else _compiler()
+    if reason is None and compiler is None:
+        reason = f"no C compiler found (set CC, or install gcc: {', '.join(COMPILERS)})"
+    if reason is not None or compiler is None:
+        logger.info("CPU kernels not used: %s; decoding uses torch's kernels", reason)
+        return None
+    try:
+        try:
+            path = _build(compiler, kernel_dir())
+        except OSError:  # an unwritable cache: a private folder for this process
+            path = _build(compiler, Path(tempfile.mkdtemp(prefix="tuneserve-kernels-")))
+        library = ctypes.CDLL(str(path))
+        found = library.tuneserve_kernels_version()
+        if found != VERSION:
+            raise RuntimeError(f"{path} is version {found}, expected {VERSION}")
+    except subprocess.CalledProcessError as exc:
+        logger.warning(
+            "CPU kernels not used: %s failed to build them: %s; decoding uses torch's kernels",
+            compiler,
+            (exc.stderr or "").strip()[-500:],
+        )
+        return None
+    except (OSError, RuntimeError) as exc:
+        logger.warning("CPU kernels not used: %s; decoding uses torch's kernels", exc)
+        return None
+    logger.info("CPU kernels loaded from %s", path)
+    return CpuKernels(library)

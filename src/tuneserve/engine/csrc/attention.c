@@ -1,0 +1,172 @@
+/* Decode attention over the paged KV cache, float32, on an x86-64 CPU with AVX2 and FMA.
+ *
+ * For each decode row b (one query token) and query head h, over the positions p in
+ * [first, length[b]) of its sequence (first = length[b] - window when window > 0, else 0):
+ *
+ *   s_p = scale * q[b, h] . K[row(b, p), h / G]          G = H / KVH query heads per KV head
+ *   out[b, h] = sum_p softmax(s)_p V[row(b, p), h / G]
+ *
+ * where row(b, p) = blocks[b, p / block_size] * block_size + p % block_size is the cache row
+ * holding position p: keys and values are read where they lie, block by block, never gathered
+ * into a copy. keys/values are one layer's [rows, KVH, D] pools; q and out are [B, H, D];
+ * D % 8 == 0. Work is split over (row, KV head) pairs; each computes its G heads' scores in one
+ * pass over the keys (each key read once for the G heads), then the softmax (exp by the Cephes
+ * polynomial, within 2 ulp of expf), then the weighted sum of the values (each read once). Returns 0, or -1
+ * when a buffer could not be allocated.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum), Cephes' expf on 8 lanes */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365448f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                               _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x);
+    y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* s[g] = q[g] . k for NG (1-4, a constant at each call site) heads at once: independent
+ * accumulator chains, two per head, so the adds' latency overlaps */
+static inline __attribute__((always_inline)) void dots(const float *q, const float *k, float *s,
+                                                       int64_t stride, const int NG, int64_t D,
+                                                       float scale) {
+    __m256 a[4][2];
+    for (int g = 0; g < NG; g++) a[g][0] = a[g][1] = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+        const __m256 k0 = _mm256_loadu_ps(k + d), k1 = _mm256_loadu_ps(k + d + 8);
+        for (int g = 0; g < NG; g++) {
+            a[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), k0, a[g][0]);
+            a[g][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d + 8), k1, a[g][1]);
+        }
+    }
+    if (d < D) { /* D % 16 == 8 */
+        const __m256 k0 = _mm256_loadu_ps(k + d);
+        for (int g = 0; g < NG; g++)
+            a[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), k0, a[g][0]);
+    }
+    for (int g = 0; g < NG; g++) s[g * stride] = hsum8(_mm256_add_ps(a[g][0], a[g][1])) * scale;
+}
+
+/* out[0:D] = sum_j s[j] V[j] for a head size D that is a constant at the call site */
+static inline __attribute__((always_inline)) void weighted_sum(const float *values,
+                                                               const int64_t *where, const float *s,
+                                                               int64_t L, float *out, const int D) {
+    __m256 acc[16];
+    for (int i = 0; i < D / 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L; j++) {
+        const __m256 w = _mm256_set1_ps(s[j]);
+        const float *v = values + where[j];
+        for (int i = 0; i < D / 8; i++) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < D / 8; i++) _mm256_storeu_ps(out + 8 * i, acc[i]);
+}
+
+static int attend_one(const float *q, const float *keys, const float *values, const int64_t *table,
+                      int64_t first, int64_t last, float *out, int64_t kv_head, int64_t G,
+                      int64_t KVH, int64_t D, int64_t bs, float scale) {
+    const int64_t L = last - first, padded = (L + 7) / 8 * 8;
+    float *scores = malloc(sizeof(float) * (size_t)(G * padded + D));
+    int64_t *where = malloc(sizeof(int64_t) * (size_t)L);
+    if (!scores || !where) {
+        free(scores);
+        free(where);
+        return -1;
+    }
+    float *acc = scores + G * padded; /* [D]: a weighted sum, for head sizes other than 64, 128 */
+    /* 0. where each position's key and value lie (offsets into the pools), block by block */
+    for (int64_t p = first, j = 0; p < last;) {
+        const int64_t offset = p % bs, run = bs - offset < last - p ? bs - offset : last - p;
+        const int64_t row = table[p / bs] * bs + offset;
+        for (int64_t i = 0; i < run; i++) where[j++] = ((row + i) * KVH + kv_head) * D;
+        p += run;
+    }
+    /* 1. scores, each key read once for the G query heads */
+    for (int64_t j = 0; j < L; j++) {
+        const float *k = keys + where[j];
+        for (int64_t g = 0; g < G; g += 4) {
+            const float *qg = q + g * D;
+            float *s = scores + g * padded + j;
+            switch (G - g < 4 ? G - g : 4) {
+            case 1: dots(qg, k, s, padded, 1, D, scale); break;
+            case 2: dots(qg, k, s, padded, 2, D, scale); break;
+            case 3: dots(qg, k, s, padded, 3, D, scale); break;
+            default: dots(qg, k, s, padded, 4, D, scale); break;
+            }
+        }
+    }
+    /* 2. softmax weights per head (unnormalised; the sum divides at the end) */
+    for (int64_t g = 0; g < G; g++) {
+        float *s = scores + g * padded;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < L; j++) top = s[j] > top ? s[j] : top;
+        for (int64_t j = L; j < padded; j++) s[j] = top - 1000.0f; /* exp -> 0, never summed */
+        __m256 total = _mm256_setzero_ps();
+        const __m256 shift = _mm256_set1_ps(top);
+        for (int64_t j = 0; j < padded; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
+            _mm256_storeu_ps(s + j, e);
+            total = _mm256_add_ps(total, e);
+        }
+        const float inverse = 1.0f / hsum8(total);
+        for (int64_t j = 0; j < L; j++) s[j] *= inverse;
+    }
+    /* 3. the weighted sum of the values, per head (the values stay in cache across heads) */
+    for (int64_t g = 0; g < G; g++) {
+        const float *s = scores + g * padded;
+        switch (D) { /* the common head sizes keep the sum in registers */
+        case 64: weighted_sum(values, where, s, L, out + g * D, 64); break;
+        case 128: weighted_sum(values, where, s, L, out + g * D, 128); break;
+        default:
+            for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+            for (int64_t j = 0; j < L; j++) {
+                const __m256 w = _mm256_set1_ps(s[j]);
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(values + where[j] + d),
+                                                              _mm256_loadu_ps(acc + d)));
+            }
+            for (int64_t i = 0; i < D; i++) out[g * D + i] = acc[i];
+        }
+    }
+    free(scores);
+    free(where);
+    return 0;
+}
+
+int tuneserve_decode_attention_f32(const float *q, const float *keys, const float *values,
+                                   const int64_t *blocks, int64_t nb, const int64_t *lengths,
+                                   int64_t window, float *out, int64_t B, int64_t H, int64_t KVH,
+                                   int64_t D, int64_t bs, float scale, int threads) {
+    const int64_t G = H / KVH;
+    int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
+    for (int64_t task = 0; task < B * KVH; task++) {
+        const int64_t b = task / KVH, kv_head = task % KVH, last = lengths[b];
+        const int64_t first = window > 0 && last > window ? last - window : 0;
+        const int64_t head = kv_head * G;
+        failed |= attend_one(q + (b * H + head) * D, keys, values, blocks + b * nb, first, last,
+                             out + (b * H + head) * D, kv_head, G, KVH, D, bs, scale);
+    }
+    return failed ? -1 : 0;
+}
