@@ -88,14 +88,20 @@ def test_projections_inside_lora_wrappers_are_fused_too() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_float16_copies_serve_steps_of_few_tokens_and_float32_the_rest() -> None:
-    torch.manual_seed(3)
+def _half_packed_o_proj(seed: int) -> tuple[PackedLinear, torch.Tensor]:
+    """A Block's o_proj packed with float16 copies, and its original float32 weight."""
+    torch.manual_seed(seed)
     block = Block().eval()
     o_weight = block.o_proj.weight.detach().clone()
     with torch.inference_mode():
         pack_linears(block, half=True)
-    o = block.o_proj
-    assert isinstance(o, PackedLinear) and o.plan is not None and o.decode_weight is not None
+    assert isinstance(block.o_proj, PackedLinear) and block.o_proj.plan is not None
+    return block.o_proj, o_weight
+
+
+def test_float16_copies_serve_steps_of_few_tokens_and_float32_the_rest() -> None:
+    o, o_weight = _half_packed_o_proj(3)
+    assert o.plan is not None and o.decode_weight is not None
     assert o.decode_weight.dtype == torch.float16 and o.decode_weight.shape == (32, 32)
     rows = o.plan.max_rows  # 4 through our GEMV, 2 through torch's float16 GEMV
     assert rows == (cpu_kernels.MAX_ROWS if cpu_kernels.load() else HALF_MAX_ROWS)
@@ -152,13 +158,9 @@ def test_without_the_kernel_float16_steps_use_torch_up_to_two_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(cpu_kernels, "load", lambda: None)
-    torch.manual_seed(5)
-    block = Block().eval()
-    o_weight = block.o_proj.weight.detach().clone()
+    o, o_weight = _half_packed_o_proj(5)
+    assert o.plan is not None
     with torch.inference_mode():
-        pack_linears(block, half=True)
-        o = block.o_proj
-        assert isinstance(o, PackedLinear) and o.plan is not None
         assert o.plan.gemv is None and o.plan.max_rows == HALF_MAX_ROWS == 2
         small = torch.randn(2, 32)
         expected = torch.nn.functional.linear(small.half(), o_weight.half()).float()
