@@ -115,6 +115,41 @@ def test_decode_attention_equals_a_softmax_loop(
         torch.testing.assert_close(got[b].double(), want, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_rope_is_hf_arithmetic_bit_for_bit() -> None:
+    """x * cos + rotate_half(x) * sin, on rows that are a slice of a wider product."""
+    assert KERNELS is not None
+    torch.manual_seed(11)
+    n, heads, dim = 5, 3, 64
+    wide = torch.randn(n, heads * dim + 40)  # q's columns of a fused q/k/v product
+    x = wide[:, : heads * dim]
+    cos, sin = torch.randn(n, dim), torch.randn(n, dim)
+    half = dim // 2
+    rotated = torch.cat([-x.view(n, heads, dim)[..., half:], x.view(n, heads, dim)[..., :half]], -1)
+    want = x.view(n, heads, dim) * cos[:, None] + rotated * sin[:, None]
+    sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)])
+    got = KERNELS.rope(x, cos, sin * sign, heads)
+    assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_rms_norm_equals_hf_rmsnorm() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    assert KERNELS is not None
+    torch.manual_seed(12)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 576) * 3
+    with torch.inference_mode():
+        want = norm(x)
+        got = KERNELS.rms_norm(x, norm.weight, norm.variance_epsilon)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        KERNELS.rms_norm(x.double(), norm.weight, 1e-5)
+
+
 @pytest.fixture
 def fresh_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """load() as on a new machine: nothing cached, kernels built into tmp_path."""

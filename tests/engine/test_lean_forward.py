@@ -40,14 +40,20 @@ def _mixed_step(engine: ContinuousBatchingEngine) -> tuple[torch.Tensor, PackedS
     engine.loras.batch.set(token_slots, row_slots, engine.device)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 300, (len(token_slots),), generator=gen)
-    return ids, PackedStep.build(cache, rows, engine.device), ends
+    return ids, PackedStep.build(cache, rows, engine.device, engine._kernels), ends
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_lean_logits_equal_hf_forward(tiny: TinyFamily, packed: bool) -> None:
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "cpu-kernels"])
+def test_lean_logits_equal_hf_forward(tiny: TinyFamily, packed: bool, kernels: bool) -> None:
+    """With the CPU kernels: RMSNorm, RoPE and the decode rows' attention through them."""
     engine = ContinuousBatchingEngine(tiny.served(), max_num_seqs=4)  # not started
     lean = engine._lean
     assert lean is not None, f"{tiny.family} should run the lean forward"
+    if kernels and lean.kernels is None:
+        pytest.skip("the CPU kernels are not available here")
+    if not kernels:
+        lean.kernels = engine._kernels = None
     with torch.inference_mode():
         if packed:
             pack_linears(engine.model)
