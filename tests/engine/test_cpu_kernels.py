@@ -186,6 +186,21 @@ def test_a_compiler_that_fails_leaves_torch_kernels(
     assert not list(tmp_path.glob("kernels-*"))  # no half-written library left behind
 
 
+@needs_kernel
+def test_a_compiler_that_hangs_is_given_up_on(
+    fresh_load, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hanging = tmp_path / "hanging-cc"
+    hanging.write_text('#!/bin/sh\n[ "$1" = --version ] && exit 0\nexec sleep 30\n')
+    hanging.chmod(0o755)
+    monkeypatch.setenv("CC", str(hanging))
+    monkeypatch.setattr(cpu_kernels, "BUILD_TIMEOUT_S", 1)
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert fresh_load() is None
+    assert "failed to build them" in caplog.text and "timed out" in caplog.text
+    assert not list(tmp_path.glob("kernels-*"))
+
+
 def test_no_compiler_or_disabled_says_why(
     fresh_load, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -47,7 +47,8 @@ SOURCES = tuple(
 # fused multiply-adds are written out as such)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 VERSION = 1  # what tuneserve_kernels_version() of these sources returns
-MAX_ROWS = 4  # the kernel computes 1 to 4 rows of x per call
+MAX_ROWS = 4  # the GEMV computes 1 to 4 rows of x a call
+BUILD_TIMEOUT_S = 120  # a compiler that hangs must not hang the server's start
 # the CC environment variable first, as make and setuptools do
 COMPILERS = ("gcc", "cc")
 DISABLE_ENV = "TUNESERVE_CPU_KERNELS"  # "0": keep torch's kernels (for comparisons)
@@ -197,9 +198,9 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str, folder: Path) -> Path:
-    """The library for this source, flags and compiler, compiled once into `folder`."""
+    """The library for these sources, flags and compiler, compiled once into `folder`."""
     version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True
+        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
     ).stdout
     digest = hashlib.sha256(" ".join(FLAGS).encode() + compiler.encode() + version.encode())
     for source in SOURCES:
@@ -217,6 +218,7 @@ def _build(compiler: str, folder: Path) -> Path:
             capture_output=True,
             text=True,
             check=True,
+            timeout=BUILD_TIMEOUT_S,
         )
         os.replace(partial, target)
     finally:
@@ -247,11 +249,12 @@ def load() -> CpuKernels | None:
         found = library.tuneserve_kernels_version()
         if found != VERSION:
             raise RuntimeError(f"{path} is version {found}, expected {VERSION}")
-    except subprocess.CalledProcessError as exc:
+    except subprocess.SubprocessError as exc:  # a failed or timed-out build
+        said = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
         logger.warning(
             "CPU kernels not used: %s failed to build them: %s; decoding uses torch's kernels",
             compiler,
-            (exc.stderr or "").strip()[-500:],
+            (said or "").strip()[-500:],
         )
         return None
     except (OSError, RuntimeError) as exc:
