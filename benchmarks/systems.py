@@ -226,7 +226,7 @@ def http_system(name: str, cfg: BenchConfig) -> HttpSystem:
         return Tuneserve(name, cfg.tuneserve_engine)
     if name == "tuneserve-simple":
         return Tuneserve(name, "simple")
-    if name == "tuneserve-f16":  # float16 weights for steps of 1-2 tokens (--decode-float16)
+    if name == "tuneserve-f16":  # float16 weights for steps of 1-4 tokens (--decode-float16)
         return Tuneserve(name, cfg.tuneserve_engine, ("--decode-float16",))
     if name == "seed-way":
         return Peer(name, "benchmarks.peers.seed_way",

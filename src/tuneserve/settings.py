@@ -74,7 +74,7 @@ class ServeSettings(BaseSettings):
     )
     decode_float16: bool | None = Field(
         None,
-        description="CPU, float32: also keep float16 weights for steps of 1-2 tokens.",
+        description="CPU, float32: also keep float16 weights for steps of 1-4 tokens.",
     )
     cache_dir: Path = Field(default_factory=default_cache_dir)
     open_admin: bool = Field(
