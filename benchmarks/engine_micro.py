@@ -16,6 +16,8 @@ Variants per C:
   engine-hf-forward, engine-lora-hf-forward
                 the same as engine / engine-lora through HF's modeling code instead of the
                 lean forward (engine/lean_forward.py): what the lean forward gains
+  engine-torch  the same as engine with torch's kernels only (no engine/csrc kernels): what
+                our CPU kernels gain
 
     python -m benchmarks.engine_micro --cache /tmp/tuneserve-bench --batch 1,8,32
 
@@ -155,15 +157,16 @@ def main() -> None:
     if "hf" in variants:
         hf_model = AutoModelForCausalLM.from_pretrained(bench.base, dtype=torch.float32).eval()
         hf_decode_tok_s(hf_model, bench, 1, args.prompt_len, 4)  # warm-up
-    setups = {  # adapters served, adapters used, the lean forward
-        "engine": (0, [], True),
-        "engine-idle": (args.adapters, [], True),
-        "engine-lora": (args.adapters, names, True),
-        "engine-hf-forward": (0, [], False),
-        "engine-lora-hf-forward": (args.adapters, names, False),
+    setups = {  # adapters served, adapters used, the lean forward, our CPU kernels
+        "engine": (0, [], True, True),
+        "engine-idle": (args.adapters, [], True, True),
+        "engine-lora": (args.adapters, names, True, True),
+        "engine-hf-forward": (0, [], False, True),
+        "engine-lora-hf-forward": (args.adapters, names, False, True),
+        "engine-torch": (0, [], True, False),
     }
     engines: dict[str, tuple[Any, list[str]]] = {}
-    for variant, (served_adapters, used, lean) in setups.items():
+    for variant, (served_adapters, used, lean, kernels) in setups.items():
         if variant not in variants:
             continue
         engine = ContinuousBatchingEngine(
@@ -173,6 +176,7 @@ def main() -> None:
             max_loras=max(served_adapters, 1),
             decode_float16=args.decode_float16,
             lean_forward=lean,
+            cpu_kernels=kernels,
         )
         if engine.loras is not None:  # every adapter in its slot before timing
             for name in names[:served_adapters]:

@@ -210,6 +210,34 @@ def test_decode_float16_answers_like_float32_up_to_near_ties(
     assert halves and all(h is not None and h.dtype == torch.float16 for h in halves)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "torch-only"])
+def test_the_cpu_kernels_serve_decoding_unless_turned_off(
+    tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine], kernels: bool
+) -> None:
+    """Where engine/csrc builds, a float32 CPU engine decodes through it (GEMV, attention,
+    RMSNorm/RoPE), answering as transformers + PEFT; cpu_kernels=False leaves torch's alone."""
+    from tuneserve.engine import cpu_kernels
+
+    built = cpu_kernels.load()
+    if kernels and built is None:
+        pytest.skip("the CPU kernels are not available here")
+    engine = engine_for(tiny_llama.served(), max_loras=2, cpu_kernels=kernels)
+    engines.append(engine)
+    for i, (length, adapter) in enumerate(CASES[:3]):
+        ids = prompt(length, seed=20 + i)
+        one = request(ids, adapter, request_id=f"k{i}", max_tokens=8)
+
+        async def answer(one: Any = one) -> list[StreamDelta]:
+            return await collect(engine.submit(one))
+
+        assert_greedy_matches(token_ids(run(answer)), reference_model(tiny_llama, adapter), ids)
+    expected = built if kernels else None
+    assert engine._kernels is expected
+    assert engine._lean is not None and engine._lean.kernels is expected
+    plans = [m.plan for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    assert plans and all((p.gemv if p else None) is expected for p in plans)
+
+
 def test_decode_float16_is_refused_where_nothing_is_packed(tiny_llama: TinyFamily) -> None:
     served = tiny_llama.served()
     served.model.to(torch.bfloat16)

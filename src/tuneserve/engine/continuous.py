@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneserve.engine import cpu_kernels
 from tuneserve.engine.attention import (
     STEP_KWARG,
     PackedStep,
@@ -46,6 +45,7 @@ from tuneserve.engine.attention import (
     check_supported,
     install_packed_attention,
 )
+from tuneserve.engine.cpu_kernels import load as load_cpu_kernels
 from tuneserve.engine.cpu_linear import can_pack, pack_linears
 from tuneserve.engine.kv_cache import (
     GPU_MEMORY_UTILIZATION,
@@ -106,6 +106,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         gpu_memory_utilization: float | None = None,
         decode_float16: bool | None = None,
         lean_forward: bool = True,
+        cpu_kernels: bool = True,
     ) -> None:
         prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         if max_num_seqs < 1:
@@ -144,7 +145,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         install_packed_attention(self.model)
         # Llama-family decoders run without HF's per-layer framework (lean_forward.py);
         # `lean_forward=False` keeps HF's forward (for comparison), as any other family does
-        self._lean = LeanForward.of(self.model) if lean_forward else None
+        self._lean = LeanForward.of(self.model, kernels=cpu_kernels) if lean_forward else None
         # 2. the KV cache: blocks within the memory budget (a clear error when one
         #    max-length sequence cannot fit)
         shape = kv_cache_budget(
@@ -157,8 +158,10 @@ class ContinuousBatchingEngine(ThreadedEngine):
             gpu_memory_utilization=gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
         )
         self.cache = KVCache(shape, dtype=parameter.dtype, device=self.device)
-        # decode attention through our CPU kernel where it computes for this cache
-        kernels = cpu_kernels.load() if self.device.type == "cpu" else None
+        # decode attention through our CPU kernel where it computes for this cache;
+        # `cpu_kernels=False` keeps torch's kernels everywhere (for comparison)
+        self._cpu_kernels = cpu_kernels
+        kernels = load_cpu_kernels() if cpu_kernels and self.device.type == "cpu" else None
         self._kernels = (
             kernels
             if kernels is not None and kernels.attends(parameter.dtype, self.device, shape.head_dim)
@@ -252,7 +255,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         with torch.inference_mode():
             if self._pack:
                 try:
-                    pack_linears(self.model, half=self._half)
+                    pack_linears(self.model, half=self._half, kernels=self._cpu_kernels)
                 except Exception:  # the plain layers compute the same thing, only slower
                     logger.exception("packing the Linears for this CPU failed; serving unpacked")
             while True:

@@ -56,8 +56,8 @@ class DecodePlan:
     gemv: cpu_kernels.CpuKernels | None
 
     @classmethod
-    def choose(cls, model: nn.Module, half: bool) -> DecodePlan | None:
-        gemv = cpu_kernels.load()
+    def choose(cls, model: nn.Module, half: bool, kernels: bool = True) -> DecodePlan | None:
+        gemv = cpu_kernels.load() if kernels else None
         if half:
             return cls(torch.float16, cpu_kernels.MAX_ROWS if gemv else HALF_MAX_ROWS, gemv)
         if gemv is None:
@@ -214,11 +214,12 @@ def _fuse_group(parent: nn.Module, names: tuple[str, ...], plan: DecodePlan | No
     return True
 
 
-def pack_linears(model: nn.Module, half: bool = False) -> tuple[int, int]:
+def pack_linears(model: nn.Module, half: bool = False, kernels: bool = True) -> tuple[int, int]:
     """Pack every nn.Linear of a float32 CPU model in place (see the module docstring);
     returns (fused groups, packed Linears). `half` keeps float16 copies for steps of few tokens
-    (decoding for one to four users): about twice as fast there, at float16's precision."""
-    plan = DecodePlan.choose(model, half)
+    (decoding for one to four users): about twice as fast there, at float16's precision.
+    `kernels=False` leaves our GEMV out (torch's kernels only, for comparisons)."""
+    plan = DecodePlan.choose(model, half, kernels)
     groups = 0
     for parent in list(model.modules()):
         for names in FUSED_GROUPS:
