@@ -114,7 +114,7 @@ def main() -> None:
         raise SystemExit(f"the {args.size} model has no lean forward: nothing to time here")
     if can_pack(engine.model):
         with torch.inference_mode():
-            pack_linears(engine.model)
+            pack_linears(engine.model, kernels=engine.kernels)
     acquired = [engine.loras.acquire(name) for name in bench.adapter_names(8)]
     slots = [slot for slot in acquired if slot is not None]
     assert len(slots) == 8, "every adapter in a slot"

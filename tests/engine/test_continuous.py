@@ -232,7 +232,7 @@ def test_the_cpu_kernels_serve_decoding_unless_turned_off(
 
         assert_greedy_matches(token_ids(run(answer)), reference_model(tiny_llama, adapter), ids)
     expected = built if kernels else None
-    assert engine._kernels is expected
+    assert engine.kernels is expected
     assert engine._lean is not None and engine._lean.kernels is expected
     plans = [m.plan for m in engine.model.modules() if isinstance(m, PackedLinear)]
     assert plans and all((p.gemv if p else None) is expected for p in plans)

@@ -16,6 +16,8 @@ from tuneserve.engine.cpu_linear import (
     pack_linears,
 )
 
+KERNELS = cpu_kernels.load()  # what an engine on this machine gets (None: torch's kernels)
+
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN"
 )
@@ -44,7 +46,8 @@ def test_packed_and_fused_layers_equal_the_originals() -> None:
     with torch.inference_mode():
         expected = block(x)
         assert can_pack(block)
-        assert pack_linears(block) == (2, 2)  # q/k/v and gate/up fused; o and down packed
+        # q/k/v and gate/up fused; o and down packed
+        assert pack_linears(block, kernels=KERNELS) == (2, 2)
         got = block(x)
     assert isinstance(block.q_proj, FusedMember) and isinstance(block.o_proj, PackedLinear)
     # the layers still read as the Linears they were (adapter checks and LoRA wrapping)
@@ -61,7 +64,7 @@ def test_a_member_called_on_a_new_input_never_gets_a_stale_slice() -> None:
     a, b = torch.randn(4, 32), torch.randn(4, 32)
     with torch.inference_mode():
         want_q_a, want_k_b = block.q_proj(a), block.k_proj(b)
-        pack_linears(block)
+        pack_linears(block, kernels=KERNELS)
         got_q_a = block.q_proj(a)  # computes the group's product for a
         got_k_b = block.k_proj(b)  # b is another tensor: computed again, not a's slice
     torch.testing.assert_close(got_q_a, want_q_a, rtol=1e-5, atol=1e-5)
@@ -81,20 +84,22 @@ def test_projections_inside_lora_wrappers_are_fused_too() -> None:
     x = torch.randn(2, 7, 32)
     with torch.inference_mode():
         expected = block(x)
-        assert pack_linears(block) == (2, 2)
+        assert pack_linears(block, kernels=KERNELS) == (2, 2)
         got = block(x)
     assert isinstance(block.q_proj, BatchedLoRALinear)
     assert isinstance(block.q_proj.base_layer, FusedMember)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def _half_packed_o_proj(seed: int) -> tuple[PackedLinear, torch.Tensor]:
+def _half_packed_o_proj(
+    seed: int, kernels: cpu_kernels.CpuKernels | None = KERNELS
+) -> tuple[PackedLinear, torch.Tensor]:
     """A Block's o_proj packed with float16 copies, and its original float32 weight."""
     torch.manual_seed(seed)
     block = Block().eval()
     o_weight = block.o_proj.weight.detach().clone()
     with torch.inference_mode():
-        pack_linears(block, half=True)
+        pack_linears(block, half=True, kernels=kernels)
     assert isinstance(block.o_proj, PackedLinear) and block.o_proj.plan is not None
     return block.o_proj, o_weight
 
@@ -104,7 +109,7 @@ def test_float16_copies_serve_steps_of_few_tokens_and_float32_the_rest() -> None
     assert o.plan is not None and o.decode_weight is not None
     assert o.decode_weight.dtype == torch.float16 and o.decode_weight.shape == (32, 32)
     rows = o.plan.max_rows  # 4 through our GEMV, 2 through torch's float16 GEMV
-    assert rows == (cpu_kernels.MAX_ROWS if cpu_kernels.load() else HALF_MAX_ROWS)
+    assert rows == (cpu_kernels.MAX_ROWS if KERNELS else HALF_MAX_ROWS)
     small, large = torch.randn(rows, 32), torch.randn(rows + 1, 32)
     with torch.inference_mode():
         # a small step is float16's product (accumulated in float32), not float32's
@@ -125,11 +130,11 @@ def test_without_half_small_steps_read_the_float32_weights() -> None:
     x = torch.randn(1, 32)
     with torch.inference_mode():
         want = block(x)
-        pack_linears(block)
+        pack_linears(block, kernels=KERNELS)
         got = block(x)
     o = block.o_proj
     assert isinstance(o, PackedLinear)
-    if cpu_kernels.load() is None:
+    if KERNELS is None:
         assert o.plan is None and o.decode_weight is None
     else:
         assert o.plan is not None and o.decode_weight is not None
@@ -140,7 +145,7 @@ def test_without_half_small_steps_read_the_float32_weights() -> None:
 def test_no_float32_decode_copy_when_it_would_take_half_the_free_memory(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if cpu_kernels.load() is None:
+    if KERNELS is None:
         pytest.skip("the GEMV kernel is not available here")
 
     class Short:
@@ -149,16 +154,13 @@ def test_no_float32_decode_copy_when_it_would_take_half_the_free_memory(
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Short())
     block = Block().eval()
     with torch.inference_mode(), caplog.at_level("INFO", logger=cpu_linear.__name__):
-        pack_linears(block)
+        pack_linears(block, kernels=KERNELS)
     assert isinstance(block.o_proj, PackedLinear) and block.o_proj.plan is None
     assert "float32 decode weights not kept" in caplog.text
 
 
-def test_without_the_kernel_float16_steps_use_torch_up_to_two_rows(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
-    o, o_weight = _half_packed_o_proj(5)
+def test_without_the_kernel_float16_steps_use_torch_up_to_two_rows() -> None:
+    o, o_weight = _half_packed_o_proj(5, kernels=None)
     assert o.plan is not None
     with torch.inference_mode():
         assert o.plan.gemv is None and o.plan.max_rows == HALF_MAX_ROWS == 2
@@ -174,6 +176,6 @@ def test_without_the_kernel_float16_steps_use_torch_up_to_two_rows(
 def test_without_half_there_are_no_float16_copies() -> None:
     block = Block().eval()
     with torch.inference_mode():
-        pack_linears(block)
+        pack_linears(block, kernels=KERNELS)
     assert isinstance(block.o_proj, PackedLinear)
     assert block.o_proj.decode_weight is None or block.o_proj.decode_weight.dtype == torch.float32

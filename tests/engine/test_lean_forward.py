@@ -40,7 +40,7 @@ def _mixed_step(engine: ContinuousBatchingEngine) -> tuple[torch.Tensor, PackedS
     engine.loras.batch.set(token_slots, row_slots, engine.device)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 300, (len(token_slots),), generator=gen)
-    return ids, PackedStep.build(cache, rows, engine.device, engine._kernels), ends
+    return ids, PackedStep.build(cache, rows, engine.device, engine.kernels), ends
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
@@ -53,10 +53,10 @@ def test_lean_logits_equal_hf_forward(tiny: TinyFamily, packed: bool, kernels: b
     if kernels and lean.kernels is None:
         pytest.skip("the CPU kernels are not available here")
     if not kernels:
-        lean.kernels = engine._kernels = None
+        lean.kernels = engine.kernels = None
     with torch.inference_mode():
         if packed:
-            pack_linears(engine.model)
+            pack_linears(engine.model, kernels=engine.kernels)
         ids, step, keep = _mixed_step(engine)
         # both write the same keys/values into the same cache rows: the order does not matter
         got = lean(ids, step, keep)

@@ -84,7 +84,8 @@ class PackedStep:
         kernels: CpuKernels | None = None,
     ) -> PackedStep:
         """Pack `rows` in order; one-token rows (decodes) must all come first. With `kernels`
-        (a CPU float32 cache: CpuKernels.attends) the decode rows go through its attention."""
+        (for a float32 CPU cache) the decode rows go through its attention where it computes
+        for the cache's head size."""
         bs = cache.block_size
         num_decodes = 0
         for row in rows:
@@ -128,7 +129,7 @@ class PackedStep:
         )
         if num_decodes:
             lengths = [row.start + 1 for row in rows[:num_decodes]]
-            if kernels is not None:
+            if kernels is not None and kernels.attends(cache.shape.head_dim):
                 step.kernels = kernels
                 step.decode_blocks = tables[:num_decodes, : cache.blocks_for(max(lengths))]
                 step.decode_blocks = step.decode_blocks.contiguous()

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneserve.engine import cpu_kernels as kernels_lib
 from tuneserve.engine.attention import (
     STEP_KWARG,
     PackedStep,
@@ -45,7 +46,6 @@ from tuneserve.engine.attention import (
     check_supported,
     install_packed_attention,
 )
-from tuneserve.engine.cpu_kernels import load as load_cpu_kernels
 from tuneserve.engine.cpu_linear import can_pack, pack_linears
 from tuneserve.engine.kv_cache import (
     GPU_MEMORY_UTILIZATION,
@@ -143,9 +143,12 @@ class ContinuousBatchingEngine(ThreadedEngine):
             self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
         )
         install_packed_attention(self.model)
+        # our CPU kernels (cpu_kernels.py) for a float32 model on the CPU, where they build;
+        # `cpu_kernels=False` keeps torch's kernels everywhere (for comparison)
+        self.kernels = kernels_lib.for_model(self.model) if cpu_kernels else None
         # Llama-family decoders run without HF's per-layer framework (lean_forward.py);
         # `lean_forward=False` keeps HF's forward (for comparison), as any other family does
-        self._lean = LeanForward.of(self.model, kernels=cpu_kernels) if lean_forward else None
+        self._lean = LeanForward.of(self.model, self.kernels) if lean_forward else None
         # 2. the KV cache: blocks within the memory budget (a clear error when one
         #    max-length sequence cannot fit)
         shape = kv_cache_budget(
@@ -158,15 +161,6 @@ class ContinuousBatchingEngine(ThreadedEngine):
             gpu_memory_utilization=gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
         )
         self.cache = KVCache(shape, dtype=parameter.dtype, device=self.device)
-        # decode attention through our CPU kernel where it computes for this cache;
-        # `cpu_kernels=False` keeps torch's kernels everywhere (for comparison)
-        self._cpu_kernels = cpu_kernels
-        kernels = load_cpu_kernels() if cpu_kernels and self.device.type == "cpu" else None
-        self._kernels = (
-            kernels
-            if kernels is not None and kernels.attends(parameter.dtype, self.device, shape.head_dim)
-            else None
-        )
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %s; one max-length sequence is %d)",
             self.cache.num_blocks,
@@ -255,7 +249,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         with torch.inference_mode():
             if self._pack:
                 try:
-                    pack_linears(self.model, half=self._half, kernels=self._cpu_kernels)
+                    pack_linears(self.model, half=self._half, kernels=self.kernels)
                 except Exception:  # the plain layers compute the same thing, only slower
                     logger.exception("packing the Linears for this CPU failed; serving unpacked")
             while True:
@@ -398,7 +392,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
             if chunk.completes:
                 keep.append(len(ids) - 1)
                 keep_lora.append(seq.lora_slot)
-        step = PackedStep.build(self.cache, rows, self.device, self._kernels)
+        step = PackedStep.build(self.cache, rows, self.device, self.kernels)
         self.loras.batch.set(token_lora, keep_lora, self.device)
         keep_index = torch.tensor(keep or [len(ids) - 1], dtype=torch.long, device=self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [N]

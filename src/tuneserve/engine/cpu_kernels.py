@@ -34,9 +34,11 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -59,26 +61,22 @@ class CpuKernels:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self.library = library
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        for name in ("tuneserve_gemv_f32", "tuneserve_gemv_f16"):
+        p, n, f, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+        def bind(name: str, *argtypes: Any, returns: Any = None) -> Any:
             function = getattr(library, name)
-            function.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
-            function.restype = None
-        self._kernels = {
-            torch.float32: library.tuneserve_gemv_f32,
-            torch.float16: library.tuneserve_gemv_f16,
+            function.argtypes, function.restype = list(argtypes), returns
+            return function
+
+        self._gemv = {
+            dtype: bind(f"tuneserve_gemv_{suffix}", p, p, p, p, n, n, n, i)
+            for dtype, suffix in ((torch.float32, "f32"), (torch.float16, "f16"))
         }
-        attention = library.tuneserve_decode_attention_f32
-        attention.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, pointer]
-        attention.argtypes += [size] * 5 + [ctypes.c_float, ctypes.c_int]
-        attention.restype = ctypes.c_int
-        self._attention = attention
-        self._rms_norm = library.tuneserve_rms_norm_f32
-        self._rms_norm.argtypes = [pointer, size, pointer, pointer, size, size, ctypes.c_float]
-        self._rms_norm.restype = None
-        self._rope = library.tuneserve_rope_f32
-        self._rope.argtypes = [pointer, size, pointer, pointer, pointer, size, size, size]
-        self._rope.restype = None
+        self._attention = bind(
+            "tuneserve_decode_attention_f32", p, p, p, p, n, p, n, p, n, n, n, n, n, f, i, returns=i
+        )
+        self._rms_norm = bind("tuneserve_rms_norm_f32", p, n, p, p, n, n, f)
+        self._rope = bind("tuneserve_rope_f32", p, n, p, p, p, n, n, n)
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -91,7 +89,7 @@ class CpuKernels:
             raise ValueError(f"gemv of x {tuple(x.shape)} by weight {tuple(weight.shape)}")
         x = x.contiguous()
         y = torch.empty((m, out), dtype=torch.float32)
-        self._kernels[weight.dtype](
+        self._gemv[weight.dtype](
             weight.data_ptr(),
             x.data_ptr(),
             None if bias is None else bias.data_ptr(),
@@ -124,9 +122,9 @@ class CpuKernels:
         return out
 
     @staticmethod
-    def attends(cache_dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
-        """Whether `decode_attention` computes for this cache."""
-        return cache_dtype == torch.float32 and device.type == "cpu" and head_dim % 8 == 0
+    def attends(head_dim: int) -> bool:
+        """Whether `decode_attention` computes for this head size (a float32 CPU cache)."""
+        return head_dim % 8 == 0
 
     def decode_attention(
         self,
@@ -167,6 +165,15 @@ class CpuKernels:
         if failed:
             raise MemoryError("decode attention: no memory for the scores")
         return out
+
+
+def for_model(model: nn.Module) -> CpuKernels | None:
+    """The kernels where they compute for `model` (float32, on the CPU), else None: the one
+    place that decides whether an engine uses them."""
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        return None
+    return load()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,11 @@ original is freed unless it is kept for decoding, below, or tied to the embeddin
 Steps of at most `cpu_kernels.MAX_ROWS` tokens (decoding for up to four users) read a row-major
 copy of each weight through our own GEMV (cpu_kernels.py), which streams weights faster than
 oneDNN at so few rows: SmolLM2's Linears at one row in 19 ms against 25 (float32).
-`pack_linears(model)` keeps the float32 weights it was given as that copy when they take at
-most half of the memory available (they double the Linears' memory: a model that fills RAM
-keeps oneDNN alone). `pack_linears(model, half=True)` (serve's --decode-float16) keeps a
+`pack_linears(model, kernels=...)` keeps the float32 weights it was given as that copy when
+they take at most half of the memory available (they double the Linears' memory: a model that
+fills RAM keeps oneDNN alone). `pack_linears(model, half=True)` (serve's --decode-float16) keeps a
 float16 copy instead, which streams half the bytes: 10.6 ms for the same Linears, at float16's
-precision, for 1.5 times the weights' memory. Without the kernel (cpu_kernels.load() says why),
+precision, for 1.5 times the weights' memory. Without the kernels (cpu_kernels.load() says why),
 the float16 copy is read through torch's float16 GEMV for steps of at most HALF_MAX_ROWS
 tokens, where it still beats oneDNN, and no float32 copy is kept."""
 
@@ -56,8 +56,9 @@ class DecodePlan:
     gemv: cpu_kernels.CpuKernels | None
 
     @classmethod
-    def choose(cls, model: nn.Module, half: bool, kernels: bool = True) -> DecodePlan | None:
-        gemv = cpu_kernels.load() if kernels else None
+    def choose(
+        cls, model: nn.Module, half: bool, gemv: cpu_kernels.CpuKernels | None
+    ) -> DecodePlan | None:
         if half:
             return cls(torch.float16, cpu_kernels.MAX_ROWS if gemv else HALF_MAX_ROWS, gemv)
         if gemv is None:
@@ -214,11 +215,13 @@ def _fuse_group(parent: nn.Module, names: tuple[str, ...], plan: DecodePlan | No
     return True
 
 
-def pack_linears(model: nn.Module, half: bool = False, kernels: bool = True) -> tuple[int, int]:
+def pack_linears(
+    model: nn.Module, half: bool = False, kernels: cpu_kernels.CpuKernels | None = None
+) -> tuple[int, int]:
     """Pack every nn.Linear of a float32 CPU model in place (see the module docstring);
     returns (fused groups, packed Linears). `half` keeps float16 copies for steps of few tokens
     (decoding for one to four users): about twice as fast there, at float16's precision.
-    `kernels=False` leaves our GEMV out (torch's kernels only, for comparisons)."""
+    `kernels` (cpu_kernels.for_model) brings our GEMV; without them torch's kernels serve."""
     plan = DecodePlan.choose(model, half, kernels)
     groups = 0
     for parent in list(model.modules()):

@@ -16,7 +16,7 @@ sign folded into `sin`: an exact rewrite), so greedy output stays token-identica
 transformers + PEFT. Any other architecture (Phi-3's fused projections, Gemma's scaled
 embeddings...) keeps HF's forward with our attention plugged in (attention.py).
 
-With the CPU kernels (cpu_kernels.py; a float32 model on the CPU) RMSNorm and RoPE are one call
+Given the CPU kernels (cpu_kernels.py; a float32 model on the CPU) RMSNorm and RoPE are one call
 each: RoPE the same arithmetic bit for bit, RMSNorm's sum of squares in another order (within an
 ulp or two of torch's). At one token they were ~7 torch ops each, ~4 ms of a ~33 ms step.
 """
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tuneserve.engine import cpu_kernels
 from tuneserve.engine.attention import PackedStep, attend
+from tuneserve.engine.cpu_kernels import CpuKernels
 
 
 def _families() -> dict[type, tuple[type, type, type, type]]:
@@ -77,7 +77,7 @@ class _Layer:
 class LeanForward:
     """The decoder of a supported model run directly (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, kernels: bool = True) -> None:
+    def __init__(self, model: nn.Module, kernels: CpuKernels | None = None) -> None:
         config: Any = model.config
         decoder: Any = model.model
         self.model: Any = model
@@ -113,11 +113,10 @@ class LeanForward:
         self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(
             parameter.device, parameter.dtype
         )
-        on_cpu = parameter.device.type == "cpu" and parameter.dtype == torch.float32
-        self.kernels = cpu_kernels.load() if on_cpu and kernels else None
+        self.kernels = kernels  # RMSNorm and RoPE through them (cpu_kernels.for_model)
 
     @classmethod
-    def of(cls, model: nn.Module, kernels: bool = True) -> LeanForward | None:
+    def of(cls, model: nn.Module, kernels: CpuKernels | None = None) -> LeanForward | None:
         """A lean forward for `model`, or None when its architecture is not one it computes."""
         classes = _families().get(type(model))
         if classes is None:
