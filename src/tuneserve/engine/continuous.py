@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from tuneserve.engine import cpu_kernels as kernels_lib
+from tuneserve.engine import openmp
 from tuneserve.engine.attention import (
     STEP_KWARG,
     PackedStep,
@@ -172,6 +173,9 @@ class ContinuousBatchingEngine(ThreadedEngine):
         self.scheduler = Scheduler(
             self.cache, self.loras, max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk
         )
+        # this thread loaded the model and built the engine: its idle OpenMP team would slow
+        # every step on the engine thread (openmp.py)
+        openmp.release_thread_team()
 
         self._inbox: collections.deque[tuple[GenerationRequest, QueueRequestStream]] = (
             collections.deque()
@@ -254,13 +258,11 @@ class ContinuousBatchingEngine(ThreadedEngine):
                     logger.exception("packing the Linears for this CPU failed; serving unpacked")
             while True:
                 with self._cond:
-                    while not (
-                        self._inbox
-                        or self._cancels
-                        or self._commands
-                        or self.scheduler.has_work
-                        or self._stopping
-                    ):
+                    if not self._has_work():
+                        # idle: no team of ours throttles another engine's in this process
+                        # (openmp.py); the next step starts a new one (~0.1 ms)
+                        openmp.release_thread_team()
+                    while not self._has_work():
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -284,6 +286,16 @@ class ContinuousBatchingEngine(ThreadedEngine):
                         logger.exception("engine step failed")
                         self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
         logger.info("engine stopped")
+
+    def _has_work(self) -> bool:
+        """Anything for the engine thread to do (called with `_cond` held)."""
+        return bool(
+            self._inbox
+            or self._cancels
+            or self._commands
+            or self.scheduler.has_work
+            or self._stopping
+        )
 
     def _admit(self, request: GenerationRequest, stream: QueueRequestStream) -> None:
         """Turn a submission into a waiting Sequence, or end it at once."""

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from tuneserve.engine import openmp
 from tuneserve.engine.base import Engine, RequestStream
 from tuneserve.engine.stream import QueueRequestStream
 from tuneserve.engine.types import GenerationRequest
@@ -57,6 +58,7 @@ class ThreadedEngine(Engine):
             raise EngineError("the engine was shut down; build a new one")
         if self._thread is not None and self._thread.is_alive():
             return
+        openmp.release_thread_team()  # whoever built the engine keeps no idle team (openmp.py)
         self._thread = threading.Thread(target=self._run, name="tuneserve-engine", daemon=True)
         self._thread.start()
 
