@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup", type=int,
                      help="untimed requests per server start, at least one per adapter [2]")
     run.add_argument("--seed", type=int, help="seed of prompts and adapter picks [0]")
+    run.add_argument("--arrivals", choices=["burst", "staggered"],
+                     help="burst: the C clients start at once [default]; staggered: client k "
+                          "starts once the first request has streamed k/C of its tokens (time "
+                          "to first token at a busy server)")
     run.add_argument("--startup-timeout", type=float, help="seconds a server may take to start")
     run.add_argument("--out", type=Path, help="results folder [benchmarks/out/full or quick]")
     run.add_argument("--cache-dir", type=Path, default=OUT / "models",
@@ -107,6 +111,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "requests": args.requests, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
         "size": args.size, "warmup_requests": args.warmup, "seed": args.seed,
         "startup_timeout_s": args.startup_timeout, "llama_cpp_dir": args.llama_cpp_dir,
+        "arrivals": args.arrivals,
     }
     data = cfg.model_dump()
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,7 +1,12 @@
 """The load generator: C streaming clients in a closed loop against one OpenAI-style endpoint.
 
 Each client sends a request, reads its SSE stream to the end, and sends the next, until the
-point's N requests are spent. Per request it records the time to the first text, the gaps
+point's N requests are spent. Clients start together ("burst", BENCHMARK.md's closed loop: the
+first C requests arrive at once) or "staggered": client k sends its first request once client
+0's first one has streamed k/C of its tokens, the phases a closed loop of clients that came and
+went would be in, so that a request meets a busy server rather than C prompts arriving with it
+(what time to first token under load means; vLLM's benchmark spreads arrivals for the same
+reason). Per request it records the time to the first text, the gaps
 between text chunks, and the completion tokens (the usage chunk's count when the server sends
 one, else the words seen: the bench tokenizer makes one word per token).
 """
@@ -85,7 +90,9 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         yield json.loads(payload)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
+async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                      on_tokens: Callable[[int], None] | None = None) -> RequestResult:
+    """One streamed request; `on_tokens(seen)` after each text chunk, with the tokens so far."""
     result = RequestResult()
     seen_words = 0
     start = last = time.perf_counter()
@@ -113,6 +120,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
                     result.itl_s += [(now - last) / n] * n
                 seen_words += n
                 last = now
+                if on_tokens is not None:
+                    on_tokens(seen_words)
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:300]
         return result
@@ -126,25 +135,41 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
 
 
 async def closed_loop(url: str, body_for: Callable[[int], dict[str, Any]], requests: int,
-                      concurrency: int, timeout_s: float = 600.0) -> PointRun:
+                      concurrency: int, timeout_s: float = 600.0,
+                      staggered: bool = False) -> PointRun:
     """Run `requests` requests through `concurrency` clients; request i gets body_for(i)."""
     indices = iter(range(requests))
     results: list[RequestResult] = [RequestResult() for _ in range(requests)]
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(timeout_s, connect=30.0)
+    # staggered: client k waits for started[k], set once the first request has streamed
+    # k/C of its tokens (or ended)
+    started = [asyncio.Event() for _ in range(concurrency)]
+    planned = int(body_for(0).get("max_tokens") or 1)
+
+    def pace(seen: int) -> None:
+        for k in range(1, min(concurrency, seen * concurrency // planned + 1)):
+            started[k].set()
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
 
-        async def worker() -> None:
+        async def worker(k: int) -> None:
+            if staggered and k:
+                await started[k].wait()
             for i in indices:  # shared iterator: each index is taken once
-                results[i] = await one_request(client, url, body_for(i))
+                paced = staggered and i == 0
+                results[i] = await one_request(client, url, body_for(i), pace if paced else None)
+                if paced:
+                    for event in started:
+                        event.set()
 
         start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return PointRun(wall, results, cpu)
 
 
 def run_closed_loop(url: str, body_for: Callable[[int], dict[str, Any]], requests: int,
-                    concurrency: int, timeout_s: float = 600.0) -> PointRun:
-    return asyncio.run(closed_loop(url, body_for, requests, concurrency, timeout_s))
+                    concurrency: int, timeout_s: float = 600.0,
+                    staggered: bool = False) -> PointRun:
+    return asyncio.run(closed_loop(url, body_for, requests, concurrency, timeout_s, staggered))

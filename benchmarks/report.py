@@ -40,7 +40,7 @@ def compute_targets(res: Results, system: str = "tuneserve") -> list[Target]:
         lo = res.point(system, k1, c_lo)
         value = _ratio(ours.ttft_p50_ms if ours else None, lo.ttft_p50_ms if lo else None)
         targets.append(Target(name=f"{system} TTFT p50 C={c_hi} / C={c_lo}",
-                              goal=f"<= 3x (K={k1})", value=value,
+                              goal=f"<= 3x (K={k1}, {res.config.arrivals} arrivals)", value=value,
                               met=None if value is None else value <= 3.0))
     if "llama.cpp" in res.config.systems:
         targets += _versus_llama_cpp(res, system)

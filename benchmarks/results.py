@@ -31,6 +31,9 @@ class BenchConfig(BaseModel):
     # the full run measures the real model (BENCHMARK.md); --quick keeps the small bench model
     size: str = Field("smollm2", description="model: smollm2 (real) | bench | tiny | large")
     seed: int = 0
+    arrivals: Literal["burst", "staggered"] = Field(
+        "burst", description="burst: the C clients start at once (the closed loop); staggered: "
+        "client k starts once the first request has streamed k/C of its tokens (client.py)")
     warmup_requests: int = Field(
         2, ge=0, description="untimed requests after each server start (and one per adapter)")
     tuneserve_engine: str | None = Field(

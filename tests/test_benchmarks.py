@@ -284,6 +284,9 @@ def test_quick_preset_and_overrides() -> None:
          "default"]))
     assert full.systems == ["tuneserve", "ceiling"] and full.concurrency == [1, 32]
     assert full.adapters == [1, 8, 32] and full.requests == 64 and full.tuneserve_engine is None
+    assert full.arrivals == "burst"  # BENCHMARK.md's closed loop
+    staggered = config_from(_parser().parse_args(["run", "--arrivals", "staggered"]))
+    assert staggered.arrivals == "staggered"
     with pytest.raises(SystemExit):
         _parser().parse_args(["run", "--systems", "vllm"])
 
