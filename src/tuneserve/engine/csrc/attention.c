@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#define PREFETCH 8 /* positions ahead */
+
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s);
@@ -102,8 +104,17 @@ static int attend_one(const float *q, const float *keys, const float *values, co
         for (int64_t i = 0; i < run; i++) where[j++] = ((row + i) * KVH + kv_head) * D;
         p += run;
     }
-    /* 1. scores, each key read once for the G query heads */
+    /* 1. scores, each key read once for the G query heads; the rows PREFETCH positions ahead
+     * are asked for early, keys and values both (a row's key and value heads are 256 bytes
+     * at D = 64, scattered over blocks: left to the hardware, the cold reads wait on latency) */
     for (int64_t j = 0; j < L; j++) {
+        if (j + PREFETCH < L) {
+            const float *kn = keys + where[j + PREFETCH], *vn = values + where[j + PREFETCH];
+            for (int64_t d = 0; d < D; d += 16) {
+                _mm_prefetch((const char *)(kn + d), _MM_HINT_T0);
+                _mm_prefetch((const char *)(vn + d), _MM_HINT_T1);
+            }
+        }
         const float *k = keys + where[j];
         for (int64_t g = 0; g < G; g += 4) {
             const float *qg = q + g * D;
