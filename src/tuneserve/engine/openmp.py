@@ -8,9 +8,10 @@ rounds ("throttled", config/linux/wait.h), and every region then pays a futex wa
 extra team is enough: the thread that loaded the model keeps one, and decoding on the engine
 thread ran ~1.5x slower for it (benchmarks/README.md, "One OpenMP team").
 
-So a thread that has done its torch work for the engine (building it, checking an adapter) hands
-its team back with `omp_pause_resource_all` (OpenMP 5.0; libgomp frees the calling thread's
-pool). The team comes back by itself if that thread runs a parallel op again.
+So the thread that built an engine hands its team back with `omp_pause_resource_all` (OpenMP
+5.0; libgomp frees the calling thread's pool), and so does the engine thread whenever it goes
+idle (another engine in the process may be working). A team comes back by itself when its
+thread runs a parallel op again.
 """
 
 from __future__ import annotations
