@@ -18,6 +18,9 @@ Variants per C:
                 lean forward (engine/lean_forward.py): what the lean forward gains
   engine-torch  the same as engine with torch's kernels only (no engine/csrc kernels): what
                 our CPU kernels gain
+  engine-modules, engine-lora-modules
+                the same as engine / engine-lora with every step through the lean forward's
+                modules (no engine/direct_decode.py): what direct kernel calls gain
 
     python -m benchmarks.engine_micro --cache /tmp/tuneserve-bench --batch 1,8,32
 
@@ -157,16 +160,18 @@ def main() -> None:
     if "hf" in variants:
         hf_model = AutoModelForCausalLM.from_pretrained(bench.base, dtype=torch.float32).eval()
         hf_decode_tok_s(hf_model, bench, 1, args.prompt_len, 4)  # warm-up
-    setups = {  # adapters served, adapters used, the lean forward, our CPU kernels
-        "engine": (0, [], True, True),
-        "engine-idle": (args.adapters, [], True, True),
-        "engine-lora": (args.adapters, names, True, True),
-        "engine-hf-forward": (0, [], False, True),
-        "engine-lora-hf-forward": (args.adapters, names, False, True),
-        "engine-torch": (0, [], True, False),
+    setups = {  # adapters served, adapters used, the lean forward, our CPU kernels, direct
+        "engine": (0, [], True, True, True),
+        "engine-idle": (args.adapters, [], True, True, True),
+        "engine-lora": (args.adapters, names, True, True, True),
+        "engine-hf-forward": (0, [], False, True, True),
+        "engine-lora-hf-forward": (args.adapters, names, False, True, True),
+        "engine-torch": (0, [], True, False, True),
+        "engine-modules": (0, [], True, True, False),
+        "engine-lora-modules": (args.adapters, names, True, True, False),
     }
     engines: dict[str, tuple[Any, list[str]]] = {}
-    for variant, (served_adapters, used, lean, kernels) in setups.items():
+    for variant, (served_adapters, used, lean, kernels, direct) in setups.items():
         if variant not in variants:
             continue
         engine = ContinuousBatchingEngine(
@@ -177,6 +182,7 @@ def main() -> None:
             decode_float16=args.decode_float16,
             lean_forward=lean,
             cpu_kernels=kernels,
+            direct_decode=direct,
         )
         if engine.loras is not None:  # every adapter in its slot before timing
             for name in names[:served_adapters]:

@@ -238,6 +238,47 @@ def test_the_cpu_kernels_serve_decoding_unless_turned_off(
     assert plans and all((p.gemv if p else None) is expected for p in plans)
 
 
+@pytest.mark.parametrize("decode_float16", [False, True], ids=["float32", "float16"])
+def test_direct_decode_computes_what_the_modules_compute(
+    tiny: TinyFamily, engines: list[ContinuousBatchingEngine], decode_float16: bool
+) -> None:
+    """Decode steps of up to 4 tokens go through direct_decode.py (its own calls into the same
+    kernels): the same tokens and the same logprobs, bit for bit, as the lean forward's
+    modules, with requests on two adapters and the base decoding together (Qwen2: biases)."""
+    from tuneserve.engine import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        pytest.skip("the CPU kernels are not available here")
+    answers = []
+    for direct in (True, False):
+        engine = engine_for(
+            tiny.served(), max_loras=2, direct_decode=direct, decode_float16=decode_float16
+        )
+        engines.append(engine)
+        requests = [
+            request(prompt(5 + 3 * i, seed=40 + i), adapter, f"d{i}", max_tokens=10, logprobs=2)
+            for i, adapter in enumerate(["alpha", None, "beta"])
+        ]
+
+        async def answer(
+            engine: ContinuousBatchingEngine = engine, requests: list[Any] = requests
+        ) -> list[Any]:
+            return await asyncio.gather(*(collect(engine.submit(r)) for r in requests))
+
+        deltas = run(answer)
+        answers.append(
+            [(token_ids(d), [lp for x in d for lp in (x.logprobs or [])]) for d in deltas]
+        )
+        assert engine._lean is not None
+        direct_path = engine._lean._direct
+        if direct:
+            assert direct_path is not None and direct_path.steps > 0
+        else:
+            assert direct_path is None
+    assert answers[0] == answers[1]
+    assert all(len(tokens) == 10 for tokens, _ in answers[0])
+
+
 def test_decode_float16_is_refused_where_nothing_is_packed(tiny_llama: TinyFamily) -> None:
     served = tiny_llama.served()
     served.model.to(torch.bfloat16)

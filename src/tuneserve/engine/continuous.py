@@ -108,6 +108,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         decode_float16: bool | None = None,
         lean_forward: bool = True,
         cpu_kernels: bool = True,
+        direct_decode: bool = True,
     ) -> None:
         prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         if max_num_seqs < 1:
@@ -149,7 +150,10 @@ class ContinuousBatchingEngine(ThreadedEngine):
         self.kernels = kernels_lib.for_model(self.model) if cpu_kernels else None
         # Llama-family decoders run without HF's per-layer framework (lean_forward.py);
         # `lean_forward=False` keeps HF's forward (for comparison), as any other family does
-        self._lean = LeanForward.of(self.model, self.kernels) if lean_forward else None
+        # (`direct_decode=False`: its module path for every step, not direct_decode.py's)
+        self._lean = (
+            LeanForward.of(self.model, self.kernels, direct_decode) if lean_forward else None
+        )
         # 2. the KV cache: blocks within the memory budget (a clear error when one
         #    max-length sequence cannot fit)
         shape = kv_cache_budget(

@@ -32,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,17 @@ COMPILERS = ("gcc", "cc")
 DISABLE_ENV = "TUNESERVE_CPU_KERNELS"  # "0": keep torch's kernels (for comparisons)
 
 
+@dataclass(frozen=True, slots=True)
+class RawKernels:
+    """gemv[dtype](W, x, bias, y, m, out, in, threads); rms_norm(x, x_stride, weight, y, n,
+    width, eps); rope(x, x_stride, cos, sin, out, n, heads, dim): pointers as ints (None for
+    no bias), strides in elements."""
+
+    gemv: dict[torch.dtype, Any]
+    rms_norm: Any
+    rope: Any
+
+
 class CpuKernels:
     """The loaded library (see the module docstring)."""
 
@@ -77,6 +89,9 @@ class CpuKernels:
         )
         self._rms_norm = bind("tuneserve_rms_norm_f32", p, n, p, p, n, n, f)
         self._rope = bind("tuneserve_rope_f32", p, n, p, p, p, n, n, n)
+        # the bound C functions themselves, for a caller that holds its own pointers and
+        # buffers (direct_decode.py): what the methods below do, without their checks
+        self.raw = RawKernels(gemv=self._gemv, rms_norm=self._rms_norm, rope=self._rope)
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

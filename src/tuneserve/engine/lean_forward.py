@@ -31,6 +31,7 @@ from torch import nn
 
 from tuneserve.engine.attention import PackedStep, attend
 from tuneserve.engine.cpu_kernels import CpuKernels
+from tuneserve.engine.direct_decode import DirectDecode
 
 
 def _families() -> dict[type, tuple[type, type, type, type]]:
@@ -77,7 +78,9 @@ class _Layer:
 class LeanForward:
     """The decoder of a supported model run directly (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, kernels: CpuKernels | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, kernels: CpuKernels | None = None, direct: bool = True
+    ) -> None:
         config: Any = model.config
         decoder: Any = model.model
         self.model: Any = model
@@ -114,9 +117,16 @@ class LeanForward:
             parameter.device, parameter.dtype
         )
         self.kernels = kernels  # RMSNorm and RoPE through them (cpu_kernels.for_model)
+        # decode steps of a few tokens in direct kernel calls (direct_decode.py), built at the
+        # first step: the Linears are packed by then (the engine packs before its first step)
+        # (`direct=False` keeps the module path for every step: for comparison)
+        self._direct: DirectDecode | None = None
+        self._direct_built = not direct
 
     @classmethod
-    def of(cls, model: nn.Module, kernels: CpuKernels | None = None) -> LeanForward | None:
+    def of(
+        cls, model: nn.Module, kernels: CpuKernels | None = None, direct: bool = True
+    ) -> LeanForward | None:
         """A lean forward for `model`, or None when its architecture is not one it computes."""
         classes = _families().get(type(model))
         if classes is None:
@@ -139,7 +149,7 @@ class LeanForward:
                 return None
         if getattr(config, "pretraining_tp", 1) not in (None, 1):
             return None
-        return cls(model, kernels)
+        return cls(model, kernels, direct)
 
     def __call__(
         self, input_ids: torch.Tensor, step: PackedStep, keep: torch.Tensor
@@ -150,8 +160,14 @@ class LeanForward:
         cos, sin = self.rotary(hidden, position_ids=step.positions[None])  # [1, N, D] each
         cos, sin = cos[0], sin[0] * self._sign  # [N, D]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        direct = self._direct_decode()
+        if direct is not None and direct.computes(step):
+            hidden = direct(hidden, cos, sin, step)
+            layers = []
+        else:
+            layers = self.layers
         norm, rope = self._norm, self._rope
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(layers):
             attn, mlp = layer.attn, layer.mlp
             x = norm(layer.input_norm, hidden)
             q = rope(attn.q_proj(x), cos, sin, heads)  # [N, H, D]
@@ -172,6 +188,14 @@ class LeanForward:
         last = norm(self.final_norm, hidden.index_select(0, keep))  # only the kept rows
         logits: torch.Tensor = self.model.lm_head(last)
         return logits
+
+    def _direct_decode(self) -> DirectDecode | None:
+        if not self._direct_built:
+            self._direct_built = True
+            self._direct = DirectDecode.of(
+                self.layers, self.kernels, self.num_heads, self.num_kv_heads, self.head_dim
+            )
+        return self._direct
 
     def _norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         """The model's RMSNorm `module` on x [N, hidden]."""

@@ -359,12 +359,19 @@ class BatchedLoRALinear(nn.Module):
             return y
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y2 = y if y.dim() == 2 else y.view(-1, self.out_features)  # y: fresh, ours
-        key = (self.batch.epoch, x2.shape[0], x2.dtype)
-        if self._plan_key != key:
-            self._plan_key, self._plan = key, self._make_plan(x2.shape[0], x2.dtype)
-        if self._plan is not None:
-            self._plan(y2, x2)
+        self.add_delta(y2, x2)
         return y
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y [N, out] += this step's LoRA delta for x [N, in], in place: y holds the base
+        layer's product of x (`forward`, or direct_decode.py's own GEMV)."""
+        if self.a is None or not self.batch.active:
+            return
+        key = (self.batch.epoch, x.shape[0], x.dtype)
+        if self._plan_key != key:
+            self._plan_key, self._plan = key, self._make_plan(x.shape[0], x.dtype)
+        if self._plan is not None:
+            self._plan(y, x)
 
     def _make_plan(self, num_tokens: int, dtype: torch.dtype) -> _Plan | None:
         """How this step's tokens get their deltas here (None: no adapter in use has weights
