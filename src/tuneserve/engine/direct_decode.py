@@ -5,8 +5,9 @@ GEMV (cpu_kernels.py); what is left is Python: the lean forward reaches each pro
 three or four module layers (the LoRA wrapper, the fused member, the packed Linear, the kernel's
 wrapper), each with its checks, allocations and `nn.Module.__call__`, ~150 us a layer. Here a
 layer is the same kernels called with pointers taken once, into buffers allocated once per row
-count: on SmolLM2 a float16 step went from 14.3 to ~10 ms in a prototype (benchmarks/README.md,
-"Decoder layers in direct calls").
+count: on SmolLM2 (engine alone, one user) 1.13x the module path with `--decode-float16`, 1.22x
+with an adapter in use, 1.08x in float32 (benchmarks/README.md, "Decoder layers in direct
+calls").
 
 The arithmetic is the lean forward's, op for op: the same kernels on the same weights, the LoRA
 deltas through the modules' own plans (lora.py, read at every step: adapters come and go), the
