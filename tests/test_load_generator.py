@@ -60,8 +60,14 @@ def recorder() -> Iterator[tuple[Recorder, LiveServer]]:
 
 def run(server: LiveServer, staggered: bool) -> None:
     body = completion_body("m", "hello", TOKENS)
-    done = run_closed_loop(server.api_url + "/completions", lambda i: body, CLIENTS * 2, CLIENTS,
-                           timeout_s=30, staggered=staggered)
+    done = run_closed_loop(
+        server.api_url + "/completions",
+        lambda i: body,
+        CLIENTS * 2,
+        CLIENTS,
+        timeout_s=30,
+        staggered=staggered,
+    )
     assert all(r.ok and r.completion_tokens == TOKENS for r in done.results)
 
 

@@ -236,6 +236,9 @@ def test_the_cpu_kernels_serve_decoding_unless_turned_off(
     assert engine._lean is not None and engine._lean.kernels is expected
     plans = [m.plan for m in engine.model.modules() if isinstance(m, PackedLinear)]
     assert plans and all((p.gemv if p else None) is expected for p in plans)
+    # decode steps of a few tokens as direct kernel calls only where the kernels are
+    direct = engine._lean._direct
+    assert (direct is not None and direct.steps > 0) if kernels else direct is None
 
 
 @pytest.mark.parametrize("decode_float16", [False, True], ids=["float32", "float16"])

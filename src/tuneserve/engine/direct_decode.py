@@ -101,10 +101,14 @@ def _single(module: nn.Module) -> _Product | None:
 
 
 def _norm(module: Any) -> tuple[int, float] | None:
+    """(weight pointer, eps) of an RMSNorm as the lean forward's families write it, or None."""
     weight = getattr(module, "weight", None)
-    if weight is None or weight.dtype != torch.float32 or not weight.is_contiguous():
+    eps = getattr(module, "variance_epsilon", None)
+    if weight is None or eps is None or weight.dtype != torch.float32:
         return None
-    return weight.data_ptr(), float(module.variance_epsilon)
+    if not weight.is_contiguous():
+        return None
+    return weight.data_ptr(), float(eps)
 
 
 class DirectDecode:
