@@ -24,33 +24,11 @@ Completed = subprocess.CompletedProcess[str]
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Completed]:
     """The harness in its smallest mode: a tiny model, two systems, three requests a point."""
     out = tmp_path_factory.mktemp("bench")
-    argv = [
-        sys.executable,
-        "-m",
-        "benchmarks",
-        "--size",
-        "tiny",
-        "--systems",
-        "seed-way,peft-batch,llama.cpp,ceiling",
-        "--concurrency",
-        "1,2",
-        "--adapters",
-        "2",
-        "--requests",
-        "3",
-        "--prompt-len",
-        "16",
-        "--max-tokens",
-        "6",
-        "--warmup",
-        "1",
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(out / "models"),
-        "--llama-cpp-dir",
-        str(out / "no-llama.cpp"),
-    ]  # not built: skipped, saying how
+    argv = [sys.executable, "-m", "benchmarks", "--size", "tiny",
+            "--systems", "seed-way,peft-batch,llama.cpp,ceiling", "--concurrency", "1,2",
+            "--adapters", "2", "--requests", "3", "--prompt-len", "16", "--max-tokens", "6",
+            "--warmup", "1", "--out", str(out), "--cache-dir", str(out / "models"),
+            "--llama-cpp-dir", str(out / "no-llama.cpp")]  # not built: skipped, saying how
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     return out, proc
@@ -69,14 +47,8 @@ def test_run_writes_complete_results(tiny_run: tuple[Path, Completed]) -> None:
     assert all(s.status == "ok" for s in res.systems), [s.reason for s in res.systems]
     skipped = [(p.system, p.status) for p in res.points if p.system == "llama.cpp"]
     assert skipped == [("llama.cpp", "skipped")] * 2
-    expected = {
-        ("seed-way", 2, 1),
-        ("seed-way", 2, 2),
-        ("peft-batch", 2, 1),
-        ("peft-batch", 2, 2),
-        ("ceiling", 0, 1),
-        ("ceiling", 0, 2),
-    }
+    expected = {("seed-way", 2, 1), ("seed-way", 2, 2), ("peft-batch", 2, 1),
+                ("peft-batch", 2, 2), ("ceiling", 0, 1), ("ceiling", 0, 2)}
     measured = [p for p in res.points if p.system != "llama.cpp"]
     assert {(p.system, p.adapters, p.concurrency) for p in measured} == expected
     for p in measured:
@@ -99,13 +71,8 @@ def test_unsupported_points_are_recorded_as_skipped(tmp_path: Path) -> None:
     from benchmarks.systems import TransformersServeCB
 
     cfg = BenchConfig(systems=["tf-serve-cb"], concurrency=[1], adapters=[8], size="tiny")
-    run, points = run_http_system(
-        TransformersServeCB(),
-        None,
-        cfg,
-        tmp_path,  # type: ignore[arg-type]
-        log=lambda _: None,
-    )
+    run, points = run_http_system(TransformersServeCB(), None, cfg, tmp_path,  # type: ignore[arg-type]
+                                  log=lambda _: None)
     assert run.status == "skipped" and "K=1 only" in (run.reason or "")
     assert [(p.status, p.adapters) for p in points] == [("skipped", 8)]
 
@@ -126,17 +93,11 @@ def test_llama_cpp_says_why_it_cannot_run(tmp_path: Path) -> None:
     from benchmarks.systems import http_system
 
     home = tmp_path / "llama.cpp"
-    cfg = BenchConfig(
-        systems=["llama.cpp"], concurrency=[1], adapters=[1, 8], size="smollm2", llama_cpp_dir=home
-    )
+    cfg = BenchConfig(systems=["llama.cpp"], concurrency=[1], adapters=[1, 8], size="smollm2",
+                      llama_cpp_dir=home)
     system = http_system("llama.cpp", cfg)
-    run, points = run_http_system(
-        system,
-        None,
-        cfg,
-        tmp_path,  # type: ignore[arg-type]
-        log=lambda _: None,
-    )
+    run, points = run_http_system(system, None, cfg, tmp_path,  # type: ignore[arg-type]
+                                  log=lambda _: None)
     assert run.status == "skipped"
     assert f"python -m benchmarks build-llama-cpp --llama-cpp-dir {home}" in (run.reason or "")
     assert [(p.status, p.adapters) for p in points] == [("skipped", 1), ("skipped", 8)]
@@ -148,9 +109,8 @@ def test_llama_cpp_says_why_it_cannot_run(tmp_path: Path) -> None:
         assert "word-level tokenizer" in (why or "") and "--size smollm2" in (why or "")
 
 
-def test_build_llama_cpp_returns_an_existing_build(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_build_llama_cpp_returns_an_existing_build(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.__main__ import main
 
     binary = _fake_llama_server(tmp_path)
@@ -169,7 +129,8 @@ def test_llama_cpp_request_picks_its_adapter() -> None:
     assert body["stream"] and body["ignore_eos"] and body["temperature"] == 0
     assert body["stream_options"] == {"include_usage": True}  # the count of tokens made
     assert llama_cpp_body("w5", "base", 16)["lora"] == [{"id": 0, "scale": 0.0}]
-    assert [adapter_index(n) for n in ("a0", "a31", "base", "a", "b2")] == [0, 31, None, None, None]
+    assert [adapter_index(n) for n in ("a0", "a31", "base", "a", "b2")] == [0, 31, None, None,
+                                                                            None]
 
 
 def test_llama_server_command_line(tmp_path: Path) -> None:
@@ -178,15 +139,8 @@ def test_llama_server_command_line(tmp_path: Path) -> None:
     # every slot of --parallel gets ctx/parallel: prompt + new tokens + margin
     assert llama_cpp.context_size(32, 128, 128) == 32 * (128 + 128 + llama_cpp.CTX_MARGIN)
     loras = [tmp_path / "a0.gguf", tmp_path / "a1.gguf"]
-    argv = llama_cpp.server_argv(
-        Path("llama-server"),
-        tmp_path / "m.gguf",
-        loras,
-        8080,
-        parallel=8,
-        ctx_size=2560,
-        n_threads=2,
-    )
+    argv = llama_cpp.server_argv(Path("llama-server"), tmp_path / "m.gguf", loras, 8080,
+                                 parallel=8, ctx_size=2560, n_threads=2)
     # one --lora with both (several --lora flags: llama-server keeps only the last)
     assert argv.count("--lora") == 1
     assert argv[argv.index("--lora") + 1] == f"{loras[0]},{loras[1]}"
@@ -223,21 +177,11 @@ def test_targets_against_llama_cpp() -> None:
     def pt(system: str, k: int, c: int, tps: float) -> Point:
         return Point(system=system, adapters=k, concurrency=c, output_tokens_per_s=tps)
 
-    res = Results(
-        date="d",
-        command="c",
-        machine={},
-        config=cfg,
-        model={},
-        points=[
-            pt("tuneserve", 1, 1, 50.0),
-            pt("llama.cpp", 1, 1, 40.0),
-            pt("tuneserve", 1, 32, 300.0),
-            pt("llama.cpp", 1, 32, 200.0),
-            pt("tuneserve", 8, 32, 280.0),
-            pt("llama.cpp", 8, 32, 70.0),
-        ],
-    )
+    res = Results(date="d", command="c", machine={}, config=cfg, model={}, points=[
+        pt("tuneserve", 1, 1, 50.0), pt("llama.cpp", 1, 1, 40.0),
+        pt("tuneserve", 1, 32, 300.0), pt("llama.cpp", 1, 32, 200.0),
+        pt("tuneserve", 8, 32, 280.0), pt("llama.cpp", 8, 32, 70.0),
+    ])
     targets = {t.name: t for t in compute_targets(res)}
     assert targets["tuneserve / llama.cpp throughput C=1, K=1"].value == pytest.approx(1.25)
     assert targets["tuneserve / llama.cpp throughput C=1, K=1"].met is True
@@ -247,17 +191,10 @@ def test_targets_against_llama_cpp() -> None:
 
 def test_a_run_of_one_concurrency_and_one_k_has_only_the_targets_that_fit() -> None:
     cfg = BenchConfig(systems=["tuneserve", "llama.cpp"], concurrency=[1], adapters=[1])
-    res = Results(
-        date="d",
-        command="c",
-        machine={},
-        config=cfg,
-        model={},
-        points=[
-            Point(system="tuneserve", adapters=1, concurrency=1, output_tokens_per_s=20.0),
-            Point(system="llama.cpp", adapters=1, concurrency=1, output_tokens_per_s=25.0),
-        ],
-    )
+    res = Results(date="d", command="c", machine={}, config=cfg, model={}, points=[
+        Point(system="tuneserve", adapters=1, concurrency=1, output_tokens_per_s=20.0),
+        Point(system="llama.cpp", adapters=1, concurrency=1, output_tokens_per_s=25.0),
+    ])
     names = [t.name for t in compute_targets(res)]
     assert "tuneserve / llama.cpp throughput C=1, K=1" in names
     assert names.count("tuneserve / llama.cpp throughput C=1, K=1") == 1
@@ -305,9 +242,8 @@ def test_chunk_text(event: dict[str, object], text: str) -> None:
 
 def test_summarize_and_targets() -> None:
     cfg = BenchConfig(concurrency=[1, 8], adapters=[1, 8], requests=2, max_tokens=4)
-    good = RequestResult(
-        ok=True, ttft_s=0.1, latency_s=0.4, completion_tokens=4, itl_s=[0.1, 0.1, 0.1]
-    )
+    good = RequestResult(ok=True, ttft_s=0.1, latency_s=0.4, completion_tokens=4,
+                         itl_s=[0.1, 0.1, 0.1])
     bad = RequestResult(error="HTTP 500: boom")
     point = summarize("tuneserve", 1, 8, cfg, PointRun(2.0, [good, bad]), 100.0)
     assert point.status == "ok" and point.requests_ok == 1
@@ -319,25 +255,14 @@ def test_summarize_and_targets() -> None:
     assert failed.status == "failed" and failed.output_tokens_per_s is None
 
     def pt(system: str, k: int, c: int, tps: float, ttft: float = 10.0) -> Point:
-        return Point(
-            system=system, adapters=k, concurrency=c, output_tokens_per_s=tps, ttft_p50_ms=ttft
-        )
+        return Point(system=system, adapters=k, concurrency=c, output_tokens_per_s=tps,
+                     ttft_p50_ms=ttft)
 
-    res = Results(
-        date="d",
-        command="c",
-        machine={},
-        config=cfg,
-        model={},
-        points=[
-            pt("tuneserve", 1, 8, 300.0, 20.0),
-            pt("tuneserve", 1, 1, 50.0, 10.0),
-            pt("tuneserve", 8, 8, 290.0),
-            pt("seed-way", 1, 8, 10.0),
-            pt("peft-batch", 1, 8, 250.0),
-            pt("ceiling", 0, 8, 280.0),
-        ],
-    )
+    res = Results(date="d", command="c", machine={}, config=cfg, model={}, points=[
+        pt("tuneserve", 1, 8, 300.0, 20.0), pt("tuneserve", 1, 1, 50.0, 10.0),
+        pt("tuneserve", 8, 8, 290.0), pt("seed-way", 1, 8, 10.0), pt("peft-batch", 1, 8, 250.0),
+        pt("ceiling", 0, 8, 280.0),
+    ])
     targets = {t.name: t for t in compute_targets(res)}
     assert targets["tuneserve / seed-way throughput"].value == pytest.approx(30.0)
     assert targets["tuneserve / seed-way throughput"].met is True
@@ -354,19 +279,9 @@ def test_quick_preset_and_overrides() -> None:
     assert quick.quick and quick.concurrency == [1, 8] and quick.adapters == [1, 8]
     assert quick.requests == 16 and quick.size == "bench"  # quick: the small random model
     assert config_from(_parser().parse_args(["run"])).size == "smollm2"  # full: the real one
-    full = config_from(
-        _parser().parse_args(
-            [
-                "run",
-                "--systems",
-                "tuneserve,ceiling",
-                "--concurrency",
-                "32,1",
-                "--tuneserve-engine",
-                "default",
-            ]
-        )
-    )
+    full = config_from(_parser().parse_args(
+        ["run", "--systems", "tuneserve,ceiling", "--concurrency", "32,1", "--tuneserve-engine",
+         "default"]))
     assert full.systems == ["tuneserve", "ceiling"] and full.concurrency == [1, 32]
     assert full.adapters == [1, 8, 32] and full.requests == 64 and full.tuneserve_engine is None
     assert full.arrivals == "burst"  # BENCHMARK.md's closed loop
@@ -463,30 +378,14 @@ def test_smollm2_size_resolves_and_its_adapters_load(demo_cache: Path, smollm2_b
 def test_lora_forms_times_every_step_in_every_form(tmp_path: Path) -> None:
     """`benchmarks.lora_forms` on the tiny model, one round: each step in each setting."""
     out = tmp_path / "forms.json"
-    argv = [
-        sys.executable,
-        "-m",
-        "benchmarks.lora_forms",
-        "--size",
-        "tiny",
-        "--cache",
-        str(tmp_path / "models"),
-        "--rounds",
-        "1",
-        "--repeats",
-        "1",
-        "--out",
-        str(out),
-    ]
+    argv = [sys.executable, "-m", "benchmarks.lora_forms", "--size", "tiny", "--cache",
+            str(tmp_path / "models"), "--rounds", "1", "--repeats", "1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
     assert [r["step"] for r in results] == [
-        "decode-turns",
-        "decode-random",
-        "decode-one",
-        "prefill-mix",
+        "decode-turns", "decode-random", "decode-one", "prefill-mix"
     ]
     for row in results:
         assert all(row[setting] > 0 for setting in ("dense", "grouped", "auto")), row

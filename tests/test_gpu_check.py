@@ -24,10 +24,7 @@ def test_defaults_on_cuda_are_the_issues_workload(monkeypatch: pytest.MonkeyPatc
     plan, out = gpu_check.build_plan([])
     assert (plan.device, plan.shape, plan.dtype) == ("cuda", "smollm2", "bfloat16")
     assert (plan.batches, plan.prompt_len, plan.new_tokens, plan.adapters) == (
-        [1, 8, 32],
-        128,
-        128,
-        8,
+        [1, 8, 32], 128, 128, 8
     )
     assert plan.kv_cache_memory == 4 * 2**30 and plan.tests_k == "cuda"
     assert set(plan.agree_dtypes) == {"bfloat16", "float16", "float32"}
@@ -76,27 +73,14 @@ def test_cpu_quick_run_writes_the_summary(tmp_path: Path) -> None:
     done = subprocess.run(
         [
             str(ROOT / "scripts" / "gpu-check"),
-            "--device",
-            "cpu",
-            "--quick",
-            "--shape",
-            "tiny",
+            "--device", "cpu", "--quick", "--shape", "tiny",
             # one fast test of the file: the pytest part's plumbing, not the engine's checks
-            "--tests-k",
-            "packed_attention and full",
-            "--cache",
-            str(tmp_path / "cache"),
-            "--out",
-            str(out),
-            "--budget",
-            "120",
+            "--tests-k", "packed_attention and full",
+            "--cache", str(tmp_path / "cache"),
+            "--out", str(out),
+            "--budget", "120",
         ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -132,10 +116,6 @@ def test_cpu_quick_run_writes_the_summary(tmp_path: Path) -> None:
 def test_the_module_runs_as_the_wrapper_calls_it() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_check", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0 and "agreement rule" in done.stdout
