@@ -136,8 +136,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
 
 async def closed_loop(url: str, body_for: Callable[[int], dict[str, Any]], requests: int,
                       concurrency: int, timeout_s: float = 600.0,
-                      staggered: bool = False) -> PointRun:
-    """Run `requests` requests through `concurrency` clients; request i gets body_for(i)."""
+                      stagger_tokens: int | None = None) -> PointRun:
+    """Run `requests` requests through `concurrency` clients; request i gets body_for(i).
+    `stagger_tokens` (the tokens a request streams): the clients start staggered, not at once."""
     indices = iter(range(requests))
     results: list[RequestResult] = [RequestResult() for _ in range(requests)]
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency)
@@ -145,10 +146,11 @@ async def closed_loop(url: str, body_for: Callable[[int], dict[str, Any]], reque
     # staggered: client k waits for started[k], set once the first request has streamed
     # k/C of its tokens (or ended)
     started = [asyncio.Event() for _ in range(concurrency)]
-    planned = int(body_for(0).get("max_tokens") or 1)
+    staggered = stagger_tokens is not None
 
     def pace(seen: int) -> None:
-        for k in range(1, min(concurrency, seen * concurrency // planned + 1)):
+        assert stagger_tokens is not None
+        for k in range(1, min(concurrency, seen * concurrency // stagger_tokens + 1)):
             started[k].set()
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
@@ -171,5 +173,6 @@ async def closed_loop(url: str, body_for: Callable[[int], dict[str, Any]], reque
 
 def run_closed_loop(url: str, body_for: Callable[[int], dict[str, Any]], requests: int,
                     concurrency: int, timeout_s: float = 600.0,
-                    staggered: bool = False) -> PointRun:
-    return asyncio.run(closed_loop(url, body_for, requests, concurrency, timeout_s, staggered))
+                    stagger_tokens: int | None = None) -> PointRun:
+    return asyncio.run(
+        closed_loop(url, body_for, requests, concurrency, timeout_s, stagger_tokens))

@@ -169,8 +169,8 @@ def measure(system: HttpSystem, bench: BenchModel, cfg: BenchConfig, url: str, k
     def body_for(i: int) -> dict[str, Any]:
         return system.body(prompts[i], picks[i], cfg, cfg.max_tokens)
 
-    result = run_closed_loop(url, body_for, cfg.requests, c, cfg.request_timeout_s,
-                             staggered=cfg.arrivals == "staggered")
+    stagger = cfg.max_tokens if cfg.arrivals == "staggered" else None
+    result = run_closed_loop(url, body_for, cfg.requests, c, cfg.request_timeout_s, stagger)
     return summarize(system.name, k, c, cfg, result, rss.peak_mb)
 
 

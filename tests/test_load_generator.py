@@ -66,7 +66,7 @@ def run(server: LiveServer, staggered: bool) -> None:
         CLIENTS * 2,
         CLIENTS,
         timeout_s=30,
-        staggered=staggered,
+        stagger_tokens=TOKENS if staggered else None,
     )
     assert all(r.ok and r.completion_tokens == TOKENS for r in done.results)
 

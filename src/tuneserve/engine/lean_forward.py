@@ -155,19 +155,27 @@ class LeanForward:
         self, input_ids: torch.Tensor, step: PackedStep, keep: torch.Tensor
     ) -> torch.Tensor:
         """input_ids [N] of the packed step -> the logits of the rows in `keep`: [K, V]."""
-        n = input_ids.shape[0]
         hidden: torch.Tensor = self.embed(input_ids)  # [N, hidden]
         cos, sin = self.rotary(hidden, position_ids=step.positions[None])  # [1, N, D] each
         cos, sin = cos[0], sin[0] * self._sign  # [N, D]
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         direct = self._direct_decode()
         if direct is not None and direct.computes(step):
             hidden = direct(hidden, cos, sin, step)
-            layers = []
         else:
-            layers = self.layers
+            hidden = self._layers(hidden, cos, sin, step)
+        last = self._norm(self.final_norm, hidden.index_select(0, keep))  # only the kept rows
+        logits: torch.Tensor = self.model.lm_head(last)
+        return logits
+
+    def _layers(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: PackedStep
+    ) -> torch.Tensor:
+        """The decoder layers through the model's modules: hidden [N, hidden] updated in
+        place, cos/sin [N, D] (rotate_half's sign in sin)."""
+        n = hidden.shape[0]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         norm, rope = self._norm, self._rope
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(self.layers):
             attn, mlp = layer.attn, layer.mlp
             x = norm(layer.input_norm, hidden)
             q = rope(attn.q_proj(x), cos, sin, heads)  # [N, H, D]
@@ -185,9 +193,7 @@ class LeanForward:
             hidden.add_(attn.o_proj(out.view(n, heads * dim)))  # hidden: ours
             x = norm(layer.post_norm, hidden)
             hidden.add_(mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)))
-        last = norm(self.final_norm, hidden.index_select(0, keep))  # only the kept rows
-        logits: torch.Tensor = self.model.lm_head(last)
-        return logits
+        return hidden
 
     def _direct_decode(self) -> DirectDecode | None:
         if not self._direct_built:
