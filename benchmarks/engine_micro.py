@@ -59,7 +59,7 @@ def hf_decode_tok_s(
         return batch * (new_tokens - 1) / (time.perf_counter() - start)
 
 
-def served_model(bench: BenchModel, adapters: int) -> Any:
+def served_model(bench: BenchModel, adapters: int, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuneserve.models.types import AdapterSpec, LoadedModel
@@ -75,7 +75,7 @@ def served_model(bench: BenchModel, adapters: int) -> Any:
             target_modules=tuple(config["target_modules"]),
             config=config,
         )
-    model = AutoModelForCausalLM.from_pretrained(bench.base, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(bench.base, dtype=dtype).eval()
     return LoadedModel(
         base_name="bench",
         base_path=str(bench.base),
@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--decode-float16", action="store_true",
                         help="engines as serve's --decode-float16")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the served model's, as serve's --dtype")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -175,7 +177,7 @@ def main() -> None:
         if variant not in variants:
             continue
         engine = ContinuousBatchingEngine(
-            served_model(bench, served_adapters),
+            served_model(bench, served_adapters, getattr(torch, args.dtype)),
             max_num_seqs=max(batches),
             max_model_len=args.prompt_len + args.new_tokens + 8,
             max_loras=max(served_adapters, 1),

@@ -2,13 +2,14 @@
 
 Each prompt is answered alone (every decode step then has one token: with --decode-float16 it
 reads the float16 copies), greedy, EOS ignored, by continuous engines on SmolLM2-135M-Instruct:
-one float32, one per format (`decode-float16`: serve's --decode-float16; a new format is an
-entry of FORMATS: the engine's keyword arguments). Reported per format: how many answers are
+one float32, one per format (`decode-float16`: serve's --decode-float16; `bfloat16`: serve's
+--dtype bfloat16, bfloat16 weights, float32 activations; a new format is an entry of FORMATS:
+the engine's keyword arguments and the model's dtype). Reported per format: how many answers are
 token-identical to float32's, where the others first part, and the decode tokens/s of each at
 every --batch size (engines run one after the other, same prompts).
 
     python -m benchmarks.formats --cache benchmarks/out/models --prompts 16 --tokens 64
-    python -m benchmarks.formats --formats decode-float16 --batch 1,8,32
+    python -m benchmarks.formats --formats decode-float16,bfloat16 --batch 1,8,32
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.engine_micro import engine_point, served_model
 from benchmarks.model import ensure_bench_model
 
-FORMATS: dict[str, dict[str, Any]] = {
-    "float32": {},
-    "decode-float16": {"decode_float16": True},
+FORMATS: dict[str, tuple[torch.dtype, dict[str, Any]]] = {
+    "float32": (torch.float32, {}),
+    "decode-float16": (torch.float32, {"decode_float16": True}),
+    "bfloat16": (torch.bfloat16, {}),
 }
 
 
@@ -75,8 +79,9 @@ def main() -> None:
     batches = [int(b) for b in args.batch.split(",")]
     results = {}
     for name in ["float32", *args.formats.split(",")]:
-        engine = ContinuousBatchingEngine(served_model(bench, 1), max_num_seqs=max(batches),
-                                          max_model_len=128 + args.tokens + 8, **FORMATS[name])
+        dtype, options = FORMATS[name]
+        engine = ContinuousBatchingEngine(served_model(bench, 1, dtype), max_num_seqs=max(batches),
+                                          max_model_len=128 + args.tokens + 8, **options)
         engine.start()
         try:
             results[name] = answers(engine, bench, args.prompts, args.tokens, adapter, batches)

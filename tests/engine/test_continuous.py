@@ -61,6 +61,10 @@ def reference_model(
         # with functools.wraps(nn.Module.to), reads to mypy as an unbound function)
         model: Any = AutoModelForCausalLM.from_pretrained(family.base, dtype=dtype)
         model = model.to(device).eval()
+        if (device, dtype) == ("cpu", torch.bfloat16):
+            # the engine holds bfloat16 weights on a CPU and computes in float32 (LoRA too):
+            # its oracle is float32 on the weights' bfloat16 values
+            model = model.float()
         if adapter is not None:
             with quiet_peft():
                 # LoRA in the model's dtype, as the engine computes it (PEFT would upcast)
@@ -280,6 +284,52 @@ def test_direct_decode_computes_what_the_modules_compute(
             assert direct_path is None
     assert answers[0] == answers[1]
     assert all(len(tokens) == 10 for tokens, _ in answers[0])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bfloat16-products", "float32-products"])
+def test_a_bfloat16_model_on_a_cpu_keeps_its_weights_in_bfloat16_and_computes_in_float32(
+    tiny_llama: TinyFamily,
+    engines: list[ContinuousBatchingEngine],
+    native: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """serve --dtype bfloat16 on a CPU: packed bfloat16 weights (products in bfloat16 where the
+    CPU has the instructions, else in float32 from the same values), a bfloat16 copy for decode
+    steps, float32 everywhere else; the answers are float32's on the same weights up to
+    near-ties (inputs rounded to bfloat16)."""
+    from tuneserve.engine import cpu_kernels, cpu_linear
+
+    if native and not cpu_linear.native_bfloat16():
+        pytest.skip("this CPU has no bfloat16 instructions (AVX512_BF16, AMX)")
+    monkeypatch.setattr(cpu_linear, "native_bfloat16", lambda: native)
+    served = tiny_llama.served()
+    originals = {
+        name: module.weight.detach().to(torch.bfloat16)
+        for name, module in served.model.named_modules()
+        if name.endswith("down_proj")
+    }
+    engine = engine_for(served, "cpu", torch.bfloat16, max_loras=2)
+    engines.append(engine)
+    together = [
+        request(prompt(n, seed=60 + i), adapter, f"b{i}", max_tokens=10)
+        for i, (n, adapter) in enumerate(CASES[:4])
+    ]
+
+    async def answer() -> list[list[StreamDelta]]:
+        return await asyncio.gather(*(collect(engine.submit(r)) for r in together))
+
+    for one, deltas in zip(together, run(answer), strict=True):
+        reference = reference_model(tiny_llama, one.adapter, "cpu", torch.bfloat16)
+        assert_greedy_matches(token_ids(deltas), reference, one.prompt_ids, tolerance=0.03)
+    assert next(engine.model.parameters()).dtype == torch.float32
+    assert engine.cache.keys[0].dtype == torch.float32
+    packed = {n: m for n, m in engine.model.named_modules() if isinstance(m, PackedLinear)}
+    compute = torch.bfloat16 if native else torch.float32
+    assert packed and all(m.compute == compute for m in packed.values())
+    if cpu_kernels.load() is not None:  # decode steps read the weights' bfloat16 values
+        for name, weight in originals.items():
+            linear = packed.get(name) or packed[f"{name}.base_layer"]  # inside a LoRA wrapper
+            assert linear.decode_weight is not None and torch.equal(linear.decode_weight, weight)
 
 
 def test_decode_float16_is_refused_where_nothing_is_packed(tiny_llama: TinyFamily) -> None:

@@ -29,7 +29,9 @@ needs_kernel = pytest.mark.skipif(KERNELS is None, reason="no AVX2 or no C compi
         pytest.param(33, 7, id="narrower-than-a-vector"),
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"]
+)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_the_kernel_equals_f_linear(
     rows: int, out: int, width: int, dtype: torch.dtype, with_bias: bool

@@ -134,13 +134,18 @@ class ContinuousBatchingEngine(ThreadedEngine):
         check_supported(self.model.config)
         # packed on the engine thread (`_loop`): oneDNN's packed weights run ~30% slower when
         # another thread packed them (measured; benchmarks/README.md)
-        self._pack = can_pack(self.model)
         self._half = bool(decode_float16)
-        if self._half and not self._pack:
+        if self._half and not can_pack(self.model):
             raise EngineError(
                 "--decode-float16 applies to a float32 model on a CPU; this one is "
                 f"{str(parameter.dtype).removeprefix('torch.')} on {self.device.type}"
             )
+        # a bfloat16 model on a CPU: its weights stay bfloat16 in the packed Linears, and the
+        # rest (norms, attention, the KV cache, LoRA) computes in float32 (cpu_linear.py)
+        self._bfloat16 = can_pack(self.model, torch.bfloat16)
+        if self._bfloat16:
+            parameter = next(self.model.float().parameters())
+        self._pack = can_pack(self.model)
         self.loras = LoRAManager(
             self.model, served.adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras
         )
@@ -257,7 +262,9 @@ class ContinuousBatchingEngine(ThreadedEngine):
         with torch.inference_mode():
             if self._pack:
                 try:
-                    pack_linears(self.model, half=self._half, kernels=self.kernels)
+                    pack_linears(
+                        self.model, self._half, self.kernels, bfloat16=self._bfloat16
+                    )
                 except Exception:  # the plain layers compute the same thing, only slower
                     logger.exception("packing the Linears for this CPU failed; serving unpacked")
             while True:

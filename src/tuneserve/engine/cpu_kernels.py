@@ -5,8 +5,8 @@
   there: on the 2-core AVX2 machine SmolLM2's 211 Linears at one row took 25 ms through
   oneDNN's packed float32 product and 17.5 ms through torch's float16 GEMV, against 19 and 10.6
   ms here on the same weights (benchmarks/README.md, "Our own CPU kernels"). Each weight row is
-  read once for all (up to MAX_ROWS) rows of x, float32 or float16 (F16C), accumulated in
-  float32.
+  read once for all (up to MAX_ROWS) rows of x, float32, float16 (F16C) or bfloat16 (a
+  shift), accumulated in float32.
 - `decode_attention` (csrc/attention.c): every decode row's attention over the paged KV cache,
   keys and values read block by block where they lie: no gathered copy, no mask, one call a
   layer. torch's SDPA has a fixed cost that dominated at one user: 60 us a layer for 250 keys,
@@ -49,7 +49,7 @@ SOURCES = tuple(
 # -ffp-contract=off: a*b + c*d stays two products and a sum, as torch computes it (the kernels'
 # fused multiply-adds are written out as such)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
-VERSION = 1  # what tuneserve_kernels_version() of these sources returns
+VERSION = 2  # what tuneserve_kernels_version() of these sources returns
 MAX_ROWS = 4  # the GEMV computes 1 to 4 rows of x a call
 BUILD_TIMEOUT_S = 120  # a compiler that hangs must not hang the server's start
 # the CC environment variable first, as make and setuptools do
@@ -82,7 +82,11 @@ class CpuKernels:
 
         self._gemv = {
             dtype: bind(f"tuneserve_gemv_{suffix}", p, p, p, p, n, n, n, i)
-            for dtype, suffix in ((torch.float32, "f32"), (torch.float16, "f16"))
+            for dtype, suffix in (
+                (torch.float32, "f32"),
+                (torch.float16, "f16"),
+                (torch.bfloat16, "bf16"),
+            )
         }
         self._attention = bind(
             "tuneserve_decode_attention_f32", p, p, p, p, n, p, n, p, n, n, n, n, n, f, i, returns=i
@@ -96,8 +100,8 @@ class CpuKernels:
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """x [m, in] float32 (m <= MAX_ROWS), weight [out, in] contiguous float32 or float16,
-        bias [out] float32 or None -> x W^T + b: [m, out] float32."""
+        """x [m, in] float32 (m <= MAX_ROWS), weight [out, in] contiguous float32, float16 or
+        bfloat16, bias [out] float32 or None -> x W^T + b: [m, out] float32."""
         m, width = x.shape
         out = weight.shape[0]
         if m > MAX_ROWS or width != weight.shape[1]:

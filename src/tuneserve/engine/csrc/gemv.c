@@ -2,8 +2,8 @@
  *
  * y[i, r] = sum_k x[i, k] * W[r, k] + bias[r]   for i < m (1 <= m <= 4), r < out
  *
- * W is row-major [out, in], float32 or float16 (IEEE half, converted with F16C); x, y and bias
- * are float32, rows contiguous. Accumulation is float32. At a few rows a product is bound by how
+ * W is row-major [out, in], float32, float16 (IEEE half, converted with F16C) or bfloat16 (the
+ * top half of a float32: widened by a shift); x, y and bias are float32, rows contiguous. Accumulation is float32. At a few rows a product is bound by how
  * fast W streams from memory: each W row is read once for all m rows of x, with the output
  * rows split evenly among `threads` OpenMP threads (the runtime torch already loaded: libgomp's
  * soname is shared). A row's result does not depend on m or on the thread count.
@@ -11,16 +11,28 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef float f32;
 typedef uint16_t f16;
+typedef uint16_t bf16;
 
 static inline __m256 load8_f32(const f32 *p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8_f16(const f16 *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
+static inline __m256 load8_bf16(const bf16 *p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
 static inline float load1_f32(const f32 *p) { return *p; }
 static inline float load1_f16(const f16 *p) { return _cvtsh_ss(*p); }
+static inline float load1_bf16(const bf16 *p) {
+    const uint32_t bits = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -75,6 +87,7 @@ static inline float hsum(__m256 v) {
 
 DEFINE_GEMV(f32)
 DEFINE_GEMV(f16)
+DEFINE_GEMV(bf16)
 
 /* the build's self-check: the loader refuses a library whose version it does not expect */
-int tuneserve_kernels_version(void) { return 1; }
+int tuneserve_kernels_version(void) { return 2; }
