@@ -128,7 +128,8 @@ def gguf_dir(bench: BenchModel) -> Path:
 
 
 def base_gguf(home: Path, bench: BenchModel, outtype: str) -> Path:
-    """The bench base as GGUF (`outtype` f32 or f16), converted once by convert_hf_to_gguf.py."""
+    """The bench base as GGUF (`outtype` f32, f16 or bf16), converted once by
+    convert_hf_to_gguf.py."""
     dest = gguf_dir(bench) / f"base-{outtype}.gguf"
     with _convertible(bench.base) as base:
         _convert(home, "convert_hf_to_gguf.py", {dest: [str(base), "--outtype", outtype]})

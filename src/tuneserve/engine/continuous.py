@@ -140,8 +140,9 @@ class ContinuousBatchingEngine(ThreadedEngine):
                 "--decode-float16 applies to a float32 model on a CPU; this one is "
                 f"{str(parameter.dtype).removeprefix('torch.')} on {self.device.type}"
             )
-        # a bfloat16 model on a CPU: its weights stay bfloat16 in the packed Linears, and the
-        # rest (norms, attention, the KV cache, LoRA) computes in float32 (cpu_linear.py)
+        # a bfloat16 model on a CPU: its weights stay bfloat16 in the packed Linears, keys and
+        # values bfloat16 in the cache, and the rest (norms, attention, LoRA) computes in
+        # float32 (cpu_linear.py)
         self._bfloat16 = can_pack(self.model, torch.bfloat16)
         if self._bfloat16:
             parameter = next(self.model.float().parameters())
@@ -161,16 +162,20 @@ class ContinuousBatchingEngine(ThreadedEngine):
         )
         # 2. the KV cache: blocks within the memory budget (a clear error when one
         #    max-length sequence cannot fit)
+        #    (bfloat16 weights on a CPU: bfloat16 keys and values, half the bytes a step reads)
+        kv_dtype = torch.bfloat16 if self._bfloat16 else parameter.dtype
         shape = kv_cache_budget(
             KVCacheShape.from_config(self.model.config, num_blocks=0),
-            parameter.dtype,
+            kv_dtype,
             self.device,
             max_num_seqs=max_num_seqs,
             max_model_len=self.max_model_len,
             memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
         )
-        self.cache = KVCache(shape, dtype=parameter.dtype, device=self.device)
+        self.cache = KVCache(
+            shape, dtype=kv_dtype, device=self.device, compute=parameter.dtype
+        )
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %s; one max-length sequence is %d)",
             self.cache.num_blocks,

@@ -7,10 +7,10 @@
   ms here on the same weights (benchmarks/README.md, "Our own CPU kernels"). Each weight row is
   read once for all (up to MAX_ROWS) rows of x, float32, float16 (F16C) or bfloat16 (a
   shift), accumulated in float32.
-- `decode_attention` (csrc/attention.c): every decode row's attention over the paged KV cache,
-  keys and values read block by block where they lie: no gathered copy, no mask, one call a
-  layer. torch's SDPA has a fixed cost that dominated at one user: 60 us a layer for 250 keys,
-  against 20 here.
+- `decode_attention` (csrc/attention.c): every decode row's attention over the paged KV cache
+  (float32 or bfloat16), keys and values read block by block where they lie: no gathered copy,
+  no mask, one call a layer. torch's SDPA has a fixed cost that dominated at one user: 60 us a
+  layer for 250 keys, against 20 here.
 - `rms_norm` and `rope` (csrc/norm_rope.c): the lean forward's RMSNorm and rotary embedding,
   one call each instead of ~7 torch ops (~45 us a norm at one token, ~60 us RoPE a layer).
 
@@ -88,9 +88,14 @@ class CpuKernels:
                 (torch.bfloat16, "bf16"),
             )
         }
-        self._attention = bind(
-            "tuneserve_decode_attention_f32", p, p, p, p, n, p, n, p, n, n, n, n, n, f, i, returns=i
-        )
+        self._attention = {
+            dtype: bind(
+                f"tuneserve_decode_attention_{suffix}",
+                *(p, p, p, p, n, p, n, p, n, n, n, n, n, f, i),
+                returns=i,
+            )
+            for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))
+        }
         self._rms_norm = bind("tuneserve_rms_norm_f32", p, n, p, p, n, n, f)
         self._rope = bind("tuneserve_rope_f32", p, n, p, p, p, n, n, n)
         # the bound C functions themselves, for a caller that holds its own pointers and
@@ -158,13 +163,14 @@ class CpuKernels:
         scale: float,
     ) -> torch.Tensor:
         """query [B, H, D] float32 (one token per row); keys/values: one layer's cache pools
-        [rows, KVH, D]; blocks [B, nb] long, each row's block table; lengths [B] long, the keys
-        each row sees (its last `window` ones with a sliding window) -> [B, H, D]."""
+        [rows, KVH, D], float32 or bfloat16; blocks [B, nb] long, each row's block table;
+        lengths [B] long, the keys each row sees (its last `window` ones with a sliding window)
+        -> [B, H, D]."""
         rows, heads, dim = query.shape
         kv_heads = keys.shape[1]
         query = query.contiguous()
         out = torch.empty_like(query)
-        failed = self._attention(
+        failed = self._attention[keys.dtype](
             query.data_ptr(),
             keys.data_ptr(),
             values.data_ptr(),

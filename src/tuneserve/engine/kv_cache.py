@@ -12,6 +12,10 @@ fraction of the device memory left after the weights (vLLM's `gpu_memory_utiliza
 is full the scheduler makes new requests wait or preempts the newest running one (it is
 recomputed later), never an out-of-memory error mid-step.
 
+The cache may hold keys and values in a narrower type than the model computes in (`dtype` vs
+`compute`: bfloat16 for a float32 model serving bfloat16 weights on a CPU, half the bytes to read
+each decode step): writes round to it, and the torch reads below widen back to `compute`.
+
 Block 0 is never handed out and never written: it stays zeros, and gathers pad with it (masked
 keys still enter SDPA's sums with weight 0, and 0 x garbage NaN would be NaN). On CPU the pool
 comes from calloc'd memory, so pages no token was written to cost nothing; blocks are handed out
@@ -140,11 +144,18 @@ class KVCache:
     """Keys and values in blocks; `allocate`/`free` hand blocks to sequences."""
 
     def __init__(
-        self, shape: KVCacheShape, *, dtype: torch.dtype, device: torch.device | str
+        self,
+        shape: KVCacheShape,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        compute: torch.dtype | None = None,
     ) -> None:
         if shape.num_blocks < 2:
             raise ValueError(f"a KV cache needs at least 2 blocks, got {shape.num_blocks}")
         self.shape = shape
+        self.dtype = dtype
+        self.compute = compute or dtype  # what `gather` and `rows` return
         self.block_size = shape.block_size
         dims = (shape.num_blocks * shape.block_size, shape.num_kv_heads, shape.head_dim)
         # keys[layer], values[layer]: [num_blocks * block_size, KVH, D]
@@ -194,15 +205,16 @@ class KVCache:
         for pool in (self.keys[layer], self.values[layer]):
             by_block = pool.view(-1, self.block_size, *pool.shape[1:])  # [blocks, bs, KVH, D]
             picked = by_block.index_select(0, flat).view(b, nb * self.block_size, *pool.shape[1:])
-            out.append(picked.transpose(1, 2))
+            out.append(picked.to(self.compute).transpose(1, 2))
         return out[0], out[1]
 
     def rows(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of cache rows start..end-1 as [1, KVH, end-start, D] views (no
-        copy): a sequence whose blocks are consecutive lies there in order."""
+        copy, unless widened to `compute`): a sequence whose blocks are consecutive lies there
+        in order."""
         return (
-            self.keys[layer][start:end].transpose(0, 1)[None],
-            self.values[layer][start:end].transpose(0, 1)[None],
+            self.keys[layer][start:end].to(self.compute).transpose(0, 1)[None],
+            self.values[layer][start:end].to(self.compute).transpose(0, 1)[None],
         )
 
     @property

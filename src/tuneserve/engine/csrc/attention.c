@@ -1,4 +1,6 @@
-/* Decode attention over the paged KV cache, float32, on an x86-64 CPU with AVX2 and FMA.
+/* Decode attention over the paged KV cache on an x86-64 CPU with AVX2 and FMA: queries, scores
+ * and outputs float32; keys and values float32 (`_f32`) or bfloat16 (`_bf16`, widened by a
+ * shift as they are read: half the bytes from memory, the same float32 arithmetic).
  *
  * For each decode row b (one query token) and query head h, over the positions p in
  * [first, length[b]) of its sequence (first = length[b] - window when window > 0, else 0):
@@ -21,6 +23,20 @@
 #include <stdlib.h>
 
 #define PREFETCH 8 /* positions ahead */
+
+/* The cache's element type is a constant (BF: 0 float32, 1 bfloat16) at every call site below,
+ * so each entry point gets its own copy of the inlined code, with no branch left in it. */
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *base, int64_t i,
+                                                             const int BF) {
+    if (!BF) return _mm256_loadu_ps((const float *)base + i);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+static inline __attribute__((always_inline)) const char *kv_at(const void *base, int64_t i,
+                                                                const int BF) {
+    return BF ? (const char *)((const uint16_t *)base + i) : (const char *)((const float *)base + i);
+}
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -50,21 +66,21 @@ static inline __m256 exp8(__m256 x) {
 
 /* s[g] = q[g] . k for NG (1-4, a constant at each call site) heads at once: independent
  * accumulator chains, two per head, so the adds' latency overlaps */
-static inline __attribute__((always_inline)) void dots(const float *q, const float *k, float *s,
+static inline __attribute__((always_inline)) void dots(const float *q, const void *k, float *s,
                                                        int64_t stride, const int NG, int64_t D,
-                                                       float scale) {
+                                                       float scale, const int BF) {
     __m256 a[4][2];
     for (int g = 0; g < NG; g++) a[g][0] = a[g][1] = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d + 16 <= D; d += 16) {
-        const __m256 k0 = _mm256_loadu_ps(k + d), k1 = _mm256_loadu_ps(k + d + 8);
+        const __m256 k0 = kv_load8(k, d, BF), k1 = kv_load8(k, d + 8, BF);
         for (int g = 0; g < NG; g++) {
             a[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), k0, a[g][0]);
             a[g][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d + 8), k1, a[g][1]);
         }
     }
     if (d < D) { /* D % 16 == 8 */
-        const __m256 k0 = _mm256_loadu_ps(k + d);
+        const __m256 k0 = kv_load8(k, d, BF);
         for (int g = 0; g < NG; g++)
             a[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), k0, a[g][0]);
     }
@@ -72,22 +88,24 @@ static inline __attribute__((always_inline)) void dots(const float *q, const flo
 }
 
 /* out[0:D] = sum_j s[j] V[j] for a head size D that is a constant at the call site */
-static inline __attribute__((always_inline)) void weighted_sum(const float *values,
+static inline __attribute__((always_inline)) void weighted_sum(const void *values,
                                                                const int64_t *where, const float *s,
-                                                               int64_t L, float *out, const int D) {
+                                                               int64_t L, float *out, const int D,
+                                                               const int BF) {
     __m256 acc[16];
     for (int i = 0; i < D / 8; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t j = 0; j < L; j++) {
         const __m256 w = _mm256_set1_ps(s[j]);
-        const float *v = values + where[j];
-        for (int i = 0; i < D / 8; i++) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+        for (int i = 0; i < D / 8; i++)
+            acc[i] = _mm256_fmadd_ps(w, kv_load8(values, where[j] + 8 * i, BF), acc[i]);
     }
     for (int i = 0; i < D / 8; i++) _mm256_storeu_ps(out + 8 * i, acc[i]);
 }
 
-static int attend_one(const float *q, const float *keys, const float *values, const int64_t *table,
-                      int64_t first, int64_t last, float *out, int64_t kv_head, int64_t G,
-                      int64_t KVH, int64_t D, int64_t bs, float scale) {
+static inline __attribute__((always_inline)) int attend_one(
+    const float *q, const void *keys, const void *values, const int64_t *table, int64_t first,
+    int64_t last, float *out, int64_t kv_head, int64_t G, int64_t KVH, int64_t D, int64_t bs,
+    float scale, const int BF) {
     const int64_t L = last - first, padded = (L + 7) / 8 * 8;
     float *scores = malloc(sizeof(float) * (size_t)(G * padded + D));
     int64_t *where = malloc(sizeof(int64_t) * (size_t)L);
@@ -109,21 +127,22 @@ static int attend_one(const float *q, const float *keys, const float *values, co
      * at D = 64, scattered over blocks: left to the hardware, the cold reads wait on latency) */
     for (int64_t j = 0; j < L; j++) {
         if (j + PREFETCH < L) {
-            const float *kn = keys + where[j + PREFETCH], *vn = values + where[j + PREFETCH];
-            for (int64_t d = 0; d < D; d += 16) {
-                _mm_prefetch((const char *)(kn + d), _MM_HINT_T0);
-                _mm_prefetch((const char *)(vn + d), _MM_HINT_T1);
+            const char *kn = kv_at(keys, where[j + PREFETCH], BF);
+            const char *vn = kv_at(values, where[j + PREFETCH], BF);
+            for (int64_t byte = 0; byte < D * (BF ? 2 : 4); byte += 64) {
+                _mm_prefetch(kn + byte, _MM_HINT_T0);
+                _mm_prefetch(vn + byte, _MM_HINT_T1);
             }
         }
-        const float *k = keys + where[j];
+        const char *k = kv_at(keys, where[j], BF);
         for (int64_t g = 0; g < G; g += 4) {
             const float *qg = q + g * D;
             float *s = scores + g * padded + j;
             switch (G - g < 4 ? G - g : 4) {
-            case 1: dots(qg, k, s, padded, 1, D, scale); break;
-            case 2: dots(qg, k, s, padded, 2, D, scale); break;
-            case 3: dots(qg, k, s, padded, 3, D, scale); break;
-            default: dots(qg, k, s, padded, 4, D, scale); break;
+            case 1: dots(qg, k, s, padded, 1, D, scale, BF); break;
+            case 2: dots(qg, k, s, padded, 2, D, scale, BF); break;
+            case 3: dots(qg, k, s, padded, 3, D, scale, BF); break;
+            default: dots(qg, k, s, padded, 4, D, scale, BF); break;
             }
         }
     }
@@ -147,14 +166,14 @@ static int attend_one(const float *q, const float *keys, const float *values, co
     for (int64_t g = 0; g < G; g++) {
         const float *s = scores + g * padded;
         switch (D) { /* the common head sizes keep the sum in registers */
-        case 64: weighted_sum(values, where, s, L, out + g * D, 64); break;
-        case 128: weighted_sum(values, where, s, L, out + g * D, 128); break;
+        case 64: weighted_sum(values, where, s, L, out + g * D, 64, BF); break;
+        case 128: weighted_sum(values, where, s, L, out + g * D, 128, BF); break;
         default:
             for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
             for (int64_t j = 0; j < L; j++) {
                 const __m256 w = _mm256_set1_ps(s[j]);
                 for (int64_t d = 0; d < D; d += 8)
-                    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(values + where[j] + d),
+                    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(w, kv_load8(values, where[j] + d, BF),
                                                               _mm256_loadu_ps(acc + d)));
             }
             for (int64_t i = 0; i < D; i++) out[g * D + i] = acc[i];
@@ -165,19 +184,23 @@ static int attend_one(const float *q, const float *keys, const float *values, co
     return 0;
 }
 
-int tuneserve_decode_attention_f32(const float *q, const float *keys, const float *values,
-                                   const int64_t *blocks, int64_t nb, const int64_t *lengths,
-                                   int64_t window, float *out, int64_t B, int64_t H, int64_t KVH,
-                                   int64_t D, int64_t bs, float scale, int threads) {
-    const int64_t G = H / KVH;
-    int failed = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
-    for (int64_t task = 0; task < B * KVH; task++) {
-        const int64_t b = task / KVH, kv_head = task % KVH, last = lengths[b];
-        const int64_t first = window > 0 && last > window ? last - window : 0;
-        const int64_t head = kv_head * G;
-        failed |= attend_one(q + (b * H + head) * D, keys, values, blocks + b * nb, first, last,
-                             out + (b * H + head) * D, kv_head, G, KVH, D, bs, scale);
+#define DEFINE_DECODE_ATTENTION(NAME, KV, BF)                                                  \
+    int NAME(const float *q, const KV *keys, const KV *values, const int64_t *blocks, int64_t nb, \
+             const int64_t *lengths, int64_t window, float *out, int64_t B, int64_t H,            \
+             int64_t KVH, int64_t D, int64_t bs, float scale, int threads) {                      \
+        const int64_t G = H / KVH;                                                                \
+        int failed = 0;                                                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")   \
+        for (int64_t task = 0; task < B * KVH; task++) {                                          \
+            const int64_t b = task / KVH, kv_head = task % KVH, last = lengths[b];                \
+            const int64_t first = window > 0 && last > window ? last - window : 0;                \
+            const int64_t head = kv_head * G;                                                     \
+            failed |= attend_one(q + (b * H + head) * D, keys, values, blocks + b * nb, first,    \
+                                 last, out + (b * H + head) * D, kv_head, G, KVH, D, bs, scale,   \
+                                 BF);                                                             \
+        }                                                                                         \
+        return failed ? -1 : 0;                                                                   \
     }
-    return failed ? -1 : 0;
-}
+
+DEFINE_DECODE_ATTENTION(tuneserve_decode_attention_f32, float, 0)
+DEFINE_DECODE_ATTENTION(tuneserve_decode_attention_bf16, uint16_t, 1)
