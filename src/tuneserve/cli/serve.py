@@ -64,7 +64,14 @@ def serve(
     served_model_name: Annotated[
         str | None, typer.Option(help="The base model's id in the API.")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="auto | float32 | bfloat16 | float16. On a CPU, bfloat16 keeps the weights and "
+            "the KV cache in bfloat16 and computes the rest in float32 (fastest where the CPU "
+            "has AVX512_BF16 or AMX)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     host: Annotated[
         str | None, typer.Option(help="Interface to listen on \\[default: 127.0.0.1].")

@@ -104,7 +104,8 @@ def can_pack(model: nn.Module, dtype: torch.dtype = torch.float32) -> bool:
 def native_bfloat16() -> bool:
     """oneDNN multiplies bfloat16 with the CPU's own instructions (AVX512_BF16 or AMX); without
     them it emulates the products, slower than float32's."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own, private
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 class _LinearShape(nn.Linear):
@@ -283,4 +284,9 @@ def pack_linears(
         else f"; steps of up to {plan.max_rows} tokens read {str(plan.dtype)[6:]} weights "
         f"through {'our GEMV' if plan.gemv else 'torch'}",
     )
+    if not bfloat16 and native_bfloat16():
+        logger.info(
+            "this CPU multiplies bfloat16 natively (AVX512_BF16/AMX): --dtype bfloat16 serves "
+            "bfloat16 weights 1.4-1.7x faster than float32 (benchmarks/README.md)"
+        )
     return groups, packed
