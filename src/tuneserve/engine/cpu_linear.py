@@ -30,9 +30,10 @@ tokens, where it still beats oneDNN, and no float32 copy is kept.
 bfloat16) holds the weights in bfloat16 and computes everything else in float32: larger steps
 multiply in bfloat16 through oneDNN (each Linear's input rounded to bfloat16, float32
 accumulation, the product rounded to bfloat16, then the float32 bias) where the CPU does so
-natively (AVX512_BF16 or AMX: 1.6-2x float32's products at 32-512 rows on a Zen 4 core), else in
-float32 from the same values; steps of few tokens read a bfloat16 row-major copy through our GEMV
-(half float32's bytes, float32 input and accumulation), as fast as the float16 copy."""
+natively (AVX512_BF16 or AMX: 1.5-2.2x float32's products at 32-512 rows on the AVX-512 test
+host), else in float32 from the same values; steps of few tokens read a bfloat16 row-major copy
+through our GEMV (half float32's bytes, float32 input and accumulation), as fast as the float16
+copy. The Linears then take float32's memory (the packed copy and the row-major one)."""
 
 from __future__ import annotations
 
