@@ -343,6 +343,44 @@ def test_decode_float16_is_refused_where_nothing_is_packed(tiny_llama: TinyFamil
         ContinuousBatchingEngine(served, decode_float16=True)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "torch-only"])
+def test_a_float32_cpu_step_on_many_adapters_takes_one_kernel_call_a_module(
+    tiny_llama: TinyFamily,
+    engines: list[ContinuousBatchingEngine],
+    kernels: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The grouped form (tokens spread over adapters) runs as csrc/lora.c's one call where the
+    kernels are, as lora.py's torch ops where not; transformers + PEFT's tokens either way."""
+    from tuneserve.engine import cpu_kernels
+
+    if kernels and cpu_kernels.load() is None:
+        pytest.skip("the CPU kernels are not available here")
+    monkeypatch.setattr(lora, "GROUPED_MIN_SPREAD", 1)  # every mixed step grouped
+    calls: list[int] = []
+    real = cpu_kernels.CpuKernels.lora_delta
+
+    def counted(self: Any, *args: Any) -> Any:
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(cpu_kernels.CpuKernels, "lora_delta", counted)
+    engine = engine_for(tiny_llama.served(), max_loras=3, cpu_kernels=kernels)
+    engines.append(engine)
+    together = [
+        request(prompt(6 + 2 * i, seed=80 + i), adapter, f"g{i}", max_tokens=8)
+        for i, adapter in enumerate(["alpha", "beta", "gamma", None])
+    ]
+
+    async def answer() -> list[list[StreamDelta]]:
+        return await asyncio.gather(*(collect(engine.submit(r)) for r in together))
+
+    for one, deltas in zip(together, run(answer), strict=True):
+        reference = reference_model(tiny_llama, one.adapter)
+        assert_greedy_matches(token_ids(deltas), reference, one.prompt_ids)
+    assert bool(calls) == kernels
+
+
 def test_more_adapters_than_hot_slots_all_answered_correctly(
     tiny_llama: TinyFamily, engines: list[ContinuousBatchingEngine]
 ) -> None:

@@ -1,7 +1,8 @@
 """The CPU kernels (engine/csrc/): built with this machine's compiler, the GEMV computes what
-F.linear computes (every row count it takes, odd widths, both weight types) and the decode
-attention what a plain softmax loop computes over paged keys; where they cannot be built the
-engine is told why and keeps torch's kernels."""
+F.linear computes (every row count it takes, odd widths, every weight type), the decode
+attention what a plain softmax loop computes over paged keys, the LoRA delta what lora.py's
+reference loop computes; where they cannot be built the engine is told why and keeps torch's
+kernels."""
 
 from __future__ import annotations
 
@@ -63,6 +64,44 @@ def test_more_rows_than_it_takes_are_refused() -> None:
     assert KERNELS is not None
     with pytest.raises(ValueError, match="gemv of x"):
         KERNELS.linear(torch.randn(cpu_kernels.MAX_ROWS + 1, 8), torch.randn(4, 8), None)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("rank", "out"),
+    [
+        pytest.param(16, 576, id="r16-smollm2-q"),
+        pytest.param(12, 100, id="r12-tails"),  # a rank and a width off the vector sizes
+        pytest.param(40, 192, id="r40-two-passes"),  # h in two passes of up to 32 columns
+    ],
+)
+def test_lora_delta_equals_the_reference_loop(rank: int, out: int) -> None:
+    """Tokens on different adapters (and on none), y a strided slice of a wider product, any
+    order of the tokens: the same result bit for bit, the reference's up to rounding."""
+    from tuneserve.engine.lora import lora_reference
+
+    assert KERNELS is not None
+    torch.manual_seed(rank + out)
+    width, stack = 70, 3
+    weights = [(torch.randn(rank, width), torch.randn(out, rank)) for _ in range(stack)]
+    a = torch.stack([w[0].T for w in weights]).contiguous()  # [L, in, r]
+    b = torch.stack([w[1].T for w in weights]).contiguous()  # [L, r, out]
+    token_slots = [2, -1, 0, 1, 2, 0, -1, 1, 2]
+    x = torch.randn(len(token_slots), width)
+    wide = torch.randn(len(token_slots), out + 9)
+    y = wide[:, 5 : 5 + out]  # one projection's columns of a fused product
+    before, left, right = y.clone(), wide[:, :5].clone(), wide[:, 5 + out :].clone()
+    rows = torch.tensor(token_slots)
+    KERNELS.lora_delta(y, x, a, b, rows, torch.argsort(rows, stable=True))
+    want = before.double() + lora_reference(x.double(), token_slots, [
+        (w[0].double(), w[1].double()) for w in weights
+    ])
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(wide[:, :5], left) and torch.equal(wide[:, 5 + out :], right)
+    assert torch.equal(y[1], before[1]) and torch.equal(y[6], before[6])  # tokens on no adapter
+    again = before.clone()
+    KERNELS.lora_delta(again, x, a, b, rows, torch.arange(len(token_slots)).flip(0))
+    assert torch.equal(again, y)
 
 
 def _plain_attention(q, keys, values, table, length, window, block_size):

@@ -154,6 +154,7 @@ class ContinuousBatchingEngine(ThreadedEngine):
         # our CPU kernels (cpu_kernels.py) for a float32 model on the CPU, where they build;
         # `cpu_kernels=False` keeps torch's kernels everywhere (for comparison)
         self.kernels = kernels_lib.for_model(self.model) if cpu_kernels else None
+        self.loras.batch.kernels = self.kernels  # steps on many adapters: one call a module
         # Llama-family decoders run without HF's per-layer framework (lean_forward.py);
         # `lean_forward=False` keeps HF's forward (for comparison), as any other family does
         # (`direct_decode=False`: its module path for every step, not direct_decode.py's)

@@ -11,6 +11,9 @@
   (float32 or bfloat16), keys and values read block by block where they lie: no gathered copy,
   no mask, one call a layer. torch's SDPA has a fixed cost that dominated at one user: 60 us a
   layer for 250 keys, against 20 here.
+- `lora_delta` (csrc/lora.c): the LoRA deltas of a step whose tokens use many adapters, each
+  token through its own adapter's A and B, in one call where lora.py's grouped form takes five
+  torch ops a module.
 - `rms_norm` and `rope` (csrc/norm_rope.c): the lean forward's RMSNorm and rotary embedding,
   one call each instead of ~7 torch ops (~45 us a norm at one token, ~60 us RoPE a layer).
 
@@ -44,13 +47,15 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name for name in ("gemv.c", "attention.c", "norm_rope.c")
+    Path(__file__).with_name("csrc") / name
+    for name in ("gemv.c", "attention.c", "norm_rope.c", "lora.c")
 )
 # -ffp-contract=off: a*b + c*d stays two products and a sum, as torch computes it (the kernels'
 # fused multiply-adds are written out as such)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 VERSION = 2  # what tuneserve_kernels_version() of these sources returns
 MAX_ROWS = 4  # the GEMV computes 1 to 4 rows of x a call
+MAX_LORA_RANK = 256  # csrc/lora.c's MAX_RANK
 BUILD_TIMEOUT_S = 120  # a compiler that hangs must not hang the server's start
 # the CC environment variable first, as make and setuptools do
 COMPILERS = ("gcc", "cc")
@@ -96,6 +101,9 @@ class CpuKernels:
             )
             for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))
         }
+        self._lora_delta = bind(
+            "tuneserve_lora_delta_f32", p, n, p, n, p, p, p, p, n, n, n, n, i
+        )
         self._rms_norm = bind("tuneserve_rms_norm_f32", p, n, p, p, n, n, f)
         self._rope = bind("tuneserve_rope_f32", p, n, p, p, p, n, n, n)
         # the bound C functions themselves, for a caller that holds its own pointers and
@@ -121,6 +129,45 @@ class CpuKernels:
             m,
             out,
             width,
+            torch.get_num_threads(),
+        )
+        return y
+
+    @staticmethod
+    def lora_fits(a: torch.Tensor) -> bool:
+        """Whether `lora_delta` computes for a module's stacked A (float32, on the CPU)."""
+        return a.dtype == torch.float32 and a.device.type == "cpu" and a.shape[2] <= MAX_LORA_RANK
+
+    def lora_delta(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        rows: torch.Tensor,
+        order: torch.Tensor,
+    ) -> torch.Tensor:
+        """y [N, out] += x[t] a[rows[t]] b[rows[t]] for each token t with rows[t] >= 0, in
+        place (returns y): x [N, in] float32, rows of either may be strided; a [L, in, r] and
+        b [L, r, out] contiguous float32 (r <= MAX_LORA_RANK); rows [N] long; order [N] long,
+        the tokens sorted by row (an adapter's tokens together, on one thread)."""
+        x = _rows(x)
+        if y.stride(1) != 1 or not (a.is_contiguous() and b.is_contiguous()):
+            raise ValueError("lora_delta needs y's rows and a, b contiguous")
+        n, width = x.shape
+        self._lora_delta(
+            x.data_ptr(),
+            x.stride(0),
+            y.data_ptr(),
+            y.stride(0),
+            a.data_ptr(),
+            b.data_ptr(),
+            rows.data_ptr(),
+            order.data_ptr(),
+            n,
+            width,
+            a.shape[2],
+            b.shape[2],
             torch.get_num_threads(),
         )
         return y
