@@ -121,6 +121,12 @@ def prompt(length: int, seed: int, vocab: int = 300) -> list[int]:
     return torch.randint(3, vocab, (length,), generator=gen).tolist()
 
 
+def cpu_kernels_missing() -> bool:
+    from tuneserve.engine import cpu_kernels
+
+    return cpu_kernels.load() is None
+
+
 def engine_for(
     served: LoadedModel,
     device: str = "cpu",
@@ -150,7 +156,7 @@ CASES: list[tuple[int, str | None]] = [
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
-@pytest.mark.parametrize("lora_form", ["dense", "grouped"])
+@pytest.mark.parametrize("lora_form", ["dense", "grouped", "kernel"])
 def test_mixed_batch_with_arrivals_matches_generate_alone(
     tiny: TinyFamily,
     device: str,
@@ -159,7 +165,14 @@ def test_mixed_batch_with_arrivals_matches_generate_alone(
     engines: list[ContinuousBatchingEngine],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # both forms of the batched LoRA (engine/lora.py), whatever the tokens' spread
+    # every form of the batched LoRA (engine/lora.py), whatever the tokens' spread: torch's
+    # two, and csrc/lora.c's call where the CPU kernels take the step (float32 on a CPU)
+    from tuneserve.engine.cpu_kernels import CpuKernels
+
+    if lora_form == "kernel" and (device != "cpu" or cpu_kernels_missing()):
+        pytest.skip("the LoRA kernel runs on a CPU with the CPU kernels")
+    if lora_form != "kernel":
+        monkeypatch.setattr(CpuKernels, "lora_fits", staticmethod(lambda a: False))
     monkeypatch.setattr(lora, "GROUPED_MIN_SPREAD", 1 if lora_form == "grouped" else 10**6)
     new_tokens = 10
     engine = engine_for(tiny.served(), device, dtype, max_num_seqs=6, prefill_chunk=8, max_loras=3)

@@ -102,7 +102,7 @@ class CpuKernels:
             for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))
         }
         self._lora_delta = bind(
-            "tuneserve_lora_delta_f32", p, n, p, n, p, p, p, p, n, n, n, n, i
+            "tuneserve_lora_delta_f32", p, n, p, n, p, p, p, p, n, n, n, n, i, returns=i
         )
         self._rms_norm = bind("tuneserve_rms_norm_f32", p, n, p, p, n, n, f)
         self._rope = bind("tuneserve_rope_f32", p, n, p, p, p, n, n, n)
@@ -155,7 +155,7 @@ class CpuKernels:
         if y.stride(1) != 1 or not (a.is_contiguous() and b.is_contiguous()):
             raise ValueError("lora_delta needs y's rows and a, b contiguous")
         n, width = x.shape
-        self._lora_delta(
+        failed = self._lora_delta(
             x.data_ptr(),
             x.stride(0),
             y.data_ptr(),
@@ -170,6 +170,8 @@ class CpuKernels:
             b.shape[2],
             torch.get_num_threads(),
         )
+        if failed:
+            raise MemoryError("lora_delta: no memory for the token blocks")
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
