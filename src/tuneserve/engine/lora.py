@@ -200,8 +200,9 @@ class LoRABatch:
         self._masks: dict[Any, torch.Tensor | None] = {}
         self._groups: dict[Any, SlotGroups | None] = {}
         self._rows: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
-        # our CPU kernels (cpu_kernels.py), set by an engine that has them: the grouped form
-        # of a float32 CPU module then runs as one kernel call (`token_rows`)
+        self._single: dict[Any, bool] = {}
+        # our CPU kernels (cpu_kernels.py), set by an engine that has them: a float32 CPU step
+        # on more than one adapter then runs as one kernel call a module (`token_rows`)
         self.kernels: CpuKernels | None = None
 
     def set(
@@ -214,6 +215,7 @@ class LoRABatch:
             self._masks.clear()
             self._groups.clear()
             self._rows.clear()
+            self._single.clear()
             self._used = frozenset(s for s in key[0] if s >= 0)
         self.active = self._used
 
@@ -255,7 +257,11 @@ class LoRABatch:
 
     def single_slot(self, num_tokens: int, used: tuple[int, ...]) -> bool:
         """Every one of the `num_tokens` tokens on the one slot in `used` (no mask needed)."""
-        return len(used) == 1 and all(s == used[0] for s in self._slots_of(num_tokens))
+        key = (num_tokens, used)
+        if key not in self._single:
+            slots = self._slots_of(num_tokens)
+            self._single[key] = len(used) == 1 and all(s == used[0] for s in slots)
+        return self._single[key]
 
     def in_use(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
         """The slots some token uses this step that have weights at a module of `ranks`."""
