@@ -124,6 +124,8 @@ def _plain_attention(q, keys, values, table, length, window, block_size):
         pytest.param(9, 3, 64, id="smollm2"),
         pytest.param(4, 4, 128, id="no-grouping-128"),
         pytest.param(10, 2, 40, id="five-per-kv-head-40"),
+        pytest.param(8, 2, 32, id="four-per-kv-head-32"),
+        pytest.param(14, 2, 64, id="seven-per-kv-head"),
     ],
 )
 @pytest.mark.parametrize("window", [None, 5], ids=["full", "sliding-5"])
