@@ -15,6 +15,10 @@ STYLE = {  # system -> (colour, marker)
     "peft-batch": ("tab:orange", "^"),
     "tf-serve-cb": ("tab:green", "D"),
     "ceiling": ("black", "x"),
+    "llama.cpp": ("tab:brown", "v"),
+    "llama.cpp-f16": ("tab:olive", "v"),
+    "llama.cpp-bf16": ("tab:gray", "v"),
+    "llama.cpp-q4": ("goldenrod", "v"),
 }
 
 
