@@ -47,10 +47,15 @@ ADAPTERS: dict[str, tuple[int, float, tuple[str, ...]]] = {
 
 @contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
-    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning)."""
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning);
+    peft 0.22's `load_adapter` of a second adapter on other modules lists the first adapter's
+    keys in those modules as missing (a UserWarning: they were never part of it)."""
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        warnings.filterwarnings(
+            "ignore", message="Found missing adapter keys", category=UserWarning
         )
         yield
 
