@@ -355,8 +355,8 @@ class ContinuousBatchingEngine(ThreadedEngine):
     def _fail_all(self, message: str) -> None:
         for row in list(self._rows.values()):
             if row.seq.running:
-                row.stream.fail(message)
                 self._end(row)
+                row.stream.fail(message)
 
     def _cancel_everything(self) -> None:
         with self._cond:
@@ -365,8 +365,8 @@ class ContinuousBatchingEngine(ThreadedEngine):
         for _, stream in left:
             stream.push(StreamDelta(text="", finish_reason="cancelled"))
         for row in list(self._rows.values()):
-            row.push_finish("cancelled")
             self._end(row)
+            row.push_finish("cancelled")
 
     # -- one step --------------------------------------------------------------------------
     def _step(self) -> None:
@@ -375,8 +375,8 @@ class ContinuousBatchingEngine(ThreadedEngine):
         for seq, error in self.scheduler.take_failures():
             row = self._rows.get(seq.request.request_id)
             if row is not None:
-                row.stream.fail(f"request {seq.request.request_id}: {error}")
                 self._end(row)
+                row.stream.fail(f"request {seq.request.request_id}: {error}")
         if not chunks:
             return
         completing = [c for c in chunks if c.completes]
@@ -389,8 +389,8 @@ class ContinuousBatchingEngine(ThreadedEngine):
             for chunk in chunks:
                 row = self._rows.get(chunk.seq.request.request_id)
                 if row is not None:
-                    row.stream.fail(f"generation failed: {type(exc).__name__}: {exc}")
                     self._end(row)
+                    row.stream.fail(f"generation failed: {type(exc).__name__}: {exc}")
             return
         finally:
             self.loras.batch.clear()
@@ -400,9 +400,11 @@ class ContinuousBatchingEngine(ThreadedEngine):
         for row, token, logprob in zip(rows, sampled.tokens, sampled.logprobs, strict=True):
             row.seq.token_ids.append(token)
             delta = row.output.add(token, logprob)
-            row.stream.push(delta)
             if delta.finish_reason is not None:
+                # retired before its reader can see the end: a client that reads /metrics after
+                # its response never finds its request still counted as running
                 self._end(row)
+            row.stream.push(delta)
 
     def _forward(
         self, chunks: list[ScheduledChunk], completing: list[ScheduledChunk]
