@@ -231,20 +231,18 @@ static inline __attribute__((always_inline)) int attend_one(
                 default: weighted_sum32(values, where, s, padded, L, o, D, c, 3, BF); break;
                 }
             }
-        free(scores);
-        free(where);
-        return 0;
-    }
-    for (int64_t g = 0; g < G; g++) { /* other head sizes a head at a time, the sum in memory */
-        const float *s = scores + g * padded;
-        for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
-        for (int64_t j = 0; j < L; j++) {
-            const __m256 w = _mm256_set1_ps(s[j]);
-            for (int64_t d = 0; d < D; d += 8)
-                _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(w, kv_load8(values, where[j] + d, BF),
-                                                          _mm256_loadu_ps(acc + d)));
+    } else {
+        for (int64_t g = 0; g < G; g++) { /* other head sizes a head at a time, the sum in memory */
+            const float *s = scores + g * padded;
+            for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+            for (int64_t j = 0; j < L; j++) {
+                const __m256 w = _mm256_set1_ps(s[j]);
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(w, kv_load8(values, where[j] + d, BF),
+                                                              _mm256_loadu_ps(acc + d)));
+            }
+            for (int64_t i = 0; i < D; i++) out[g * D + i] = acc[i];
         }
-        for (int64_t i = 0; i < D; i++) out[g * D + i] = acc[i];
     }
     free(scores);
     free(where);
